@@ -1,0 +1,3 @@
+//! The `arkvm` command.
+
+fn main() {}
