@@ -1,1 +1,24 @@
-//! vmm
+//! arkvm's virtual machine monitor: KVM VM and vCPU state, boot, the builder shared by cold boot and
+//! restore, the event loop, and the command line.
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod runtime;
+pub mod vstate;
+
+/// Formats an error and its chain of sources as one line: "what failed: why: why".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let msg = src.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = src.source();
+    }
+    s
+}

@@ -1,0 +1,114 @@
+//! The VM configuration given on the command line, checked before anything is created.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::mptable::MAX_CPUS;
+
+/// Why a configuration value is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A memory size could not be parsed.
+    #[error(
+        "invalid memory size '{0}': use a number with an optional K, M, G or T suffix (e.g. 256M)"
+    )]
+    BadSize(String),
+    /// Memory size zero.
+    #[error("--memory must be greater than zero")]
+    ZeroMemory,
+    /// Memory too small to boot.
+    #[error("--memory {0} is too small: arkvm needs at least 2 MiB")]
+    TooLittleMemory(String),
+    /// Memory size is not page aligned.
+    #[error("--memory {0} is not a multiple of 4 KiB")]
+    UnalignedMemory(String),
+    /// Bad vCPU count.
+    #[error("--vcpus must be between 1 and {max}, got {got}")]
+    VcpuCount { got: u64, max: u8 },
+}
+
+/// Parses a size such as `256M`, `1G`, `4096` (bytes), `2T`.
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError::BadSize(text.to_string());
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Everything needed to boot a guest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+}
+
+/// Checks a memory size given as text and returns it in bytes.
+pub fn check_memory(text: &str) -> Result<u64, ConfigError> {
+    let bytes = parse_size(text)?;
+    if bytes == 0 {
+        return Err(ConfigError::ZeroMemory);
+    }
+    if bytes < crate::vstate::memory::MIN_MEMORY {
+        return Err(ConfigError::TooLittleMemory(text.to_string()));
+    }
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::UnalignedMemory(text.to_string()));
+    }
+    Ok(bytes)
+}
+
+/// Checks a vCPU count.
+pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
+    match u8::try_from(n) {
+        Ok(v) if (1..=MAX_CPUS).contains(&v) => Ok(v),
+        _ => Err(ConfigError::VcpuCount {
+            got: n,
+            max: MAX_CPUS,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(check_memory("0"), Err(ConfigError::ZeroMemory));
+        assert!(check_memory("1M").is_err());
+        assert!(check_memory("4097K").is_err());
+        assert!(check_memory("4096K").is_ok());
+        assert!(check_memory("3000000").is_err());
+    }
+
+    #[test]
+    fn vcpus() {
+        assert!(check_vcpus(0).is_err());
+        assert_eq!(check_vcpus(4), Ok(4));
+        assert!(check_vcpus(300).is_err());
+        assert!(check_vcpus(254).is_ok());
+    }
+}

@@ -1,0 +1,212 @@
+//! The running VMM: the event loop (event-manager) that serves stdin, guest exits and devices,
+//! and pause/resume of all vCPUs.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::builder::BuiltVm;
+use crate::config::VmConfig;
+use crate::vstate::vcpu::{ExitSignal, GuestExit, VcpuError, VcpuEvent};
+use devices::legacy::serial::SerialDevice;
+
+/// Why the running VMM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create the event loop")]
+    EventManager(#[source] event_manager::Error),
+    #[error("the event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// Whether the guest's vCPUs are running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// The subscriber type of the event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the loop when a vCPU reports an exit or the guest asks for a reset.
+struct ExitHandler {
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ExitHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // The count itself carries no meaning; a wakeup with no recorded reason is an i8042
+        // reset request.
+        let _ = self.exit.eventfd().read();
+        if self.exit.reason().is_none() {
+            self.exit.report(GuestExit::Reset);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
+            tracing::error!("cannot watch guest exits: {e}");
+        }
+    }
+}
+
+/// Feeds stdin to the serial port.
+struct StdinHandler {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl MutEventSubscriber for StdinHandler {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let room = self
+            .serial
+            .lock()
+            .expect("serial lock poisoned")
+            .input_room();
+        let want = room.min(buf.len());
+        if want == 0 {
+            return;
+        }
+        match std::io::stdin().lock().read(&mut buf[..want]) {
+            Ok(0) | Err(_) => {
+                // End of input (or a closed terminal): stop watching it.
+                let _ = ops.remove(events);
+            }
+            Ok(n) => {
+                self.serial
+                    .lock()
+                    .expect("serial lock poisoned")
+                    .enqueue_input(&buf[..n]);
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        if let Err(e) = ops.add(Events::new(&stdin.as_raw_fd(), EventSet::IN)) {
+            tracing::debug!("stdin is not pollable, serial input disabled: {e}");
+        }
+    }
+}
+
+/// Puts the terminal in raw mode while the guest runs and restores it afterwards.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use std::io::IsTerminal;
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok() {
+            Some(Self)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// A running VM and its event loop.
+pub struct Vmm {
+    pub built: BuiltVm,
+    pub config: VmConfig,
+    state: RunState,
+    events: EventManager<Subscriber>,
+}
+
+impl Vmm {
+    /// Wraps a built VM (vCPUs paused) with its event loop.
+    pub fn new(config: VmConfig, built: BuiltVm) -> Result<Self, RuntimeError> {
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(RuntimeError::EventManager)?;
+        let exit: Subscriber = Arc::new(Mutex::new(ExitHandler {
+            exit: built.exit.clone(),
+        }));
+        let stdin: Subscriber = Arc::new(Mutex::new(StdinHandler {
+            serial: built.serial.clone(),
+        }));
+        events.add_subscriber(exit);
+        events.add_subscriber(stdin);
+        Ok(Self {
+            built,
+            config,
+            state: RunState::Paused,
+            events,
+        })
+    }
+
+    /// Adds a subscriber (a device, the API server) to the event loop.
+    pub fn add_subscriber(&mut self, s: Subscriber) {
+        self.events.add_subscriber(s);
+    }
+
+    /// The current run state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Pauses every vCPU and returns how long it took.
+    pub fn pause(&mut self) -> Result<Duration, RuntimeError> {
+        let t = Instant::now();
+        for v in &self.built.vcpus {
+            v.send(VcpuEvent::Pause)?;
+        }
+        for v in &self.built.vcpus {
+            let r = v.recv()?;
+            if !matches!(r, crate::vstate::vcpu::VcpuResponse::Paused) {
+                return Err(VcpuError::Unexpected(v.index(), "other", "Paused").into());
+            }
+        }
+        self.state = RunState::Paused;
+        tracing::debug!(
+            "paused {} vCPUs in {:?}",
+            self.built.vcpus.len(),
+            t.elapsed()
+        );
+        Ok(t.elapsed())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&mut self) -> Result<(), RuntimeError> {
+        for v in &self.built.vcpus {
+            v.send(VcpuEvent::Resume)?;
+        }
+        for v in &self.built.vcpus {
+            v.recv()?;
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Runs the guest until it stops; returns why it stopped.
+    pub fn run(&mut self) -> Result<GuestExit, RuntimeError> {
+        let _raw = RawTerminal::enter();
+        self.resume()?;
+        tracing::info!("guest running with {} vCPUs", self.built.vcpus.len());
+        loop {
+            if let Some(exit) = self.built.exit.reason() {
+                tracing::info!("guest stopped: {exit}");
+                for v in &mut self.built.vcpus {
+                    v.finish();
+                }
+                return Ok(exit);
+            }
+            self.events
+                .run_with_timeout(500)
+                .map_err(RuntimeError::EventLoop)?;
+        }
+    }
+}
