@@ -21,6 +21,8 @@ mod mem;
 pub mod blk;
 pub mod bootparams;
 pub mod cmdline;
+pub mod diskpattern;
+pub mod hostile;
 pub mod region;
 pub mod serial;
 pub mod status;
