@@ -1,0 +1,45 @@
+# Shared helpers for arkvm's scripts. Source it; do not run it.
+# Everything installed or built here is cached outside the repository, under $ARKVM_CACHE.
+
+export ARKVM_CACHE="${ARKVM_CACHE:-$HOME/.cache/arkvm}"
+ARKVM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export ARKVM_ROOT
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+require_kvm() {
+    [ -e /dev/kvm ] || die "/dev/kvm is missing: arkvm and its tests need KVM (load kvm_intel/kvm_amd, or run on a host with virtualization)"
+    [ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable by $(id -un)"
+}
+
+# Host packages the build needs: a C toolchain and libclang (userfaultfd's bindings are
+# generated with bindgen), iproute2 for the DR tests' network namespaces, curl for the demo.
+HOST_PACKAGES="build-essential libclang-dev pkg-config iproute2 curl"
+
+ensure_packages() {
+    local missing=()
+    for p in $HOST_PACKAGES; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing host packages: ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain (rustup)"
+}
+
+build_guests() {
+    say "building the tiny guest kernels"
+    bash "$ARKVM_ROOT/guest-images/build-tiny.sh"
+    say "building the Linux guest (cached after the first run)"
+    bash "$ARKVM_ROOT/guest-images/linux/build.sh"
+}
+
+build_arkvm() {
+    say "building arkvm (release)"
+    (cd "$ARKVM_ROOT" && cargo build --release --workspace --bins --locked)
+}

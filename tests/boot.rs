@@ -1,0 +1,141 @@
+//! Booting the tiny guests, and every kind of bad start-up input.
+
+use std::time::Duration;
+
+use arkvm_tests::{require_kvm, run_to_end, tiny_guest, ScratchDir, Vmm};
+
+#[test]
+fn marker_guest_boots_and_exits_zero() {
+    require_kvm();
+    let kernel = tiny_guest("marker");
+    let (status, out, err) = run_to_end(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"],
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "status {status:?}, stderr: {err:?}");
+    assert!(
+        out.iter().any(|l| l.contains("ARKVM-MARKER-OK")),
+        "no marker in {out:?}"
+    );
+}
+
+#[test]
+fn memory_guest_runs_100_passes_without_torn() {
+    require_kvm();
+    let kernel = tiny_guest("memory");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--cmdline",
+            "arkvm.passes=150",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "status {status:?}, stderr: {err:?}, out: {out:?}");
+    assert!(!out.iter().any(|l| l.contains("TORN")), "TORN in {out:?}");
+    assert!(
+        out.iter().any(|l| l.contains("DONE passes=150")),
+        "guest did not finish 150 passes: {out:?}"
+    );
+}
+
+#[test]
+fn memory_guest_uses_memory_above_4g() {
+    require_kvm();
+    // 3.5 GiB puts half a GiB above the MMIO hole; the guest checks every page it writes.
+    let kernel = tiny_guest("memory");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "3584M",
+            "--cmdline",
+            "arkvm.passes=2",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "status {status:?}, stderr: {err:?}, out: {out:?}");
+    assert!(!out.iter().any(|l| l.contains("TORN")), "TORN in {out:?}");
+    assert!(out.iter().any(|l| l.contains("DONE passes=2")), "{out:?}");
+}
+
+/// Runs arkvm expecting a start-up error: non-zero status, one line on stderr that contains
+/// `needle`, and no panic.
+fn expect_error(args: &[&str], needle: &str) {
+    let (status, out, err) = run_to_end(args, Duration::from_secs(30));
+    assert!(!status.success(), "{args:?} succeeded: {out:?}");
+    let text = err.join("\n");
+    assert!(!text.contains("panicked"), "{args:?} panicked: {text}");
+    assert!(!text.contains("backtrace"), "{args:?} printed a backtrace: {text}");
+    assert_eq!(err.len(), 1, "{args:?}: expected one line, got {err:?}");
+    assert!(
+        text.to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: '{text}' does not mention '{needle}'"
+    );
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    require_kvm();
+    let dir = ScratchDir::new("badinput");
+    let marker = tiny_guest("marker");
+    let marker = marker.to_str().unwrap();
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, vec![0x5au8; 65536]).unwrap();
+    let junk = junk.to_str().unwrap();
+    let missing = dir.path().join("nope");
+    let missing = missing.to_str().unwrap();
+
+    expect_error(&["run", "--kernel", missing], "cannot open kernel");
+    expect_error(&["run", "--kernel", junk], "neither an ELF vmlinux nor a bzImage");
+    // The marker is linked at 2 MiB, so 2 MiB of memory cannot hold it.
+    expect_error(
+        &["run", "--kernel", marker, "--memory", "2M"],
+        "does not fit",
+    );
+    expect_error(&["run", "--kernel", marker, "--memory", "0"], "--memory");
+    expect_error(
+        &["run", "--kernel", marker, "--memory", "1000T"],
+        "more than KVM can map",
+    );
+    expect_error(&["run", "--kernel", marker, "--memory", "lots"], "invalid memory size");
+    expect_error(&["run", "--kernel", marker, "--vcpus", "0"], "--vcpus");
+    expect_error(&["run", "--kernel", marker, "--vcpus", "300"], "--vcpus");
+    // A directory cannot be read as an initrd.
+    expect_error(
+        &["run", "--kernel", marker, "--initrd", dir.path().to_str().unwrap()],
+        "cannot read initrd",
+    );
+    expect_error(
+        &["run", "--kernel", marker, "--initrd", missing],
+        "cannot read initrd",
+    );
+}
+
+#[test]
+fn smp_vcpus_start_and_the_guest_runs() {
+    require_kvm();
+    let kernel = tiny_guest("marker");
+    let mut vmm = Vmm::spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        "4",
+        "--log-level",
+        "info",
+    ]);
+    let status = vmm.wait_exit(Duration::from_secs(30)).expect("exit");
+    assert!(status.success(), "{}", vmm.dump());
+    assert!(
+        vmm.stderr().iter().any(|l| l.contains("guest running with 4 vCPUs")),
+        "{}",
+        vmm.dump()
+    );
+}
