@@ -25,10 +25,10 @@ impl<'a> Cmdline<'a> {
     pub fn get(&self, key: &str) -> Option<&'a str> {
         self.text
             .split_ascii_whitespace()
+            .rev()
             .filter_map(|w| w.split_once('='))
-            .filter(|(k, _)| *k == key)
+            .find(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
     }
 
     /// A numeric option; `None` if absent or not a number.
