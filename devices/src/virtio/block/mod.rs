@@ -1,0 +1,22 @@
+//! virtio-blk over raw image files, with changed-block tracking and overlay layers.
+//!
+//! - [`config`]: the `--disk` option and its start-time validation.
+//! - [`disk`]: the layer stack (base image + overlays), freeze and merge.
+//! - [`overlay`]: the crash-safe overlay file format (`docs/disk-overlay.md`).
+//! - [`cbt`]: the changed-block bitmap.
+//! - [`request`]: checking and serving one descriptor chain.
+//! - [`device`]: the virtio device, its event-loop subscriber and its saved state.
+
+pub mod cbt;
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod overlay;
+pub mod request;
+
+pub use cbt::{ChangedBlockTracker, ChangedBlocks, CBT_BLOCK_SIZE};
+pub use config::{validate_disks, DiskConfig, DiskConfigError, SECTOR_SIZE};
+pub use device::{Block, BlockArgs, BlockError, BlockState, QUEUE_SIZE};
+pub use disk::{Disk, DiskError, FrozenImage, MergeStats};
+pub use overlay::{OverlayError, OverlayFile, CLUSTER_SIZE, OVERLAY_MAGIC, OVERLAY_VERSION};
+pub use request::{RequestCounters, RequestError};
