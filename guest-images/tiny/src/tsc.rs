@@ -1,8 +1,8 @@
 //! The time-stamp counter: reading it and finding its frequency from CPUID.
 //!
 //! Assumption (documented in README.md): the TSC is invariant. Its frequency comes from CPUID
-//! (leaf 0x15, else 0x16, else the hypervisor leaf 0x40000010), else from timing 20 ms of PIT
-//! channel 2 (ports 0x42/0x43/0x61, as Linux's `pit_calibrate_tsc` does), else 2 GHz is
+//! (leaf 0x15, else 0x16, else the hypervisor leaf 0x40000010), else from the median of three
+//! 10 ms windows timed against PIT channel 2's counter (ports 0x42/0x43/0x61), else 2 GHz is
 //! assumed. Only the `rate_pages` throttle, bounded waits and bench figures depend on it.
 
 use crate::serial::{inb, outb};
@@ -35,39 +35,45 @@ pub enum TscSource {
 
 /// PIT input clock in Hz.
 const PIT_HZ: u64 = 1_193_182;
-/// Calibration window in milliseconds.
-const PIT_MS: u64 = 20;
+/// Calibration window in milliseconds (three windows are timed; the median wins).
+const PIT_MS: u64 = 10;
 
-/// Times `PIT_MS` of PIT channel 2 in one-shot mode with the TSC. `None` when the PIT does
-/// not behave (no PIT, or its output never or instantly goes high).
+/// Latches and reads PIT channel 2's count, bracketed by TSC reads: `(count, tsc_mid, tsc_span)`.
+fn pit_read() -> (u64, u64, u64) {
+    let t0 = rdtsc();
+    outb(0x43, 0x80);
+    let lo = u64::from(inb(0x42));
+    let hi = u64::from(inb(0x42));
+    let t1 = rdtsc();
+    (lo | (hi << 8), t0 / 2 + t1 / 2, t1 - t0)
+}
+
+/// Times about `PIT_MS` of PIT channel 2 against the TSC by reading the counter itself (so
+/// the latency of starting the timer and of each port access cancels out). `None` when the
+/// PIT does not count.
 fn pit_calibrate() -> Option<u64> {
-    // Gate on, speaker off; channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count).
+    // Gate on, speaker off; channel 2, lobyte/hibyte, mode 0, start at 0xFFFF (55 ms).
     outb(0x61, (inb(0x61) & !0x02) | 0x01);
     outb(0x43, 0xB0);
-    let latch = PIT_HZ * PIT_MS / 1000;
-    outb(0x42, (latch & 0xff) as u8);
-    outb(0x42, (latch >> 8) as u8);
-    let t0 = rdtsc();
-    let mut polls = 0u64;
-    if inb(0x61) & 0x20 != 0 {
-        return None;
-    }
+    outb(0x42, 0xFF);
+    outb(0x42, 0xFF);
+    let want = PIT_HZ * PIT_MS / 1000;
+    let (c0, m0, s0) = pit_read();
+    let start = rdtsc();
     loop {
-        polls += 1;
-        if inb(0x61) & 0x20 != 0 {
-            break;
+        let (c1, m1, s1) = pit_read();
+        let ticks = c0.wrapping_sub(c1);
+        if c1 <= c0 && ticks >= want {
+            // Reject samples whose bracketing reads were slow (preempted vCPU).
+            if (s0 + s1) * 50 > m1 - m0 {
+                return None;
+            }
+            return Some((m1 - m0) * PIT_HZ / ticks / 1000);
         }
-        // Give up after ~1 s at 10 GHz, i.e. well past any plausible 20 ms.
-        if rdtsc().wrapping_sub(t0) > 10_000_000_000 {
+        if c1 > c0 || rdtsc().wrapping_sub(start) > 10_000_000_000 {
             return None;
         }
     }
-    let t1 = rdtsc();
-    // A handful of polls means the output was stuck high, not a real countdown.
-    if polls < 4 {
-        return None;
-    }
-    Some((t1 - t0) / PIT_MS)
 }
 
 static mut CACHED: Option<(u64, TscSource)> = None;
@@ -107,8 +113,19 @@ fn find_khz() -> (u64, TscSource) {
             return (u64::from(khz), TscSource::Hypervisor);
         }
     }
-    if let Some(khz) = pit_calibrate() {
-        return (khz, TscSource::Pit);
+    // The vCPU can be descheduled inside a window (shared hosts), which skews one sample
+    // either way; the median of three is robust to one bad window.
+    let mut samples = [0u64; 3];
+    let mut n = 0;
+    for _ in 0..6 {
+        if let Some(v) = pit_calibrate() {
+            samples[n] = v;
+            n += 1;
+            if n == samples.len() {
+                samples.sort_unstable();
+                return (samples[1], TscSource::Pit);
+            }
+        }
     }
     (2_000_000, TscSource::Assumed)
 }
