@@ -10,7 +10,8 @@
 
 use core::arch::global_asm;
 
-/// Gigabytes of guest-physical space the page tables can map (one page directory per GiB).
+/// Gigabytes of guest-physical space the page tables can map (one page directory per GiB);
+/// `region::REGION_CEILING` must agree.
 pub const MAX_MAPPED_GIB: usize = 64;
 
 macro_rules! isr_noerr {
@@ -308,6 +309,8 @@ global_asm!(
 extern "C" {
     fn guest_main(boot_params: u64) -> !;
 }
+
+const _: () = assert!(crate::region::REGION_CEILING == (MAX_MAPPED_GIB as u64) << 30);
 
 /// Calls the binary's `guest_main` (resolved at link time).
 extern "C" fn guest_main_trampoline(boot_params: u64) -> ! {

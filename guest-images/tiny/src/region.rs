@@ -6,6 +6,8 @@ use crate::bootparams::{E820Entry, E820_RAM};
 pub const PAGE: u64 = 4096;
 /// The region starts here: everything below belongs to arkvm's low structures and the guest.
 pub const REGION_FLOOR: u64 = 4 << 20;
+/// The prologue maps at most 64 GiB of guest-physical space; RAM above is left out.
+pub const REGION_CEILING: u64 = 64 << 30;
 /// Most RAM ranges kept.
 pub const MAX_RANGES: usize = 16;
 
@@ -25,7 +27,7 @@ impl Region {
         };
         for e in entries.filter(|e| e.kind == E820_RAM) {
             let start = e.addr.max(REGION_FLOOR).next_multiple_of(PAGE);
-            let end = e.addr.saturating_add(e.size) / PAGE * PAGE;
+            let end = e.addr.saturating_add(e.size).min(REGION_CEILING) / PAGE * PAGE;
             if start < end && r.len < MAX_RANGES {
                 r.ranges[r.len] = (start, end);
                 r.len += 1;
@@ -161,6 +163,13 @@ mod tests {
         );
         let small = Region::from_e820(e.into_iter(), Some(16));
         assert_eq!(small.ranges(), &[(4 << 20, 20 << 20)]);
+    }
+
+    #[test]
+    fn region_stops_at_the_mapped_ceiling() {
+        let e = [ram(1 << 32, 100 << 30), ram(80 << 30, 1 << 30)];
+        let r = Region::from_e820(e.into_iter(), None);
+        assert_eq!(r.ranges(), &[(1 << 32, REGION_CEILING)]);
     }
 
     #[test]

@@ -70,7 +70,8 @@ fn pit_calibrate() -> Option<u64> {
             }
             return Some((m1 - m0) * PIT_HZ / ticks / 1000);
         }
-        if c1 > c0 || rdtsc().wrapping_sub(start) > 10_000_000_000 {
+        // 200 M cycles is over 40 ms even at 5 GHz: the PIT is stuck or absent.
+        if c1 > c0 || rdtsc().wrapping_sub(start) > 200_000_000 {
             return None;
         }
     }
@@ -117,7 +118,10 @@ fn find_khz() -> (u64, TscSource) {
     // either way; the median of three is robust to one bad window.
     let mut samples = [0u64; 3];
     let mut n = 0;
-    for _ in 0..6 {
+    for attempt in 0..6 {
+        if attempt == 1 && n == 0 {
+            break; // the first attempt failed outright: no usable PIT
+        }
         if let Some(v) = pit_calibrate() {
             samples[n] = v;
             n += 1;
