@@ -5,19 +5,23 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
+use crate::capture::state::VmSnapshotState;
 use crate::config::VmConfig;
+use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError, MemorySource};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, IoBuses, Vcpu, VcpuError, VcpuHandle};
-use crate::vstate::vcpu_state::readable_msrs;
+use crate::vstate::vcpu_state::{readable_msrs, VcpuState};
 use crate::vstate::vm::{Vm, VmError};
 use devices::legacy::i8042::I8042Device;
-use devices::legacy::serial::SerialDevice;
+use devices::legacy::serial::{SerialConstructorArgs, SerialDevice, SerialState};
 use devices::{Bus, BusError, GuestMemoryMmap};
+use snapshot::Persist;
 
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,14 @@ pub enum BuildError {
     Bus(#[from] BusError),
     #[error("cannot create an event fd")]
     EventFd(#[source] std::io::Error),
+    #[error("the snapshot does not match this VM: {0}")]
+    StateMismatch(&'static str),
+    #[error("cannot restore vCPU {0}")]
+    RestoreVcpu(u8, #[source] crate::vstate::vcpu_state::VcpuStateError),
+    #[error("cannot restore the serial port")]
+    RestoreSerial(#[source] devices::legacy::serial::SerialError),
+    #[error(transparent)]
+    LazyMemory(#[from] LazyMemoryError),
     #[error("this host's KVM supports at most {max} vCPUs, {asked} were asked for")]
     TooManyVcpus { asked: u8, max: usize },
 }
@@ -72,6 +84,8 @@ pub struct BuiltVm {
     pub exit: Arc<ExitSignal>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub timings: BootTimings,
+    /// The lazy memory loader of a restored VM, until every chunk is in.
+    pub lazy_memory: Option<LazyMemory>,
 }
 
 fn us_since(t: Instant) -> u128 {
@@ -84,12 +98,24 @@ fn setup_legacy_devices(
     pio: &Bus,
     exit: &ExitSignal,
     out: Box<dyn Write + Send>,
+    saved: Option<&SerialState>,
 ) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.fd()
         .register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| BuildError::Kvm("connect the serial IRQ", e))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    let serial = match saved {
+        None => SerialDevice::new(serial_irq, out),
+        Some(state) => SerialDevice::restore(
+            SerialConstructorArgs {
+                irq: serial_irq,
+                out,
+            },
+            state,
+        )
+        .map_err(BuildError::RestoreSerial)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(
         serial.clone(),
         SerialDevice::PORT_BASE,
@@ -103,9 +129,11 @@ fn setup_legacy_devices(
     Ok(serial)
 }
 
-/// Builds a VM that boots `config`'s kernel. Serial output goes to `out`.
-pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
-    let mut timings = BootTimings::default();
+/// The KVM handle, VM and memory: the first steps of both cold boot and restore.
+fn create_vm(
+    config: &VmConfig,
+    timings: &mut BootTimings,
+) -> Result<(Kvm, Vm, GuestMemoryMmap), BuildError> {
     let t = Instant::now();
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let max = kvm.get_max_vcpus();
@@ -122,6 +150,86 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
     let mem = create_guest_memory(config.memory_bytes)?;
     vm.register_memory(&mem)?;
     timings.memory_us = us_since(t);
+    Ok((kvm, vm, mem))
+}
+
+/// How each vCPU is initialized.
+enum VcpuInit<'a> {
+    /// Cold boot: the boot processor enters the kernel at this address.
+    Boot { entry: u64 },
+    /// Restore: every vCPU takes its saved state.
+    Restore(&'a [VcpuState]),
+}
+
+/// Creates the vCPUs and starts their threads, paused.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    config: &VmConfig,
+    init: VcpuInit,
+    buses: &Arc<IoBuses>,
+    exit: &Arc<ExitSignal>,
+) -> Result<Vec<VcpuHandle>, BuildError> {
+    let base_cpuid = cpuid::supported_cpuid(kvm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    let mut msr_list = None;
+    for index in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|e| BuildError::Kvm("create a vCPU", e))?;
+        let r = |e| BuildError::Regs(index, e);
+        let vcpu_cpuid = match &init {
+            VcpuInit::Boot { entry } => {
+                let mut c = base_cpuid.clone();
+                cpuid::patch_for_vcpu(&mut c, index, config.vcpus);
+                fd.set_cpuid2(&c)
+                    .map_err(|e| BuildError::Kvm("set CPUID", e))?;
+                regs::setup_msrs(&fd).map_err(r)?;
+                regs::setup_fpu(&fd).map_err(r)?;
+                regs::setup_lint(&fd).map_err(r)?;
+                if index == 0 {
+                    regs::setup_regs(&fd, *entry).map_err(r)?;
+                    regs::setup_sregs(&fd).map_err(r)?;
+                }
+                // Application processors keep KVM's reset state: they wait for INIT/SIPI.
+                c
+            }
+            VcpuInit::Restore(states) => {
+                let state = states
+                    .get(usize::from(index))
+                    .ok_or(BuildError::StateMismatch(
+                        "fewer saved vCPUs than configured",
+                    ))?;
+                state
+                    .restore(&fd)
+                    .map_err(|e| BuildError::RestoreVcpu(index, e))?;
+                CpuId::from_entries(&state.cpuid)
+                    .map_err(|_| BuildError::StateMismatch("a saved CPUID table is too long"))?
+            }
+        };
+        let list = msr_list
+            .get_or_insert_with(|| readable_msrs(kvm, &fd))
+            .clone();
+        vcpus.push(
+            Vcpu {
+                index,
+                fd,
+                cpuid: vcpu_cpuid,
+                msr_list: list,
+                buses: buses.clone(),
+                exit: exit.clone(),
+            }
+            .start()?,
+        );
+    }
+    Ok(vcpus)
+}
+
+/// Builds a VM that boots `config`'s kernel. Serial output goes to `out`.
+pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+    let mut timings = BootTimings::default();
+    let (kvm, vm, mem) = create_vm(config, &mut timings)?;
 
     let t = Instant::now();
     let loaded = boot::load_kernel(&mem, &config.kernel)?;
@@ -146,45 +254,19 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
         mmio: Bus::new(),
     });
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
-    let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out)?;
+    let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, None)?;
 
     let t = Instant::now();
-    let base_cpuid = cpuid::supported_cpuid(&kvm)?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    let mut msr_list = None;
-    for index in 0..config.vcpus {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(index))
-            .map_err(|e| BuildError::Kvm("create a vCPU", e))?;
-        let mut vcpu_cpuid = base_cpuid.clone();
-        cpuid::patch_for_vcpu(&mut vcpu_cpuid, index, config.vcpus);
-        fd.set_cpuid2(&vcpu_cpuid)
-            .map_err(|e| BuildError::Kvm("set CPUID", e))?;
-        let r = |e| BuildError::Regs(index, e);
-        regs::setup_msrs(&fd).map_err(r)?;
-        regs::setup_fpu(&fd).map_err(r)?;
-        regs::setup_lint(&fd).map_err(r)?;
-        if index == 0 {
-            regs::setup_regs(&fd, loaded.entry).map_err(r)?;
-            regs::setup_sregs(&fd).map_err(r)?;
-        }
-        // Application processors keep KVM's reset state: they wait for INIT/SIPI.
-        let list = msr_list
-            .get_or_insert_with(|| readable_msrs(&kvm, &fd))
-            .clone();
-        vcpus.push(
-            Vcpu {
-                index,
-                fd,
-                cpuid: vcpu_cpuid,
-                msr_list: list,
-                buses: buses.clone(),
-                exit: exit.clone(),
-            }
-            .start()?,
-        );
-    }
+    let vcpus = create_vcpus(
+        &kvm,
+        &vm,
+        config,
+        VcpuInit::Boot {
+            entry: loaded.entry,
+        },
+        &buses,
+        &exit,
+    )?;
     timings.vcpus_us = us_since(t);
 
     Ok(BuiltVm {
@@ -196,5 +278,67 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
         exit,
         serial,
         timings,
+        lazy_memory: None,
+    })
+}
+
+/// Builds a VM from a snapshot's state; guest memory is filled lazily from `memory` while the
+/// guest runs. Serial output goes to `out`.
+pub fn build_restored(
+    state: &VmSnapshotState,
+    memory: impl FnOnce(&[(u64, u64, u64)]) -> MemorySource,
+    out: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    let mut timings = BootTimings::default();
+    let config = &state.config;
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(BuildError::StateMismatch(
+            "the number of saved vCPUs differs from the configuration",
+        ));
+    }
+    let (kvm, vm, mem) = create_vm(config, &mut timings)?;
+    let layout = crate::vstate::memory::region_layout(&mem);
+    let saved: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+    let ours: Vec<(u64, u64)> = layout.iter().map(|&(_, g, l)| (g, l)).collect();
+    if saved != ours {
+        return Err(BuildError::StateMismatch(
+            "the saved memory layout differs from the configured memory size",
+        ));
+    }
+
+    let buses = Arc::new(IoBuses {
+        pio: Bus::new(),
+        mmio: Bus::new(),
+    });
+    let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
+    let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, Some(&state.devices.serial))?;
+
+    let t = Instant::now();
+    let lazy = LazyMemory::start(memory(&layout), exit.clone())?;
+    timings.load_us = us_since(t);
+
+    let t = Instant::now();
+    // The irqchip, PIT and clock first, then every vCPU (its LAPIC lands on a restored IOAPIC).
+    vm.restore_state(&state.vm)?;
+    let vcpus = create_vcpus(
+        &kvm,
+        &vm,
+        config,
+        VcpuInit::Restore(&state.vcpus),
+        &buses,
+        &exit,
+    )?;
+    timings.vcpus_us = us_since(t);
+
+    Ok(BuiltVm {
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        buses,
+        exit,
+        serial,
+        timings,
+        lazy_memory: Some(lazy),
     })
 }

@@ -20,8 +20,8 @@ pub enum ConfigError {
     /// Memory too small to boot.
     #[error("--memory {0} is too small: arkvm needs at least 2 MiB")]
     TooLittleMemory(String),
-    /// Memory size is not page aligned.
-    #[error("--memory {0} is not a multiple of 4 KiB")]
+    /// Memory size is not a whole number of MiB (snapshots store memory in 1 MiB chunks).
+    #[error("--memory {0} is not a multiple of 1 MiB")]
     UnalignedMemory(String),
     /// Bad vCPU count.
     #[error("--vcpus must be between 1 and {max}, got {got}")]
@@ -68,7 +68,7 @@ pub fn check_memory(text: &str) -> Result<u64, ConfigError> {
     if bytes < crate::vstate::memory::MIN_MEMORY {
         return Err(ConfigError::TooLittleMemory(text.to_string()));
     }
-    if bytes % 4096 != 0 {
+    if bytes % (1 << 20) != 0 {
         return Err(ConfigError::UnalignedMemory(text.to_string()));
     }
     Ok(bytes)
@@ -101,6 +101,7 @@ mod tests {
         assert!(check_memory("1M").is_err());
         assert!(check_memory("4097K").is_err());
         assert!(check_memory("4096K").is_ok());
+        assert!(check_memory("4100K").is_err());
         assert!(check_memory("3000000").is_err());
     }
 

@@ -1,10 +1,13 @@
 //! arkvm's virtual machine monitor: KVM VM and vCPU state, boot, the builder shared by cold boot and
 //! restore, the event loop, and the command line.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
+pub mod capture;
 pub mod config;
+pub mod restore;
 pub mod runtime;
 pub mod vstate;
 

@@ -1,0 +1,41 @@
+//! Capturing a VM: the state saved while the vCPUs are paused, and the copy of guest memory
+//! into a snapshot's memory part.
+//!
+//! Save order, for every mode: devices are saved before KVM state, so that an interrupt a device
+//! raises while it is being saved is already in the irqchip state saved after it; and guest
+//! memory written by devices (through vm-memory, which records it in the dirty bitmap) counts as
+//! dirty exactly like memory written by vCPUs.
+
+pub mod memory_copy;
+pub mod paused;
+pub mod progress;
+pub mod state;
+
+/// Why a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cannot pause or resume the vCPUs")]
+    Runtime(#[source] Box<crate::runtime::RuntimeError>),
+    #[error("cannot save vCPU state")]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("cannot save VM state")]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("cannot read guest memory at {addr:#x}")]
+    ReadMemory {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("the snapshot was cancelled")]
+    Cancelled,
+    #[error("a snapshot is already running")]
+    Busy,
+}
+
+impl From<crate::runtime::RuntimeError> for CaptureError {
+    fn from(e: crate::runtime::RuntimeError) -> Self {
+        Self::Runtime(Box::new(e))
+    }
+}

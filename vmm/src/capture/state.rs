@@ -1,0 +1,59 @@
+//! The state part of a snapshot: everything but memory and disk contents, nested
+//! device -> devices -> VM, and keyed by stable device ids.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::VmState;
+use devices::legacy::serial::SerialState;
+
+/// The name of the state part in a snapshot directory.
+pub const STATE_PART: &str = "state";
+/// The name of the guest memory part.
+pub const MEMORY_PART: &str = "memory";
+/// The largest state part accepted (the state of 254 vCPUs fits well below this).
+pub const MAX_STATE_LEN: u64 = 64 << 20;
+
+/// One guest memory region and where it starts in the memory part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionState {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub part_offset: u64,
+}
+
+/// The state of every device.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
+}
+
+/// A whole VM's state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshotState {
+    pub config: VmConfig,
+    pub memory: Vec<MemoryRegionState>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+impl VmSnapshotState {
+    /// Memory regions laid out back to back in the memory part.
+    pub fn memory_layout(regions: &[(u64, u64)]) -> Vec<MemoryRegionState> {
+        let mut offset = 0;
+        regions
+            .iter()
+            .map(|&(guest_addr, len)| {
+                let r = MemoryRegionState {
+                    guest_addr,
+                    len,
+                    part_offset: offset,
+                };
+                offset += len;
+                r
+            })
+            .collect()
+    }
+}

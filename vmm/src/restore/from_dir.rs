@@ -1,0 +1,94 @@
+//! Restoring a VM from a snapshot directory.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use snapshot::{chunk_hash, SnapshotReader};
+
+use crate::builder::{build_restored, BuildError, BuiltVm};
+use crate::capture::state::{VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART};
+use crate::restore::lazy_memory::{MemorySource, RegionSource};
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("the snapshot's memory part holds {part} bytes but its state describes {state} bytes")]
+    MemorySize { part: u64, state: u64 },
+    #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
+    MemoryMismatch { snap_mib: u64, asked_mib: u64 },
+    #[error("cannot open the snapshot's memory part")]
+    OpenMemory(#[source] std::io::Error),
+}
+
+/// Opens and checks a snapshot: manifest, state part and memory part sizes.
+pub fn open_snapshot(dir: &Path) -> Result<(SnapshotReader, VmSnapshotState), RestoreError> {
+    let reader = SnapshotReader::open(dir)?;
+    let state: VmSnapshotState = reader.read_state_part(STATE_PART)?;
+    let _ = MAX_STATE_LEN;
+    let part = reader.memory_part(MEMORY_PART)?;
+    let described: u64 = state.memory.iter().map(|r| r.len).sum();
+    if part.size() != described || described != state.config.memory_bytes {
+        return Err(RestoreError::MemorySize {
+            part: part.size(),
+            state: described,
+        });
+    }
+    Ok((reader, state))
+}
+
+/// Builds the restored VM (paused), loading memory lazily from the snapshot.
+pub fn restore_from_dir(
+    dir: &Path,
+    expect_memory: Option<u64>,
+    out: Box<dyn Write + Send>,
+) -> Result<(BuiltVm, VmSnapshotState), RestoreError> {
+    let (reader, state) = open_snapshot(dir)?;
+    if let Some(asked) = expect_memory {
+        if asked != state.config.memory_bytes {
+            return Err(RestoreError::MemoryMismatch {
+                snap_mib: state.config.memory_bytes >> 20,
+                asked_mib: asked >> 20,
+            });
+        }
+    }
+    let part = Arc::new(reader.memory_part(MEMORY_PART)?);
+    let chunk_size = part.chunk_size();
+    let zero_hash = chunk_hash(&vec![0u8; chunk_size as usize]);
+    let zero_chunks = part
+        .chunk_hashes()
+        .iter()
+        .map(|h| *h == zero_hash)
+        .collect();
+    let file = part.file().try_clone().map_err(RestoreError::OpenMemory)?;
+    let verifier = part.clone();
+    let regions = state.memory.clone();
+    let built = build_restored(
+        &state,
+        move |layout| MemorySource {
+            file,
+            chunk_size,
+            regions: layout
+                .iter()
+                .zip(regions.iter())
+                .map(|(&(host, _, len), r)| RegionSource {
+                    host_addr: host,
+                    len,
+                    file_offset: r.part_offset,
+                })
+                .collect(),
+            zero_chunks,
+            verify: Box::new(move |index, data| {
+                verifier
+                    .verify_chunk(index as u64, data)
+                    .map_err(|e| crate::error_chain(&e))
+            }),
+        },
+        out,
+    )?;
+    Ok((built, state))
+}
