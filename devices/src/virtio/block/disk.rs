@@ -362,44 +362,42 @@ impl Disk {
     /// point leaves "lower layer + overlay" reading exactly as before. The lower layer is
     /// synced before the overlay file is removed. Refused while a [`FrozenImage`] is alive.
     pub fn merge_overlay(&self) -> Result<MergeStats, DiskError> {
-        let (top, lower) = {
-            let mut st = self.write_stack();
-            if st.write_through.is_some() {
-                return Err(DiskError::MergeRunning);
-            }
-            if st.layers.len() < 2 {
-                return Err(DiskError::NoOverlay);
-            }
-            if Arc::strong_count(&self.frozen_token) > 1 {
-                return Err(DiskError::FrozenImageInUse);
-            }
-            let lower = st.layers.len() - 2;
-            st.write_through = Some(lower);
-            (st.layers[lower + 1].clone(), lower)
-        };
-        let result = self.copy_down(&top, lower);
+        let (top, lower) = self.begin_merge()?;
+        let result = self.copy_down(&top, lower, usize::MAX).and_then(|stats| {
+            self.retire(&top, lower)?;
+            Ok(stats)
+        });
         let mut st = self.write_stack();
-        match result {
-            Ok(stats) => {
-                st.layers.pop();
-                st.write_through = None;
-                drop(st);
-                tracing::info!(
-                    "disk: merged overlay {} ({} clusters)",
-                    top.path().display(),
-                    stats.clusters
-                );
-                Ok(stats)
-            }
-            Err(e) => {
-                st.write_through = None;
-                Err(e)
-            }
+        st.write_through = None;
+        if result.is_ok() {
+            st.layers.pop();
+            drop(st);
+            tracing::info!("disk: merged overlay {}", top.path().display());
         }
+        result
     }
 
-    fn copy_down(&self, top: &Arc<Layer>, lower: usize) -> Result<MergeStats, DiskError> {
-        let Layer::Overlay(overlay) = &**top else {
+    /// Enters write-through mode; returns the top layer and the index of the one below.
+    fn begin_merge(&self) -> Result<(Arc<Layer>, usize), DiskError> {
+        let mut st = self.write_stack();
+        if st.write_through.is_some() {
+            return Err(DiskError::MergeRunning);
+        }
+        if st.layers.len() < 2 {
+            return Err(DiskError::NoOverlay);
+        }
+        if Arc::strong_count(&self.frozen_token) > 1 {
+            return Err(DiskError::FrozenImageInUse);
+        }
+        let lower = st.layers.len() - 2;
+        st.write_through = Some(lower);
+        Ok((st.layers[lower + 1].clone(), lower))
+    }
+
+    /// Copies up to `limit` of the top overlay's clusters into layer `lower`, each between
+    /// two guest requests.
+    fn copy_down(&self, top: &Layer, lower: usize, limit: usize) -> Result<MergeStats, DiskError> {
+        let Layer::Overlay(overlay) = top else {
             return Err(DiskError::NoOverlay);
         };
         let io_err = |source| DiskError::Io {
@@ -408,7 +406,7 @@ impl Disk {
         };
         let mut stats = MergeStats::default();
         let mut buf = vec![0u8; CLUSTER_SIZE as usize];
-        for cluster in overlay.mapped_clusters() {
+        for cluster in overlay.mapped_clusters().into_iter().take(limit) {
             let start = cluster * CLUSTER_SIZE;
             let len = CLUSTER_SIZE.min(self.size - start) as usize;
             let st = self.write_stack();
@@ -419,12 +417,28 @@ impl Disk {
             stats.clusters += 1;
             stats.bytes += len as u64;
         }
-        // The lower layer now holds everything; make it durable, then retire the overlay. Guest
-        // writes keep reaching both layers until the overlay leaves the stack.
-        self.read_stack().layers[lower].flush()?;
-        std::fs::remove_file(overlay.path()).map_err(io_err)?;
-        sync_parent_dir(overlay.path()).map_err(io_err)?;
         Ok(stats)
+    }
+
+    /// The lower layer holds everything now: make it durable, then delete the overlay file.
+    /// Guest writes keep reaching both layers until the caller takes the overlay off the stack.
+    fn retire(&self, top: &Layer, lower: usize) -> Result<(), DiskError> {
+        let path = top.path();
+        let io_err = |source| DiskError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        self.read_stack().layers[lower].flush()?;
+        std::fs::remove_file(path).map_err(io_err)?;
+        sync_parent_dir(path).map_err(io_err)
+    }
+
+    /// Test hook: a merge that "crashes" after copying `clusters` clusters (write-through
+    /// stays on, nothing is retired).
+    #[cfg(test)]
+    pub(crate) fn merge_prefix(&self, clusters: usize) -> Result<MergeStats, DiskError> {
+        let (top, lower) = self.begin_merge()?;
+        self.copy_down(&top, lower, clusters)
     }
 
     /// Runs [`Disk::merge_overlay`] on a thread of its own.

@@ -193,6 +193,9 @@ fn serve(
     match req_type {
         VIRTIO_BLK_T_IN => {
             let len = writable.total();
+            if readable.total() != header.len() {
+                return (VIRTIO_BLK_S_IOERR, 0); // data buffers the device would have to read
+            }
             let Some(offset) = data_range(disk, sector, len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
@@ -210,8 +213,8 @@ fn serve(
             (VIRTIO_BLK_S_OK, len as u32)
         }
         VIRTIO_BLK_T_OUT => {
-            let len = readable.total() - 16;
-            if disk.readonly() {
+            let len = readable.total() - header.len();
+            if disk.readonly() || writable.total() != 0 {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             let Some(offset) = data_range(disk, sector, len) else {
