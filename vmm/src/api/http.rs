@@ -60,10 +60,11 @@ impl Headers {
     }
 
     /// All values of the field `name` (case-insensitive), trimmed, in order.
-    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    fn all<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> + 'a {
+        let name = name.to_string();
         self.0
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
             .map(|(_, v)| std::str::from_utf8(v).unwrap_or("\u{fffd}").trim())
     }
 
@@ -509,7 +510,10 @@ mod tests {
             reader(b"GET /\x01 HTTP/1.1\r\n\r\n").read_request_head(),
             Err(HttpError::MalformedHead(_))
         ));
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD_BYTES + 10));
+        let big = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n",
+            "a".repeat(MAX_HEAD_BYTES + 10)
+        );
         assert!(matches!(
             reader(big.as_bytes()).read_request_head(),
             Err(HttpError::HeadTooLarge)

@@ -324,7 +324,11 @@ mod tests {
         ];
         for (method, path, want) in cases {
             assert_eq!(route(method, path, b"").unwrap(), want, "{method} {path}");
-            assert_eq!(route(method, path, b" {} ").unwrap(), want, "{method} {path}");
+            assert_eq!(
+                route(method, path, b" {} ").unwrap(),
+                want,
+                "{method} {path}"
+            );
         }
     }
 

@@ -1,0 +1,298 @@
+//! The answers of the control API: [`ApiResponse`] (an HTTP status and a JSON body) and the
+//! typed bodies the VMM fills in.
+
+use std::fmt::Display;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::request::{SnapshotMode, SnapshotStrategy};
+
+/// The VMM's answer to one [`super::ApiRequest`]: an HTTP status and a JSON body (none for 204).
+/// Build it with the constructor that names the body; errors carry `{"error": "<sentence>"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    status: u16,
+    body: Option<serde_json::Value>,
+}
+
+impl ApiResponse {
+    fn with_body<T: Serialize>(status: u16, body: &T) -> Self {
+        match serde_json::to_value(body) {
+            Ok(value) => ApiResponse {
+                status,
+                body: Some(value),
+            },
+            // The bodies are plain structs with string keys, so this does not happen; if it
+            // ever does, the client learns why instead of the server panicking.
+            Err(e) => Self::internal(format!("the response could not be encoded: {e}")),
+        }
+    }
+
+    /// 200 with the VM's state and configuration (`GET /vm`).
+    pub fn vm(info: &VmInfo) -> Self {
+        Self::with_body(200, info)
+    }
+
+    /// 202 with the id of the snapshot just started (`PUT /snapshot`).
+    pub fn snapshot_started(started: &SnapshotStarted) -> Self {
+        Self::with_body(202, started)
+    }
+
+    /// 200 with the progress or outcome of a snapshot (`GET /snapshot`).
+    pub fn snapshot(status: &SnapshotStatus) -> Self {
+        Self::with_body(200, status)
+    }
+
+    /// 202 with the DR status right after starting it (`PUT /dr`).
+    pub fn dr_started(status: &DrStatus) -> Self {
+        Self::with_body(202, status)
+    }
+
+    /// 200 with the DR status (`GET /dr`).
+    pub fn dr(status: &DrStatus) -> Self {
+        Self::with_body(200, status)
+    }
+
+    /// 204: done, nothing to say (pause, resume, shutdown, cancel, stop DR).
+    pub fn no_content() -> Self {
+        ApiResponse {
+            status: 204,
+            body: None,
+        }
+    }
+
+    /// An error with `status` (4xx or 5xx; anything else becomes 500) and a one-sentence message.
+    pub fn error(status: u16, message: impl Display) -> Self {
+        let status = if (400..600).contains(&status) {
+            status
+        } else {
+            500
+        };
+        Self::with_body(
+            status,
+            &ErrorBody {
+                error: message.to_string(),
+            },
+        )
+    }
+
+    /// 400: the request is valid HTTP and JSON, but the VMM cannot accept it as given.
+    pub fn bad_request(message: impl Display) -> Self {
+        Self::error(400, message)
+    }
+
+    /// 404: the thing asked about does not exist (e.g. no snapshot was ever taken).
+    pub fn not_found(message: impl Display) -> Self {
+        Self::error(404, message)
+    }
+
+    /// 409: the request conflicts with the VM's state (resume while running, a second snapshot
+    /// while one runs, ...).
+    pub fn conflict(message: impl Display) -> Self {
+        Self::error(409, message)
+    }
+
+    /// 500: the VMM failed to do what was asked.
+    pub fn internal(message: impl Display) -> Self {
+        Self::error(500, message)
+    }
+
+    /// 503: the VMM cannot take requests now (e.g. it is shutting down).
+    pub fn unavailable(message: impl Display) -> Self {
+        Self::error(503, message)
+    }
+
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The JSON body, if any.
+    pub fn body(&self) -> Option<&serde_json::Value> {
+        self.body.as_ref()
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One sentence saying what went wrong.
+    pub error: String,
+}
+
+/// The run state of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// The vCPUs are running the guest.
+    Running,
+    /// The vCPUs are stopped (by `PUT /vm/pause` or by a paused snapshot).
+    Paused,
+    /// The guest is being stopped; the process exits soon.
+    ShuttingDown,
+}
+
+/// A disk attached to the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// The configuration the VM runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfigInfo {
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    /// The kernel booted; `null` for a VM restored from a snapshot.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+    /// The snapshot directory or `REPO#ID` this VM was restored from, if any.
+    pub restored_from: Option<String>,
+}
+
+/// The body of `GET /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub config: VmConfigInfo,
+}
+
+/// The body of the 202 answer to `PUT /snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStarted {
+    /// The snapshot's id (the backup point id in a repository).
+    pub id: String,
+}
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// The body of `GET /snapshot`: the progress of the running snapshot, or the outcome of the
+/// last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    pub id: String,
+    pub state: SnapshotState,
+    pub mode: SnapshotMode,
+    pub strategy: SnapshotStrategy,
+    /// Bytes written to the target so far.
+    pub bytes_written: u64,
+    /// Bytes the snapshot will write in all (memory, state and disks), as far as known.
+    pub bytes_total: u64,
+    /// How long the vCPUs were paused, in microseconds; `null` until they have resumed.
+    pub pause_us: Option<u64>,
+    /// Milliseconds since the request: elapsed while running, total once finished.
+    pub total_ms: u64,
+    /// cow: pages copied ahead of the copier because the guest wrote to them.
+    pub pages_copied_early: u64,
+    /// precopy: pages copied again because they were dirtied after their first copy.
+    pub pages_recopied: u64,
+    /// precopy: copy rounds so far; `null` for cow and paused snapshots.
+    pub precopy_rounds: Option<u32>,
+    /// Why the snapshot failed; `null` unless `state` is `failed`.
+    pub error: Option<String>,
+}
+
+/// Whether DR checkpoints are being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrState {
+    Stopped,
+    /// Checkpoints are being sent every interval.
+    Running,
+    /// The link to the receiver is down; it is retried with backoff.
+    Retrying,
+}
+
+/// One checkpoint the receiver committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrCheckpoint {
+    pub id: String,
+    /// When the checkpoint's point in time was taken (Unix time, milliseconds).
+    pub taken_at_unix_ms: u64,
+    /// When the receiver confirmed the commit (Unix time, milliseconds).
+    pub committed_at_unix_ms: u64,
+    /// Bytes sent for this checkpoint (the chunks the receiver lacked and the manifest).
+    pub bytes_sent: u64,
+    /// How long the vCPUs were paused for it, in microseconds.
+    pub pause_us: u64,
+}
+
+/// The body of `GET /dr` and of the 202 answer to `PUT /dr`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrStatus {
+    pub state: DrState,
+    /// The receiver, as `HOST:PORT`; `null` when stopped and never started.
+    pub target: Option<String>,
+    pub interval_ms: Option<u64>,
+    /// The newest committed checkpoint.
+    pub last_checkpoint: Option<DrCheckpoint>,
+    /// Recovery point lag: now minus the newest committed checkpoint's point in time.
+    pub rpo_ms: Option<u64>,
+    pub checkpoints_committed: u64,
+    pub checkpoints_failed: u64,
+    /// Intervals skipped because the previous checkpoint was still being sent.
+    pub intervals_skipped: u64,
+    /// The most recent failure, if any.
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn constructors_set_status_and_body() {
+        let r = ApiResponse::snapshot_started(&SnapshotStarted { id: "abc".into() });
+        assert_eq!(r.status(), 202);
+        assert_eq!(r.body(), Some(&json!({"id": "abc"})));
+        assert_eq!(ApiResponse::no_content().status(), 204);
+        assert_eq!(ApiResponse::no_content().body(), None);
+        let r = ApiResponse::conflict("the VM is already running");
+        assert_eq!(r.status(), 409);
+        assert_eq!(
+            r.body(),
+            Some(&json!({"error": "the VM is already running"}))
+        );
+        assert_eq!(ApiResponse::error(200, "not an error code").status(), 500);
+        assert_eq!(ApiResponse::error(418, "x").status(), 418);
+    }
+
+    #[test]
+    fn status_bodies_use_snake_case_and_round_trip() {
+        let s = SnapshotStatus {
+            id: "1".into(),
+            state: SnapshotState::Cancelled,
+            mode: SnapshotMode::Live,
+            strategy: SnapshotStrategy::Precopy,
+            bytes_written: 10,
+            bytes_total: 20,
+            pause_us: Some(1500),
+            total_ms: 7,
+            pages_copied_early: 0,
+            pages_recopied: 3,
+            precopy_rounds: Some(2),
+            error: None,
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["state"], "cancelled");
+        assert_eq!(v["strategy"], "precopy");
+        assert_eq!(v["error"], serde_json::Value::Null);
+        assert_eq!(serde_json::from_value::<SnapshotStatus>(v).unwrap(), s);
+        let v = serde_json::to_value(VmState::ShuttingDown).unwrap();
+        assert_eq!(v, "shutting_down");
+    }
+}
