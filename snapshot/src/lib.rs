@@ -1,6 +1,32 @@
 //! arkvm snapshot subsystem without KVM: the `Persist` trait, the snapshot format and the
 //! backup repository.
+//!
+//! - [`persist`]: the one trait all VM state is saved and restored through.
+//! - [`state_file`]: framed serde state files (magic, version, length, JSON, CRC32).
+//! - [`manifest`]: `manifest.json`, the checksummed list of a snapshot's parts.
+//! - [`dir`]: snapshot directories, written atomically and read with verification.
+//! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
+//!
+//! The on-disk layout is described in `docs/snapshot-format.md`.
 
+pub mod chunk;
+pub mod dir;
+pub mod manifest;
 pub mod persist;
+pub mod state_file;
 
+#[cfg(test)]
+mod test_util;
+
+pub use chunk::{chunk_hash, ContentHash, CHUNK_SIZE};
+pub use dir::{
+    cleanup_stale, MemoryPart, MemoryPartWriter, PartWriter, SnapshotError, SnapshotReader,
+    SnapshotWriter, VerifyProgress,
+};
+pub use manifest::{Manifest, PartEntry, PartKind};
 pub use persist::Persist;
+pub use state_file::{read_state, write_state, StateFileError};
+
+/// The format version of the whole snapshot: written in the manifest and in every state file.
+/// A reader refuses any other version, naming both.
+pub const FORMAT_VERSION: u32 = 1;
