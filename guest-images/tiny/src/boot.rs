@@ -2,8 +2,8 @@
 //! SSE enabled, then `iretq` to `guest_main` in CPL3 with IOPL=3 and interrupts off.
 //!
 //! CPL0 code is emulated instruction by instruction on the CI machine (~1000x slower than
-//! native), so this stays a few thousand dynamic instructions: the only loops are over the 32
-//! IDT gates, the e820 entries and one page-directory entry per 2 MiB of mapped space.
+//! native), so this stays a few hundred dynamic instructions: the only loop is over the 32 IDT
+//! gates. It maps just 0-4 MiB; `paging::map_memory` maps the rest from CPL3.
 //!
 //! Exceptions go to `guest_fault` (CPL0, on the TSS RSP0 stack when raised in CPL3), which
 //! prints `GUEST FAULT vec=<n> rip=<hex> err=<hex>` and forces a triple fault.
@@ -93,65 +93,22 @@ global_asm!(
     "    dec ecx",
     "    jnz 3b",
     "    lidt [rip + arkvm_idt_ptr]",
-    // Highest RAM end below 4 GiB (r10) and overall (r9), from the e820 table.
-    "    movzx ecx, byte ptr [r15 + 0x1e8]",
-    "    lea rsi, [r15 + 0x2d0]",
-    "    xor r9d, r9d",
-    "    xor r10d, r10d",
-    "    mov r11, 0x100000000",
-    "4:",
-    "    test ecx, ecx",
-    "    jz 6f",
-    "    cmp dword ptr [rsi + 16], 1",
-    "    jne 5f",
-    "    mov rax, [rsi]",
-    "    add rax, [rsi + 8]",
-    "    cmp rax, r9",
-    "    cmova r9, rax",
-    "    cmp rax, r11",
-    "    ja 5f",
-    "    cmp rax, r10",
-    "    cmova r10, rax",
-    "5:",
-    "    add rsi, 20",
-    "    dec ecx",
-    "    jmp 4b",
-    "6:",
-    // In GiB, rounded up: r10 = low GiBs (<= 3), r9 = all GiBs (capped).
-    "    mov rax, 0x3FFFFFFF",
-    "    add r10, rax",
-    "    shr r10, 30",
-    "    add r9, rax",
-    "    shr r9, 30",
-    "    cmp r10, 3",
-    "    jbe 7f",
-    "    mov r10d, 3",
-    "7:",
-    "    cmp r9, {max_gib}",
-    "    jbe 8f",
-    "    mov r9d, {max_gib}",
-    "8:",
-    // Clear PML4 + PDPT (adjacent pages), then PML4[0] -> PDPT.
+    // Page tables: only 0-4 MiB here (image, stacks, zero page, command line), as two
+    // 2 MiB pages. CPL3 maps the rest (`paging::map_memory`) before `guest_main`, because
+    // CPL0 is emulated and a per-GiB loop here cost ~4 ms per GiB on the CI machine.
+    // Clear PML4, PDPT and PD 0 (adjacent pages).
     "    lea rdi, [rip + arkvm_pml4]",
     "    xor eax, eax",
-    "    mov ecx, 1024",
+    "    mov ecx, 1536",
     "    rep stosq",
     "    lea rax, [rip + arkvm_pdpt]",
     "    or rax, 7",
     "    mov [rip + arkvm_pml4], rax",
-    // Low RAM GiBs [0, r10), the MMIO hole GiB 3 (uncached), high RAM GiBs [4, r9).
-    "    xor ebx, ebx",
-    "    mov r12, r10",
-    "    mov r13d, 0x87",
-    "    call 20f",
-    "    mov ebx, 3",
-    "    mov r12d, 4",
-    "    mov r13d, 0x9F",
-    "    call 20f",
-    "    mov ebx, 4",
-    "    mov r12, r9",
-    "    mov r13d, 0x87",
-    "    call 20f",
+    "    lea rax, [rip + arkvm_pds]",
+    "    or rax, 7",
+    "    mov [rip + arkvm_pdpt], rax",
+    "    mov qword ptr [rip + arkvm_pds], 0x87",
+    "    mov qword ptr [rip + arkvm_pds + 8], 0x200087",
     "    lea rax, [rip + arkvm_pml4]",
     "    mov cr3, rax",
     // CR0: MP set, EM and TS clear. CR4: OSFXSR | OSXMMEXCPT.
@@ -172,32 +129,6 @@ global_asm!(
     "    lea rax, [rip + 30f]",
     "    push rax",
     "    iretq",
-    // fill_gibs(rbx = first GiB, r12 = end GiB, r13 = PDE flags); clobbers rax, rcx, rdx, rdi.
-    "20:",
-    "    cmp rbx, r12",
-    "    jae 22f",
-    "    lea rdi, [rip + arkvm_pds]",
-    "    mov rax, rbx",
-    "    shl rax, 12",
-    "    add rdi, rax",
-    "    lea rax, [rdi + 7]",
-    "    lea rdx, [rip + arkvm_pdpt]",
-    "    mov [rdx + rbx * 8], rax",
-    "    mov rax, rbx",
-    "    shl rax, 30",
-    "    or rax, r13",
-    "    mov edx, 0x200000",
-    "    mov ecx, 512",
-    "21:",
-    "    mov [rdi], rax",
-    "    add rdi, 8",
-    "    add rax, rdx",
-    "    dec ecx",
-    "    jnz 21b",
-    "    inc rbx",
-    "    jmp 20b",
-    "22:",
-    "    ret",
     // CPL3 entry.
     "30:",
     "    fninit",
@@ -284,8 +215,10 @@ global_asm!(
     ".balign 4096",
     "arkvm_pml4:",
     "    .space 4096",
+    ".global arkvm_pdpt",
     "arkvm_pdpt:",
     "    .space 4096",
+    ".global arkvm_pds",
     "arkvm_pds:",
     "    .space 4096 * {max_gib}",
     "arkvm_kstack:",
@@ -312,8 +245,9 @@ extern "C" {
 
 const _: () = assert!(crate::region::REGION_CEILING == (MAX_MAPPED_GIB as u64) << 30);
 
-/// Calls the binary's `guest_main` (resolved at link time).
+/// Maps the rest of guest memory, then calls the binary's `guest_main` (resolved at link time).
 extern "C" fn guest_main_trampoline(boot_params: u64) -> ! {
+    crate::paging::map_memory(boot_params);
     // SAFETY: every guest binary defines `guest_main` with exactly this signature; we are in
     // CPL3 on the user stack with paging and SSE set up, which is all it may assume.
     unsafe { guest_main(boot_params) }
