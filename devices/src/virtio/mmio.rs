@@ -54,6 +54,12 @@ const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 
+/// The Linux kernel command-line entry that declares a virtio-mmio device at `base` using
+/// interrupt `irq`, e.g. `virtio_mmio.device=4K@0xd0000000:5`.
+pub fn cmdline_entry(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
     /// The guest noticed the device.

@@ -128,6 +128,14 @@ fn bring_up(t: &mut MmioTransport, q: &TestQueue) {
 }
 
 #[test]
+fn cmdline_entry_matches_the_linux_syntax() {
+    assert_eq!(
+        cmdline_entry(0xd000_1000, 6),
+        "virtio_mmio.device=4K@0xd0001000:6"
+    );
+}
+
+#[test]
 fn identity_registers_and_config_space() {
     let (mut t, _) = transport();
     assert_eq!(rd(&mut t, REG_MAGIC), 0x7472_6976);

@@ -174,7 +174,7 @@ where
     // Checked above: the status byte is inside guest memory.
     mem.write_obj(status, status_addr)
         .map_err(|_| RequestError::NoStatus(head))?;
-    Ok((written + 1, status))
+    Ok((written.saturating_add(1), status))
 }
 
 /// Serves a well-framed request; returns (status, data bytes written to the guest).
