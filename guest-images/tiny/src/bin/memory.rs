@@ -54,6 +54,10 @@ impl Throttle {
             return;
         }
         let mut now = tsc::rdtsc();
+        // The TSC can step backwards across a snapshot restore: never wait more than a tick.
+        if self.deadline > now + self.ticks_per_ms {
+            self.deadline = now + self.ticks_per_ms;
+        }
         while now < self.deadline {
             core::hint::spin_loop();
             now = tsc::rdtsc();
