@@ -233,7 +233,7 @@ impl RouteError {
 }
 
 /// The endpoints: path, and the methods it accepts.
-const ENDPOINTS: &[(&str, &str)] = &[
+pub(super) const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm", "GET"),
     ("/vm/pause", "PUT"),
     ("/vm/resume", "PUT"),

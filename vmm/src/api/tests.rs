@@ -597,3 +597,75 @@ fn client_reports_a_server_that_answers_garbage() {
     assert!(matches!(err, ApiClientError::BadJson(_)), "{err:?}");
     fake.join().unwrap();
 }
+
+/// `docs/api.yaml` must describe what the code serves.
+#[test]
+fn openapi_document_matches_the_endpoints_and_fields() {
+    let doc = include_str!("../../../docs/api.yaml");
+    let paths = &doc[doc.find("\npaths:\n").unwrap()..doc.find("\ncomponents:\n").unwrap()];
+    for (path, methods) in super::request::ENDPOINTS {
+        let start = paths
+            .find(&format!("\n  {path}:\n"))
+            .unwrap_or_else(|| panic!("{path} is not in docs/api.yaml"));
+        let rest = &paths[start + 1..];
+        let section = &rest[..rest[1..].find("\n  /").map_or(rest.len(), |i| i + 1)];
+        for method in ["get", "put", "delete", "post", "patch"] {
+            let served = methods.split(", ").any(|m| m.eq_ignore_ascii_case(method));
+            let documented = section.contains(&format!("\n    {method}:\n"));
+            assert_eq!(served, documented, "{method} {path}");
+        }
+    }
+
+    let mut vmm = FakeVmm {
+        paused: false,
+        snapshot: None,
+        dr: None,
+    };
+    let mut bodies = vec![];
+    for request in [
+        ApiRequest::GetVm,
+        ApiRequest::CreateSnapshot(SnapshotParams {
+            target: SnapshotTarget::Repo("/r".into()),
+            mode: SnapshotMode::Live,
+            strategy: SnapshotStrategy::Precopy,
+            key: Some("/k".into()),
+        }),
+        ApiRequest::GetSnapshot,
+        ApiRequest::GetDr,
+        ApiRequest::CancelSnapshot,
+        ApiRequest::CancelSnapshot,
+    ] {
+        bodies.extend(vmm.answer(&request).body().cloned()); // 204s have none
+    }
+    let mut dr = serde_json::to_value(vmm.dr_status()).unwrap();
+    dr["last_checkpoint"] = serde_json::to_value(DrCheckpoint {
+        id: "c".into(),
+        taken_at_unix_ms: 0,
+        committed_at_unix_ms: 0,
+        bytes_sent: 0,
+        pause_us: 0,
+    })
+    .unwrap();
+    bodies.push(dr);
+    bodies.push(json!({"target": "h:1", "interval_ms": 10, "key": "/k"}));
+    bodies.push(json!({"out": "/o", "repo": "/r", "mode": "live", "strategy": "cow", "key": "/k"}));
+    fn keys(v: &Value, out: &mut Vec<String>) {
+        if let Value::Object(map) = v {
+            for (k, v) in map {
+                out.push(k.clone());
+                keys(v, out);
+            }
+        }
+    }
+    let mut names = vec![];
+    for body in &bodies {
+        keys(body, &mut names);
+    }
+    assert!(names.len() > 30, "too few fields checked: {names:?}");
+    for name in names {
+        assert!(
+            doc.contains(&format!(" {name}:")) || doc.contains(&format!(" {name}: ")),
+            "field {name} is not in docs/api.yaml"
+        );
+    }
+}
