@@ -193,7 +193,18 @@ pub struct Disk {
     stack: RwLock<LayerStack>,
     cbt: ChangedBlockTracker,
     frozen_token: Arc<()>,
+    snapshot_overlay: PathBuf,
 }
+
+/// Name of the overlay a live snapshot adds to a disk whose top configured file is `top`.
+fn snapshot_overlay_for(top: &Path) -> PathBuf {
+    let mut name = top.file_name().unwrap_or_default().to_os_string();
+    name.push(SNAPSHOT_OVERLAY_SUFFIX);
+    top.with_file_name(name)
+}
+
+/// Suffix of the overlay file a live snapshot creates next to the disk.
+pub const SNAPSHOT_OVERLAY_SUFFIX: &str = ".arkvm-snap";
 
 impl Disk {
     /// Opens the base image (and the overlay, created if absent) of `cfg`. Call
@@ -222,7 +233,36 @@ impl Disk {
             };
             layers.push(Arc::new(Layer::Overlay(overlay)));
         }
-        Ok(Self {
+        let snapshot_overlay = snapshot_overlay_for(cfg.overlay.as_ref().unwrap_or(&cfg.path));
+        let leftover = match OverlayFile::open(&snapshot_overlay, size) {
+            Ok(o) => Some(o),
+            Err(OverlayError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                None
+            }
+            Err(OverlayError::BadHeader { path, reason }) => {
+                // The header is made durable before an overlay is switched to, so an overlay
+                // without one never took a write. Keep it aside rather than delete it.
+                let mut aside = path.clone().into_os_string();
+                aside.push(".bad");
+                let aside = PathBuf::from(aside);
+                tracing::warn!(
+                    "disk: ignoring unusable snapshot overlay {} ({reason}); moved to {}",
+                    path.display(),
+                    aside.display()
+                );
+                std::fs::rename(&path, &aside).map_err(|source| DiskError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let recovered = leftover.is_some();
+        if let Some(o) = leftover {
+            layers.push(Arc::new(Layer::Overlay(o)));
+        }
+        let disk = Self {
             size,
             readonly: cfg.readonly,
             stack: RwLock::new(LayerStack {
@@ -231,7 +271,36 @@ impl Disk {
             }),
             cbt: ChangedBlockTracker::new(size),
             frozen_token: Arc::new(()),
-        })
+            snapshot_overlay,
+        };
+        // Nothing is known about writes before this process: the first take reports every
+        // block, unless the caller clears it knowing the disk equals a backup point.
+        disk.cbt.mark_all();
+        if recovered {
+            // A snapshot was interrupted (crash or kill) before its overlay was merged back.
+            tracing::info!(
+                "disk: merging leftover snapshot overlay {}",
+                disk.snapshot_overlay.display()
+            );
+            let stats = disk.merge_overlay()?;
+            tracing::info!(
+                "disk: merged {} clusters from the leftover overlay",
+                stats.clusters
+            );
+        }
+        Ok(disk)
+    }
+
+    /// Where [`Disk::start_snapshot_overlay`] puts its overlay: next to the disk's top
+    /// configured file, named `<file>.arkvm-snap`. A file left there by a crash is merged back
+    /// by [`Disk::open`].
+    pub fn snapshot_overlay_path(&self) -> &Path {
+        &self.snapshot_overlay
+    }
+
+    /// [`Disk::start_overlay`] at [`Disk::snapshot_overlay_path`].
+    pub fn start_snapshot_overlay(&self) -> Result<FrozenImage, DiskError> {
+        self.start_overlay(&self.snapshot_overlay)
     }
 
     /// Size in bytes.

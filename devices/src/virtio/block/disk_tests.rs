@@ -132,6 +132,7 @@ fn frozen_image_keeps_the_instant_while_the_guest_writes() {
     let dir = TempDir::new().unwrap();
     let (path, mut model) = base_image(&dir);
     let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    let _ = disk.take_changed_blocks();
     let early = scattered(4, 20);
     apply(&disk, &mut model, &early);
     let frozen_model = model.clone();
@@ -244,4 +245,45 @@ fn overlays_stack_and_merge_into_the_layer_below() {
     drop(disk);
     let disk = Disk::open(&cfg(&path, Some(&user_ovl), false)).unwrap();
     assert_eq!(read_all(&disk), model);
+}
+
+#[test]
+fn a_fresh_disk_reports_every_block_until_the_first_take() {
+    let dir = TempDir::new().unwrap();
+    let (path, _) = base_image(&dir);
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    assert_eq!(
+        disk.take_changed_blocks().count(),
+        SIZE.div_ceil(CBT_BLOCK_SIZE)
+    );
+    assert_eq!(disk.take_changed_blocks().count(), 0);
+}
+
+#[test]
+fn a_leftover_snapshot_overlay_is_merged_on_open() {
+    let dir = TempDir::new().unwrap();
+    let (path, mut model) = base_image(&dir);
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    let snap = disk.snapshot_overlay_path().to_path_buf();
+    assert_eq!(snap, dir.as_path().join("base.img.arkvm-snap"));
+    drop(disk.start_snapshot_overlay().unwrap());
+    apply(&disk, &mut model, &scattered(12, 40));
+    let _ = disk.merge_prefix(5).unwrap();
+    apply(&disk, &mut model, &scattered(13, 10));
+    std::mem::forget(disk); // killed in the middle of the merge
+    assert!(snap.exists());
+    // Restarted with the plain command line: the overlay is found and merged back.
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    assert!(!snap.exists());
+    assert_eq!(disk.layer_paths(), vec![path.clone()]);
+    assert_eq!(read_all(&disk), model);
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+
+    // An overlay file whose creation never completed is set aside, not used.
+    drop(disk);
+    std::fs::write(&snap, b"torn").unwrap();
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    assert_eq!(read_all(&disk), model);
+    assert!(!snap.exists());
+    assert!(dir.as_path().join("base.img.arkvm-snap.bad").exists());
 }

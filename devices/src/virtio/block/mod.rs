@@ -17,6 +17,6 @@ pub mod request;
 pub use cbt::{ChangedBlockTracker, ChangedBlocks, CBT_BLOCK_SIZE};
 pub use config::{validate_disks, DiskConfig, DiskConfigError, SECTOR_SIZE};
 pub use device::{Block, BlockArgs, BlockError, BlockState, QUEUE_SIZE};
-pub use disk::{Disk, DiskError, FrozenImage, MergeStats};
+pub use disk::{Disk, DiskError, FrozenImage, Layer, MergeStats, SNAPSHOT_OVERLAY_SUFFIX};
 pub use overlay::{OverlayError, OverlayFile, CLUSTER_SIZE, OVERLAY_MAGIC, OVERLAY_VERSION};
 pub use request::{RequestCounters, RequestError};
