@@ -12,7 +12,7 @@ use super::http::{self, BodyLength, HttpError, MessageReader};
 
 /// How long a call waits for the answer by default; longer than the server's own wait for the
 /// VMM, so that a slow VMM shows up as the server's 504 rather than as a client timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest response body accepted.
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
@@ -87,25 +87,23 @@ impl ApiReply {
     }
 }
 
-/// A client of one control socket.
+/// A client of one control socket. Each call uses a fresh connection (`Connection: close`), so
+/// a client may be kept for as long as the VMM runs, with no idle connection to go stale.
 #[derive(Debug)]
 pub struct ApiClient {
     path: PathBuf,
     timeout: Duration,
-    /// The connection made by `connect`, used by the first call.
-    first: Option<UnixStream>,
 }
 
 impl ApiClient {
-    /// Connects to the socket at `path`, so that a missing socket or a dead server is reported
-    /// here, before any request is made.
+    /// Checks that something serves the socket at `path` (by connecting once), so that a
+    /// missing socket or a dead server is reported here, before any request is made.
     pub fn connect(path: impl AsRef<Path>) -> Result<ApiClient, ApiClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream = open(&path)?;
+        drop(open(&path)?);
         Ok(ApiClient {
             path,
-            timeout: DEFAULT_TIMEOUT,
-            first: Some(stream),
+            timeout: DEFAULT_CLIENT_TIMEOUT,
         })
     }
 
@@ -141,10 +139,7 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<ApiReply, ApiClientError> {
-        let stream = match self.first.take() {
-            Some(stream) => stream,
-            None => open(&self.path)?,
-        };
+        let stream = open(&self.path)?;
         let io_err = |source| ApiClientError::Io {
             path: self.path.clone(),
             source,

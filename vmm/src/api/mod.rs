@@ -30,7 +30,7 @@ mod request;
 mod response;
 mod server;
 
-pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_TIMEOUT};
+pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
 pub use request::{
     ApiRequest, DrParams, SnapshotMode, SnapshotParams, SnapshotStrategy, SnapshotTarget,
     MIN_DR_INTERVAL_MS,

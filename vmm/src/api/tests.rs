@@ -584,6 +584,7 @@ fn client_reports_a_server_that_answers_garbage() {
     let dir = TempDir::new();
     let listener = UnixListener::bind(dir.sock()).unwrap();
     let fake = thread::spawn(move || {
+        drop(listener.accept().unwrap()); // ApiClient::connect's probe
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = [0u8; 1024];
         let _ = s.read(&mut buf);
