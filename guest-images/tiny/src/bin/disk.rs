@@ -5,7 +5,7 @@
 #![no_std]
 #![no_main]
 
-use arkvm_tiny_guests::blk::{self, Blk, SECTOR, S_IOERR, S_OK, T_GET_ID, T_IN, T_OUT};
+use arkvm_tiny_guests::blk::{Blk, SECTOR, S_IOERR, S_OK, T_GET_ID, T_IN, T_OUT};
 use arkvm_tiny_guests::cmdline::Cmdline;
 use arkvm_tiny_guests::status::{self, Field};
 use arkvm_tiny_guests::virtio_mmio::{find_devices, Mmio, DEVICE_ID_BLOCK};
@@ -313,6 +313,3 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
         }
     }
 }
-
-// Keep `blk` referenced for the docs link above.
-const _: usize = blk::SLOTS;
