@@ -289,6 +289,15 @@ fn socket_is_0600_and_removed_on_drop() {
 }
 
 #[test]
+fn a_path_too_long_for_a_socket_is_refused() {
+    let dir = TempDir::new();
+    let long = dir.0.join("s".repeat(120));
+    let err = ApiServer::bind(&long).unwrap_err();
+    assert!(matches!(err, ApiServerError::InvalidPath(_)), "{err:?}");
+    assert!(!long.exists());
+}
+
+#[test]
 fn stale_socket_is_refused_and_left_in_place() {
     let dir = TempDir::new();
     drop(UnixListener::bind(dir.sock()).unwrap()); // std leaves the file behind: stale
