@@ -47,8 +47,8 @@ pub enum DiskError {
     /// The disk is read-only.
     #[error("the disk is read-only")]
     ReadOnly,
-    /// There is no overlay to merge.
-    #[error("the disk has no overlay to merge")]
+    /// There is no snapshot overlay to merge (the `overlay=` file is never merged away).
+    #[error("the disk has no snapshot overlay to merge")]
     NoOverlay,
     /// A merge is already running.
     #[error("an overlay merge is already running on this disk")]
@@ -194,6 +194,8 @@ pub struct Disk {
     cbt: ChangedBlockTracker,
     frozen_token: Arc<()>,
     snapshot_overlay: PathBuf,
+    /// Layers named on the command line (base, and the `overlay=` file): never merged away.
+    configured_layers: usize,
 }
 
 /// Name of the overlay a live snapshot adds to a disk whose top configured file is `top`.
@@ -258,6 +260,7 @@ impl Disk {
             }
             Err(e) => return Err(e.into()),
         };
+        let configured_layers = layers.len();
         let recovered = leftover.is_some();
         if let Some(o) = leftover {
             layers.push(Arc::new(Layer::Overlay(o)));
@@ -272,6 +275,7 @@ impl Disk {
             cbt: ChangedBlockTracker::new(size),
             frozen_token: Arc::new(()),
             snapshot_overlay,
+            configured_layers,
         };
         // Nothing is known about writes before this process: the first take reports every
         // block, unless the caller clears it knowing the disk equals a backup point.
@@ -452,7 +456,7 @@ impl Disk {
         if st.write_through.is_some() {
             return Err(DiskError::MergeRunning);
         }
-        if st.layers.len() < 2 {
+        if st.layers.len() <= self.configured_layers {
             return Err(DiskError::NoOverlay);
         }
         if Arc::strong_count(&self.frozen_token) > 1 {
