@@ -27,6 +27,9 @@ use snapshot::Persist;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments per request (the queue minus header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most requests served per event-loop wakeup, so that the device lock (which saving the
+/// device state takes) is never held for long.
+const BATCH: usize = 32;
 /// Bytes of `struct virtio_blk_config` the device fills (capacity .. blk_size).
 const CONFIG_LEN: usize = 24;
 
@@ -122,7 +125,8 @@ impl Block {
         }
     }
 
-    /// Serves every request posted on queue `index`, then interrupts the guest if it wants.
+    /// Serves the requests posted on queue `index` (at most a batch; the queue eventfd is
+    /// signalled again when more remain), then interrupts the guest if it wants.
     pub fn process_queue(&mut self, index: usize) {
         let (Some(active), Some(queue)) = (&self.active, self.queues.get_mut(index)) else {
             return;
@@ -133,6 +137,8 @@ impl Block {
         let mem = &active.mem;
         let mut used_any = false;
         let mut failure: Option<String> = None;
+        let mut budget = BATCH;
+        let mut more = false;
         'outer: loop {
             if let Err(e) = queue.disable_notification(mem) {
                 failure = Some(format!("cannot update the used ring: {e}"));
@@ -147,6 +153,13 @@ impl Block {
                     }
                 };
                 let Some(chain) = chain else { break };
+                if budget == 0 {
+                    // Leave the rest for the next round of the event loop.
+                    queue.go_to_previous_position();
+                    more = true;
+                    break 'outer;
+                }
+                budget -= 1;
                 let head = chain.head_index();
                 let (len, result) = match handle_chain(chain, mem, &self.disk, &self.id) {
                     Ok((len, status)) => {
@@ -183,6 +196,13 @@ impl Block {
         }
         if let Some(why) = failure {
             self.fail(&why);
+        } else if more {
+            if let Err(e) = self.queue_evts[index].write(1) {
+                tracing::warn!(
+                    "virtio-blk {}: cannot reschedule queue {index}: {e}",
+                    self.id
+                );
+            }
         }
     }
 }

@@ -156,6 +156,33 @@ fn write_read_flush_and_get_id() {
 }
 
 #[test]
+fn a_long_queue_is_served_in_batches() {
+    let mut r = rig(false);
+    r.q = TestQueue::new(8);
+    let mut q64 = TestQueue::new(64);
+    r.block.reset();
+    q64.configure(&mut r.block.queues_mut()[0]);
+    r.block.activate(r.mem.clone(), r.irq.clone()).unwrap();
+    r.header(VIRTIO_BLK_T_FLUSH, 0);
+    for _ in 0..40 {
+        q64.add_chain(&r.mem, &[(HDR, 16, false), (STATUS, 1, true)]);
+    }
+    r.block.process_queue(0);
+    assert_eq!(q64.used_idx(&r.mem), BATCH as u16);
+    assert_eq!(
+        r.block.queue_events()[0].read().unwrap(),
+        1,
+        "rescheduled itself"
+    );
+    r.block.process_queue(0);
+    assert_eq!(q64.used_idx(&r.mem), 40);
+    assert!(
+        r.block.queue_events()[0].read().is_err(),
+        "nothing left to do"
+    );
+}
+
+#[test]
 fn config_space_reports_capacity_and_features() {
     let r = rig(true);
     let mut cap = [0u8; 8];
