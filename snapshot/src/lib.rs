@@ -5,6 +5,7 @@
 //! - [`state_file`]: framed serde state files (magic, version, length, JSON, CRC32).
 //! - [`manifest`]: `manifest.json`, the checksummed list of a snapshot's parts.
 //! - [`dir`]: snapshot directories, written atomically and read with verification.
+//! - [`sealed_json`]: checksummed JSON documents (snapshot and backup-point manifests).
 //! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
 //!
 //! The on-disk layout is described in `docs/snapshot-format.md`.
@@ -13,6 +14,7 @@ pub mod chunk;
 pub mod dir;
 pub mod manifest;
 pub mod persist;
+pub mod sealed_json;
 pub mod state_file;
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The snapshot manifest (`manifest.json`): format version, creation time, and every part with
 //! its size and blake3 hash (and, for memory, its chunk table).
 //!
-//! The file is pretty-printed JSON whose last field is `manifest_blake3`, the blake3 hash of
-//! every byte of the file before that hash's first hex digit:
+//! The file is sealed JSON (see [`crate::sealed_json`]): its last field is `manifest_blake3`, the
+//! blake3 hash of every byte of the file before that hash's first hex digit:
 //!
 //! ```text
 //! {
@@ -13,15 +13,14 @@
 //! }
 //! ```
 //!
-//! The file always ends with `"<64 hex>"\n}\n`, so the checksum is checked on the raw bytes,
-//! before and independently of parsing: any changed byte, whitespace included, is refused. This
-//! rule is the same in every format version; the version is read only after the checksum holds.
+//! The checksum is checked on the raw bytes before parsing, and the version only after it holds.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{chunk_count, chunk_table_hash, is_valid_chunk_size, ContentHash};
+use crate::sealed_json::{seal, unseal, SealError};
 use crate::FORMAT_VERSION;
 
 /// The manifest's file name inside a snapshot directory.
@@ -33,54 +32,12 @@ pub const MAX_MANIFEST_LEN: u64 = 128 << 20;
 /// The longest part name.
 pub const MAX_PART_NAME_LEN: usize = 64;
 
-/// The text that precedes the checksum's hex digits.
-const CHECKSUM_KEY: &[u8] = b",\n  \"manifest_blake3\": \"";
-/// The text that follows them.
-const CHECKSUM_END: &[u8] = b"\"\n}\n";
-/// Hex digits of a blake3 hash.
-const HEX_LEN: usize = 64;
-
 /// Why a manifest could not be encoded, read or trusted.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// The file is larger than [`MAX_MANIFEST_LEN`].
-    #[error("manifest is {len} bytes, over the limit of {limit} bytes")]
-    TooLarge {
-        /// The file's length.
-        len: u64,
-        /// The limit.
-        limit: u64,
-    },
-    /// The file does not end with a well-formed `manifest_blake3` field.
-    #[error("manifest is truncated or damaged (its checksum field is missing)")]
-    MissingChecksum,
-    /// The checksum does not match the bytes.
-    #[error("manifest is damaged (its blake3 checksum does not match)")]
-    ChecksumMismatch,
-    /// The checksum holds but the text is not JSON.
-    #[error("manifest is not valid JSON")]
-    NotJson(#[source] serde_json::Error),
-    /// The checksum holds but the JSON has no numeric `format_version`.
-    #[error("manifest has no format_version")]
-    NoVersion,
-    /// The snapshot was written by a newer arkvm.
-    #[error("snapshot format version {found} is newer than the supported version {supported}")]
-    FutureVersion {
-        /// The version in the manifest.
-        found: u32,
-        /// The version this build reads.
-        supported: u32,
-    },
-    /// The snapshot has a version this build no longer reads.
-    #[error(
-        "snapshot format version {found} is not supported (this build reads version {supported})"
-    )]
-    UnsupportedVersion {
-        /// The version in the manifest.
-        found: u32,
-        /// The version this build reads.
-        supported: u32,
-    },
+    /// The file is too large, damaged, truncated, or of another format version.
+    #[error(transparent)]
+    Seal(#[from] SealError),
     /// The JSON does not describe a manifest of this version.
     #[error("manifest fields do not match format version {version}")]
     Fields {
@@ -111,9 +68,6 @@ pub enum ManifestError {
         /// What is wrong.
         problem: &'static str,
     },
-    /// The manifest could not be serialized.
-    #[error("cannot serialize the manifest")]
-    Serialize(#[source] serde_json::Error),
 }
 
 /// What a part holds, which decides how it is read and verified.
@@ -195,82 +149,21 @@ impl Manifest {
 
     /// Encodes the manifest as the bytes of `manifest.json`, checksum included.
     pub fn encode(&self) -> Result<Vec<u8>, ManifestError> {
-        let mut bytes = serde_json::to_vec_pretty(self).map_err(ManifestError::Serialize)?;
-        // A pretty-printed struct ends with "\n}"; reopen it to append the checksum field.
-        assert!(
-            bytes.ends_with(b"\n}"),
-            "serde_json pretty-prints a struct with fields ending in a newline and a brace"
-        );
-        bytes.truncate(bytes.len() - 2);
-        bytes.extend_from_slice(CHECKSUM_KEY);
-        let hash = ContentHash::of(&bytes);
-        bytes.extend_from_slice(hash.to_hex().as_bytes());
-        bytes.extend_from_slice(CHECKSUM_END);
-        Ok(bytes)
+        Ok(seal(self)?)
     }
 
     /// Decodes and checks `manifest.json`: size, checksum, version, fields, then
     /// [`Manifest::validate`].
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
-        if bytes.len() as u64 > MAX_MANIFEST_LEN {
-            return Err(ManifestError::TooLarge {
-                len: bytes.len() as u64,
-                limit: MAX_MANIFEST_LEN,
-            });
-        }
-        check_checksum(bytes)?;
-
-        let mut value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(ManifestError::NotJson)?;
-        let object = value.as_object_mut().ok_or(ManifestError::NoVersion)?;
-        object.remove("manifest_blake3");
-        let format_version = object
-            .get("format_version")
-            .and_then(serde_json::Value::as_u64)
-            .ok_or(ManifestError::NoVersion)?;
-        let format_version = u32::try_from(format_version).unwrap_or(u32::MAX);
-        if format_version > FORMAT_VERSION {
-            return Err(ManifestError::FutureVersion {
-                found: format_version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        if format_version != FORMAT_VERSION {
-            return Err(ManifestError::UnsupportedVersion {
-                found: format_version,
-                supported: FORMAT_VERSION,
-            });
-        }
+        let value = unseal(bytes, MAX_MANIFEST_LEN)?;
         let manifest: Manifest =
             serde_json::from_value(value).map_err(|source| ManifestError::Fields {
-                version: format_version,
+                version: FORMAT_VERSION,
                 source,
             })?;
         manifest.validate()?;
         Ok(manifest)
     }
-}
-
-/// Checks the trailing checksum of a manifest file.
-fn check_checksum(bytes: &[u8]) -> Result<(), ManifestError> {
-    let tail = HEX_LEN + CHECKSUM_END.len();
-    if bytes.len() < tail + CHECKSUM_KEY.len() || !bytes.ends_with(CHECKSUM_END) {
-        return Err(ManifestError::MissingChecksum);
-    }
-    let (body, rest) = bytes.split_at(bytes.len() - tail);
-    if !body.ends_with(CHECKSUM_KEY) {
-        return Err(ManifestError::MissingChecksum);
-    }
-    let hex = std::str::from_utf8(&rest[..HEX_LEN]).map_err(|_| ManifestError::ChecksumMismatch)?;
-    // Only lowercase digits are ever written; refusing uppercase keeps every flip visible.
-    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(ManifestError::ChecksumMismatch);
-    }
-    let stored = ContentHash::from_hex(hex).map_err(|_| ManifestError::ChecksumMismatch)?;
-    if stored != ContentHash::of(body) {
-        return Err(ManifestError::ChecksumMismatch);
-    }
-    Ok(())
 }
 
 /// Refuses part names that are empty, too long, hidden, reserved, or not `[A-Za-z0-9._-]`.
@@ -353,13 +246,7 @@ mod tests {
 
     /// Re-encodes a manifest after editing its JSON, with a valid checksum.
     fn reencode(value: serde_json::Value) -> Vec<u8> {
-        let mut bytes = serde_json::to_vec_pretty(&value).unwrap();
-        bytes.truncate(bytes.len() - 2);
-        bytes.extend_from_slice(CHECKSUM_KEY);
-        let hash = ContentHash::of(&bytes);
-        bytes.extend_from_slice(hash.to_hex().as_bytes());
-        bytes.extend_from_slice(CHECKSUM_END);
-        bytes
+        seal(&value).unwrap()
     }
 
     #[test]
@@ -402,7 +289,7 @@ mod tests {
         value["new_field"] = "x".into();
         let err = Manifest::decode(&reencode(value)).unwrap_err();
         assert!(
-            matches!(err, ManifestError::FutureVersion { found, supported }
+            matches!(err, ManifestError::Seal(SealError::FutureVersion { found, supported })
                 if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
             "{err:?}"
         );
@@ -465,7 +352,7 @@ mod tests {
         let huge = vec![b' '; MAX_MANIFEST_LEN as usize + 1];
         assert!(matches!(
             Manifest::decode(&huge),
-            Err(ManifestError::TooLarge { .. })
+            Err(ManifestError::Seal(SealError::TooLarge { .. }))
         ));
     }
 }

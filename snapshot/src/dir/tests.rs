@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use crate::sealed_json::SealError;
 use crate::test_util::TestDir;
 use crate::FORMAT_VERSION;
 
@@ -240,7 +241,7 @@ fn future_version_is_refused_naming_both() {
     let err = SnapshotReader::open(&target).unwrap_err();
     match &err {
         SnapshotError::Manifest {
-            source: ManifestError::FutureVersion { found, supported },
+            source: ManifestError::Seal(SealError::FutureVersion { found, supported }),
             ..
         } => assert_eq!((*found, *supported), (FORMAT_VERSION + 1, FORMAT_VERSION)),
         other => panic!("expected a future-version error, got {other:?}"),
