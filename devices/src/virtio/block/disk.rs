@@ -396,6 +396,10 @@ impl Disk {
         self.cbt.mark_all();
     }
 
+    /// Save order: save the virtio transport (queue indexes) *before* this call. A request
+    /// completed after the save then lands in the frozen image too and is merely replayed by
+    /// the restored guest; the other order can lose a write (docs/disk-overlay.md).
+    ///
     /// Puts a new overlay file at `path` on top, between two guest requests. From then on the
     /// layers below are frozen: the returned image reads them, and carries the changed blocks
     /// up to this instant (the tracker restarts empty).

@@ -140,15 +140,18 @@ impl Header {
 
 /// The kernel's boot id: it changes when the machine reboots (and page-cache contents die).
 fn current_boot_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-        let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
-        for (i, pair) in hex.chunks(2).take(16).enumerate() {
-            let s = std::str::from_utf8(pair).unwrap_or("0");
-            id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+    static BOOT_ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *BOOT_ID.get_or_init(|| {
+        let mut id = [0u8; 16];
+        if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+            for (i, pair) in hex.chunks(2).take(16).enumerate() {
+                let s = std::str::from_utf8(pair).unwrap_or("0");
+                id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+            }
         }
-    }
-    id
+        id
+    })
 }
 
 /// Makes a directory entry (creation or removal of `path`) durable.
