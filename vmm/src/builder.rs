@@ -13,6 +13,7 @@ use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
 use crate::capture::state::VmSnapshotState;
 use crate::config::VmConfig;
+use crate::devices_setup::{attach_disks, kernel_cmdline_entries, AttachedDisk, DiskSetupError};
 use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError, MemorySource};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, IoBuses, Vcpu, VcpuError, VcpuHandle};
@@ -58,6 +59,8 @@ pub enum BuildError {
     RestoreSerial(#[source] devices::legacy::serial::SerialError),
     #[error(transparent)]
     LazyMemory(#[from] LazyMemoryError),
+    #[error(transparent)]
+    Disk(#[from] DiskSetupError),
     #[error("this host's KVM supports at most {max} vCPUs, {asked} were asked for")]
     TooManyVcpus { asked: u8, max: usize },
 }
@@ -86,6 +89,8 @@ pub struct BuiltVm {
     pub timings: BootTimings,
     /// The lazy memory loader of a restored VM, until every chunk is in.
     pub lazy_memory: Option<LazyMemory>,
+    /// The virtio-blk disks.
+    pub disks: Vec<AttachedDisk>,
 }
 
 fn us_since(t: Instant) -> u128 {
@@ -237,7 +242,12 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
         Some(p) => Some(boot::load_initrd(&mem, p, loaded.kernel_end)?),
         None => None,
     };
-    let cmdline_len = boot::load_cmdline(&mem, &config.cmdline)?;
+    let mut cmdline = config.cmdline.clone();
+    for entry in kernel_cmdline_entries(config.disks.len()) {
+        cmdline.push(' ');
+        cmdline.push_str(&entry);
+    }
+    let cmdline_len = boot::load_cmdline(&mem, cmdline.trim())?;
     gdt::write_boot_tables(&mem)?;
     mptable::setup_mptable(&mem, config.vcpus)?;
     boot_params::write_zero_page(
@@ -255,6 +265,7 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
     });
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
     let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, None)?;
+    let disks = attach_disks(&vm, &mem, &buses.mmio, &config.disks, None)?;
 
     let t = Instant::now();
     let vcpus = create_vcpus(
@@ -279,6 +290,7 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
         serial,
         timings,
         lazy_memory: None,
+        disks,
     })
 }
 
@@ -312,6 +324,13 @@ pub fn build_restored(
     });
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
     let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, Some(&state.devices.serial))?;
+    let disks = attach_disks(
+        &vm,
+        &mem,
+        &buses.mmio,
+        &config.disks,
+        Some(&state.devices.disks),
+    )?;
 
     let t = Instant::now();
     let lazy = LazyMemory::start(memory(&layout), exit.clone())?;
@@ -340,5 +359,6 @@ pub fn build_restored(
         serial,
         timings,
         lazy_memory: Some(lazy),
+        disks,
     })
 }

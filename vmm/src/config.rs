@@ -57,6 +57,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub memory_bytes: u64,
     pub vcpus: u8,
+    #[serde(default)]
+    pub disks: Vec<devices::virtio::block::DiskConfig>,
 }
 
 /// Checks a memory size given as text and returns it in bytes.

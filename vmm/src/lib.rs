@@ -2,11 +2,14 @@
 //! restore, the event loop, and the command line.
 
 pub mod api;
+pub mod api_handler;
 pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod capture;
+pub mod cli;
 pub mod config;
+pub mod devices_setup;
 pub mod restore;
 pub mod runtime;
 pub mod vstate;

@@ -10,7 +10,12 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::terminal::Terminal;
 
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::ApiServer;
 use crate::builder::BuiltVm;
+use crate::capture::job::SnapshotJob;
+use crate::capture::progress::Progress;
 use crate::config::VmConfig;
 use crate::vstate::vcpu::{ExitSignal, GuestExit, VcpuError, VcpuEvent};
 use devices::legacy::serial::SerialDevice;
@@ -24,6 +29,8 @@ pub enum RuntimeError {
     EventLoop(#[source] event_manager::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot create an event fd")]
+    EventFd(#[source] std::io::Error),
 }
 
 /// Whether the guest's vCPUs are running.
@@ -48,7 +55,11 @@ impl MutEventSubscriber for ExitHandler {
         // reset request.
         let _ = self.exit.eventfd().read();
         if self.exit.reason().is_none() {
-            self.exit.report(GuestExit::Reset);
+            if crate::cli::signals::terminated() {
+                self.exit.report(GuestExit::Requested);
+            } else {
+                self.exit.report(GuestExit::Reset);
+            }
         }
     }
 
@@ -119,12 +130,50 @@ impl Drop for RawTerminal {
     }
 }
 
+/// Drains an event fd that only exists to wake the loop.
+struct WakeHandler {
+    evt: Arc<EventFd>,
+}
+
+impl MutEventSubscriber for WakeHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.evt, EventSet::IN)) {
+            tracing::error!("cannot watch a wakeup event: {e}");
+        }
+    }
+}
+
+/// Wakes the loop when API calls are queued; the loop drains them itself.
+struct ApiWake {
+    fd: std::os::fd::RawFd,
+}
+
+impl MutEventSubscriber for ApiWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            tracing::error!("cannot watch the API socket: {e}");
+        }
+    }
+}
+
 /// A running VM and its event loop.
 pub struct Vmm {
     pub built: BuiltVm,
     pub config: VmConfig,
     state: RunState,
     events: EventManager<Subscriber>,
+    pub(crate) api: Option<ApiServer>,
+    pub(crate) snapshot: Option<SnapshotJob>,
+    pub(crate) last_snapshot: Option<Progress>,
+    pub(crate) snapshot_done: Arc<EventFd>,
+    pub(crate) snapshot_count: u64,
+    pub(crate) restored_from: Option<String>,
 }
 
 impl Vmm {
@@ -140,12 +189,37 @@ impl Vmm {
         }));
         events.add_subscriber(exit);
         events.add_subscriber(stdin);
+        let snapshot_done =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RuntimeError::EventFd)?);
+        let wake: Subscriber = Arc::new(Mutex::new(WakeHandler {
+            evt: snapshot_done.clone(),
+        }));
+        events.add_subscriber(wake);
+        for d in &built.disks {
+            let block: Subscriber = d.block.clone();
+            events.add_subscriber(block);
+        }
         Ok(Self {
             built,
             config,
             state: RunState::Paused,
             events,
+            api: None,
+            snapshot: None,
+            last_snapshot: None,
+            snapshot_done,
+            snapshot_count: 0,
+            restored_from: None,
         })
+    }
+
+    /// Serves the control API on `server` from now on.
+    pub fn attach_api(&mut self, server: ApiServer) {
+        let wake: Subscriber = Arc::new(Mutex::new(ApiWake {
+            fd: server.as_raw_fd(),
+        }));
+        self.events.add_subscriber(wake);
+        self.api = Some(server);
     }
 
     /// Adds a subscriber (a device, the API server) to the event loop.
@@ -199,14 +273,19 @@ impl Vmm {
         loop {
             if let Some(exit) = self.built.exit.reason() {
                 tracing::info!("guest stopped: {exit}");
+                self.stop_snapshot();
                 for v in &mut self.built.vcpus {
                     v.finish();
                 }
+                // Dropping the server answers queued calls and removes the socket.
+                self.api = None;
                 return Ok(exit);
             }
             self.events
                 .run_with_timeout(500)
                 .map_err(RuntimeError::EventLoop)?;
+            self.serve_api();
+            self.poll_snapshot();
         }
     }
 }

@@ -6,8 +6,13 @@
 //! memory written by devices (through vm-memory, which records it in the dirty bitmap) counts as
 //! dirty exactly like memory written by vCPUs.
 
+pub mod cow;
+pub mod disks;
+pub mod job;
+pub mod live;
 pub mod memory_copy;
 pub mod paused;
+pub mod precopy;
 pub mod progress;
 pub mod state;
 
@@ -32,6 +37,26 @@ pub enum CaptureError {
     Cancelled,
     #[error("a snapshot is already running")]
     Busy,
+    #[error(transparent)]
+    Cow(#[from] cow::CowError),
+    #[error("copy-on-write tracking failed: {0}")]
+    CowFault(String),
+    #[error("the restored VM's memory is still loading; try again shortly")]
+    LazyLoadPending,
+    #[error("the memory part is still in use")]
+    PartInUse,
+    #[error("cannot freeze disk {0}")]
+    Disk(String, #[source] devices::virtio::block::DiskError),
+    #[error("cannot read frozen disk {0}")]
+    ReadDisk(String, #[source] std::io::Error),
+    #[error("cannot write disk {0} into the snapshot")]
+    WriteDisk(String, #[source] std::io::Error),
+    #[error("{0} is not available yet")]
+    Unsupported(&'static str),
+    #[error("the snapshot thread panicked")]
+    WorkerPanicked,
+    #[error("cannot start the snapshot thread")]
+    Spawn(#[source] std::io::Error),
 }
 
 impl From<crate::runtime::RuntimeError> for CaptureError {

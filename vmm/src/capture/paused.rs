@@ -4,10 +4,15 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use snapshot::{Persist, SnapshotWriter, CHUNK_SIZE};
 
+use super::disks::{copy_frozen_disks, freeze_disks, frozen_bytes};
+use super::job::SnapshotJob;
 use super::memory_copy::copy_all;
 use super::progress::Progress;
 use super::state::{DevicesState, VmSnapshotState, MEMORY_PART, STATE_PART};
@@ -27,6 +32,7 @@ pub fn save_frozen_state(vmm: &Vmm) -> Result<VmSnapshotState, CaptureError> {
             .lock()
             .expect("serial lock poisoned")
             .save(),
+        disks: vmm.built.disks.iter().map(|d| d.save()).collect(),
     };
     let mut vcpus = Vec::with_capacity(vmm.built.vcpus.len());
     for v in &vmm.built.vcpus {
@@ -59,33 +65,58 @@ pub fn save_frozen_state(vmm: &Vmm) -> Result<VmSnapshotState, CaptureError> {
     })
 }
 
-/// Takes a paused snapshot into `out`, which must not exist.
-pub fn snapshot_paused(
+/// Starts a paused snapshot into `out` (which must not exist): pauses the vCPUs, saves the
+/// state, and leaves the memory copy and the commit to a worker thread. The event loop resumes
+/// the vCPUs when the worker ends (see [`SnapshotJob`]).
+pub fn start_paused(
     vmm: &mut Vmm,
     out: &Path,
-    progress: &Progress,
-    cancel: &AtomicBool,
-) -> Result<(), CaptureError> {
+    progress: Progress,
+    done: Arc<EventFd>,
+) -> Result<SnapshotJob, CaptureError> {
     let mut writer = SnapshotWriter::create(out)?;
     let was_running = vmm.state() == RunState::Running;
     let paused_at = Instant::now();
     vmm.pause()?;
-    let result = (|| -> Result<(), CaptureError> {
-        let state = save_frozen_state(vmm)?;
-        let mem_size: u64 = state.memory.iter().map(|r| r.len).sum();
-        progress.update(|r| r.bytes_total = mem_size);
-        let part = writer.add_memory_part(MEMORY_PART, mem_size, CHUNK_SIZE as u64)?;
-        copy_all(&vmm.built.mem, &state.memory, &part, progress, cancel)?;
-        writer.finish_memory_part(part)?;
-        writer.write_state_part(STATE_PART, &state)?;
-        writer.commit()?;
-        Ok(())
-    })();
-    // Resume whatever happened: a failed snapshot must leave the guest as it was.
-    if was_running {
-        vmm.resume()?;
+    let frozen = save_frozen_state(vmm).and_then(|s| Ok((s, freeze_disks(vmm)?)));
+    let (state, disks) = match frozen {
+        Ok(s) => s,
+        Err(e) => {
+            if was_running {
+                vmm.resume()?;
+            }
+            return Err(e);
+        }
+    };
+    let mem = vmm.built.mem.clone();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    let p = progress.clone();
+    let job = SnapshotJob::spawn(
+        progress,
+        cancel,
+        done,
+        was_running,
+        Some(paused_at),
+        move || {
+            let mem_size: u64 = state.memory.iter().map(|r| r.len).sum();
+            p.update(|r| r.bytes_total = mem_size + frozen_bytes(&disks));
+            let part = writer.add_memory_part(MEMORY_PART, mem_size, CHUNK_SIZE as u64)?;
+            copy_all(&mem, &state.memory, &part, &p, &c)?;
+            writer.finish_memory_part(part)?;
+            copy_frozen_disks(&mut writer, disks, &p, &c)?;
+            writer.write_state_part(STATE_PART, &state)?;
+            writer.commit()?;
+            Ok(())
+        },
+    );
+    match job {
+        Ok(j) => Ok(j),
+        Err(e) => {
+            if was_running {
+                vmm.resume()?;
+            }
+            Err(CaptureError::Spawn(e))
+        }
     }
-    let pause_us = paused_at.elapsed().as_micros() as u64;
-    progress.update(|r| r.pause_us = pause_us);
-    result
 }

@@ -1,108 +1,72 @@
-//! Progress and outcome of a snapshot, shared between the thread doing it and whoever asks.
+//! Progress and outcome of a snapshot, shared between the threads doing it and the API.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use crate::api::{SnapshotMode, SnapshotState, SnapshotStatus, SnapshotStrategy};
 
-/// Where a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotPhase {
-    Running,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-/// What a snapshot reports: while it runs, and when it is over.
-#[derive(Clone, Debug, Serialize)]
-pub struct SnapshotReport {
-    pub id: u64,
-    pub phase: SnapshotPhase,
-    pub mode: String,
-    pub target: String,
-    /// How long the vCPUs were paused, in microseconds.
-    pub pause_us: u64,
-    /// Total time so far (or in all), in milliseconds.
-    pub total_ms: u64,
-    /// Bytes handed to the snapshot so far.
-    pub bytes_written: u64,
-    /// Bytes the snapshot will write in all (memory plus disks).
-    pub bytes_total: u64,
-    /// Pages copied ahead of the background copy because the guest wrote them (cow).
-    pub pages_copied_early: u64,
-    /// Pages copied again because the guest dirtied them (precopy).
-    pub pages_recopied: u64,
-    /// Precopy rounds run.
-    pub rounds: u32,
-    /// Whether precopy converged before its round limit.
-    pub converged: bool,
-    pub error: Option<String>,
-}
-
-/// A shared, updatable report.
+/// A shared, updatable snapshot status.
 #[derive(Clone)]
 pub struct Progress {
-    inner: Arc<Mutex<SnapshotReport>>,
+    inner: Arc<Mutex<SnapshotStatus>>,
     started: Instant,
 }
 
 impl Progress {
-    /// Starts the report of snapshot `id`.
-    pub fn new(id: u64, mode: &str, target: &str) -> Self {
+    /// Starts the status of snapshot `id`.
+    pub fn new(id: &str, mode: SnapshotMode, strategy: SnapshotStrategy) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(SnapshotReport {
-                id,
-                phase: SnapshotPhase::Running,
-                mode: mode.to_string(),
-                target: target.to_string(),
-                pause_us: 0,
-                total_ms: 0,
+            inner: Arc::new(Mutex::new(SnapshotStatus {
+                id: id.to_string(),
+                state: SnapshotState::Running,
+                mode,
+                strategy,
                 bytes_written: 0,
                 bytes_total: 0,
+                pause_us: None,
+                total_ms: 0,
                 pages_copied_early: 0,
                 pages_recopied: 0,
-                rounds: 0,
-                converged: true,
+                precopy_rounds: None,
                 error: None,
             })),
             started: Instant::now(),
         }
     }
 
-    /// Changes the report.
-    pub fn update(&self, f: impl FnOnce(&mut SnapshotReport)) {
-        let mut r = self.inner.lock().expect("progress lock poisoned");
-        f(&mut r);
-        if r.phase == SnapshotPhase::Running {
-            r.total_ms = self.started.elapsed().as_millis() as u64;
-        }
+    /// Changes the status.
+    pub fn update(&self, f: impl FnOnce(&mut SnapshotStatus)) {
+        f(&mut self.inner.lock().expect("progress lock poisoned"));
     }
 
-    /// A copy of the report.
-    pub fn report(&self) -> SnapshotReport {
-        let mut r = self.inner.lock().expect("progress lock poisoned").clone();
-        if r.phase == SnapshotPhase::Running {
-            r.total_ms = self.started.elapsed().as_millis() as u64;
+    /// A copy of the status, with the elapsed time filled in while it runs.
+    pub fn status(&self) -> SnapshotStatus {
+        let mut s = self.inner.lock().expect("progress lock poisoned").clone();
+        if s.state == SnapshotState::Running {
+            s.total_ms = self.started.elapsed().as_millis() as u64;
         }
-        r
+        s
     }
 
-    /// Ends the report with `outcome`.
+    /// Whether the snapshot is over.
+    pub fn is_finished(&self) -> bool {
+        self.inner.lock().expect("progress lock poisoned").state != SnapshotState::Running
+    }
+
+    /// Ends the status with `outcome`.
     pub fn finish(&self, outcome: Result<(), String>, cancelled: bool) {
         let total = self.started.elapsed().as_millis() as u64;
-        self.update(|r| {
-            r.total_ms = total;
+        self.update(|s| {
+            s.total_ms = total;
             match outcome {
-                Ok(()) => r.phase = SnapshotPhase::Done,
+                Ok(()) => s.state = SnapshotState::Done,
                 Err(e) => {
-                    r.phase = if cancelled {
-                        SnapshotPhase::Cancelled
+                    s.state = if cancelled {
+                        SnapshotState::Cancelled
                     } else {
-                        SnapshotPhase::Failed
+                        SnapshotState::Failed
                     };
-                    r.error = Some(e);
+                    s.error = Some(e);
                 }
             }
         });

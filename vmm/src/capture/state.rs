@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::devices_setup::DiskDeviceState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 use devices::legacy::serial::SerialState;
@@ -12,6 +13,11 @@ use devices::legacy::serial::SerialState;
 pub const STATE_PART: &str = "state";
 /// The name of the guest memory part.
 pub const MEMORY_PART: &str = "memory";
+/// The name of a disk's part.
+pub fn disk_part_name(id: &str) -> String {
+    format!("disk-{id}")
+}
+
 /// The largest state part accepted (the state of 254 vCPUs fits well below this).
 pub const MAX_STATE_LEN: u64 = 64 << 20;
 
@@ -27,6 +33,7 @@ pub struct MemoryRegionState {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DevicesState {
     pub serial: SerialState,
+    pub disks: Vec<DiskDeviceState>,
 }
 
 /// A whole VM's state.

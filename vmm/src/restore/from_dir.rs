@@ -7,7 +7,9 @@ use std::sync::Arc;
 use snapshot::{chunk_hash, SnapshotReader};
 
 use crate::builder::{build_restored, BuildError, BuiltVm};
-use crate::capture::state::{VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART};
+use crate::capture::state::{
+    disk_part_name, VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART,
+};
 use crate::restore::lazy_memory::{MemorySource, RegionSource};
 
 /// Why a snapshot could not be restored.
@@ -21,6 +23,10 @@ pub enum RestoreError {
     MemorySize { part: u64, state: u64 },
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
+    #[error("disk directory {0} already exists; choose another with --disk-dir")]
+    DiskDirExists(std::path::PathBuf),
+    #[error("cannot write restored disk {0}")]
+    WriteDisk(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot open the snapshot's memory part")]
     OpenMemory(#[source] std::io::Error),
 }
@@ -45,9 +51,21 @@ pub fn open_snapshot(dir: &Path) -> Result<(SnapshotReader, VmSnapshotState), Re
 pub fn restore_from_dir(
     dir: &Path,
     expect_memory: Option<u64>,
+    disk_dir: Option<&Path>,
     out: Box<dyn Write + Send>,
 ) -> Result<(BuiltVm, VmSnapshotState), RestoreError> {
-    let (reader, state) = open_snapshot(dir)?;
+    let (reader, mut state) = open_snapshot(dir)?;
+    if !state.config.disks.is_empty() {
+        let target = match disk_dir {
+            Some(d) => d.to_path_buf(),
+            None => {
+                let mut name = dir.file_name().unwrap_or_default().to_os_string();
+                name.push(".disks");
+                dir.with_file_name(name)
+            }
+        };
+        materialize_disks(&reader, &mut state, &target)?;
+    }
     if let Some(asked) = expect_memory {
         if asked != state.config.memory_bytes {
             return Err(RestoreError::MemoryMismatch {
@@ -91,4 +109,41 @@ pub fn restore_from_dir(
         out,
     )?;
     Ok((built, state))
+}
+
+/// Copies every disk part (verified against its hash while copying) into `target`, and points
+/// the configuration at the copies.
+fn materialize_disks(
+    reader: &SnapshotReader,
+    state: &mut VmSnapshotState,
+    target: &Path,
+) -> Result<(), RestoreError> {
+    if target.exists() {
+        return Err(RestoreError::DiskDirExists(target.to_path_buf()));
+    }
+    std::fs::create_dir_all(target)
+        .map_err(|e| RestoreError::WriteDisk(target.to_path_buf(), e))?;
+    for (i, disk) in state.config.disks.iter_mut().enumerate() {
+        let id = disk.device_id(i);
+        let path = target.join(format!("{id}.img"));
+        let mut file =
+            std::fs::File::create(&path).map_err(|e| RestoreError::WriteDisk(path.clone(), e))?;
+        reader.copy_part(&disk_part_name(&id), &mut file)?;
+        file.sync_all()
+            .map_err(|e| RestoreError::WriteDisk(path.clone(), e))?;
+        if disk.readonly {
+            let mut perm = file
+                .metadata()
+                .map_err(|e| RestoreError::WriteDisk(path.clone(), e))?
+                .permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o444);
+            std::fs::set_permissions(&path, perm)
+                .map_err(|e| RestoreError::WriteDisk(path.clone(), e))?;
+        }
+        disk.path = path;
+        disk.overlay = None;
+        // Keep the id the snapshot used, so the saved device state finds its disk.
+        disk.id = Some(id);
+    }
+    Ok(())
 }

@@ -1,0 +1,95 @@
+//! Disks in a snapshot: at the snapshot instant every disk switches to a fresh overlay (the
+//! patent's "new log of uncommitted updates"), which freezes the image below it; the frozen
+//! image is copied into the snapshot while the guest keeps writing to the overlay, and the
+//! overlay is merged back once the snapshot has ended, whether it succeeded or not.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use devices::virtio::block::FrozenImage;
+use snapshot::SnapshotWriter;
+
+use super::progress::Progress;
+use super::state::disk_part_name;
+use super::CaptureError;
+use crate::runtime::Vmm;
+
+/// Bytes copied per read from a frozen image.
+const COPY_BUF: usize = 1 << 20;
+
+/// A disk frozen at the snapshot instant.
+pub struct FrozenDisk {
+    pub id: String,
+    pub image: FrozenImage,
+}
+
+/// Freezes every disk. Call with the vCPUs paused, after the device state was saved.
+pub fn freeze_disks(vmm: &Vmm) -> Result<Vec<FrozenDisk>, CaptureError> {
+    let mut frozen = Vec::with_capacity(vmm.built.disks.len());
+    for d in &vmm.built.disks {
+        let disk = d.block.lock().expect("block lock poisoned").disk().clone();
+        match disk.start_snapshot_overlay() {
+            Ok(image) => frozen.push(FrozenDisk {
+                id: d.id.clone(),
+                image,
+            }),
+            Err(e) => {
+                // Give back what was frozen so far before failing.
+                drop(frozen);
+                vmm.merge_disk_overlays();
+                return Err(CaptureError::Disk(d.id.clone(), e));
+            }
+        }
+    }
+    Ok(frozen)
+}
+
+/// Total bytes of the frozen disks.
+pub fn frozen_bytes(frozen: &[FrozenDisk]) -> u64 {
+    frozen.iter().map(|f| f.image.size()).sum()
+}
+
+/// Copies every frozen disk into a raw part `disk-<id>`.
+pub fn copy_frozen_disks(
+    writer: &mut SnapshotWriter,
+    frozen: Vec<FrozenDisk>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<(), CaptureError> {
+    let mut buf = vec![0u8; COPY_BUF];
+    for f in frozen {
+        let mut part = writer.add_part(&disk_part_name(&f.id))?;
+        let size = f.image.size();
+        let mut off = 0u64;
+        while off < size {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CaptureError::Cancelled);
+            }
+            let n = (size - off).min(COPY_BUF as u64) as usize;
+            f.image
+                .read_at(off, &mut buf[..n])
+                .map_err(|e| CaptureError::ReadDisk(f.id.clone(), e))?;
+            part.write_all(&buf[..n])
+                .map_err(|e| CaptureError::WriteDisk(f.id.clone(), e))?;
+            off += n as u64;
+            progress.update(|s| s.bytes_written += n as u64);
+        }
+        writer.finish_part(part)?;
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Merges every disk's snapshot overlay back into its base, in the background.
+    pub(crate) fn merge_disk_overlays(&self) {
+        for d in &self.built.disks {
+            let disk = d.block.lock().expect("block lock poisoned").disk().clone();
+            if disk.snapshot_overlay_path().exists() {
+                match disk.merge_overlay_in_background() {
+                    Ok(_) => tracing::debug!("merging disk {} back in the background", d.id),
+                    Err(e) => tracing::error!("cannot start merging disk {}: {e}", d.id),
+                }
+            }
+        }
+    }
+}

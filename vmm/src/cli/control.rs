@@ -1,0 +1,183 @@
+//! The client commands: `pause`, `resume`, `status`, `shutdown` and `snapshot` talk to a running
+//! arkvm over its control socket.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::launch::fail;
+use super::{SnapshotArgs, StatusArgs, StrategyArg};
+use crate::api::{
+    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotState, SnapshotStatus,
+    SnapshotStrategy, SnapshotTarget, VmInfo,
+};
+
+fn connect(path: &std::path::Path) -> Result<ApiClient, ExitCode> {
+    ApiClient::connect(path).map_err(|e| fail(&e))
+}
+
+/// `arkvm pause|resume|shutdown`: one PUT.
+pub fn simple_put(socket: &std::path::Path, path: &str, done: &str) -> ExitCode {
+    let mut client = match connect(socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.put(path, None).and_then(|r| r.into_result()) {
+        Ok(_) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `arkvm status`.
+pub fn status(args: StatusArgs) -> ExitCode {
+    let mut client = match connect(&args.api_socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let info = match client.get("/vm").and_then(|r| r.parse::<VmInfo>()) {
+        Ok(i) => i,
+        Err(e) => return fail(&e),
+    };
+    let snap = client
+        .get("/snapshot")
+        .ok()
+        .filter(|r| r.is_success())
+        .and_then(|r| r.parse::<SnapshotStatus>().ok());
+    if args.json {
+        let v = serde_json::json!({ "vm": info, "last_snapshot": snap });
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    println!("state:    {:?}", info.state);
+    println!("vcpus:    {}", info.config.vcpus);
+    println!("memory:   {} MiB", info.config.memory_bytes >> 20);
+    if let Some(k) = &info.config.kernel {
+        println!("kernel:   {}", k.display());
+    }
+    if let Some(r) = &info.config.restored_from {
+        println!("restored: {r}");
+    }
+    for d in &info.config.disks {
+        println!(
+            "disk:     {}{}",
+            d.path.display(),
+            if d.read_only { " (read-only)" } else { "" }
+        );
+    }
+    if let Some(s) = snap {
+        println!(
+            "snapshot: {} {:?}{}",
+            s.id,
+            s.state,
+            s.error.map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// `arkvm snapshot`: starts a snapshot and follows it to its end.
+pub fn snapshot(args: SnapshotArgs) -> ExitCode {
+    let out = match std::path::absolute(&args.out) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let params = SnapshotParams {
+        target: SnapshotTarget::Dir(out),
+        mode: if args.paused {
+            SnapshotMode::Paused
+        } else {
+            SnapshotMode::Live
+        },
+        strategy: match args.strategy {
+            StrategyArg::Cow => SnapshotStrategy::Cow,
+            StrategyArg::Precopy => SnapshotStrategy::Precopy,
+        },
+        key: None,
+    };
+    let mut client = match connect(&args.api_socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body = serde_json::to_value(&params).expect("snapshot parameters serialize");
+    if let Err(e) = client
+        .put("/snapshot", Some(&body))
+        .and_then(|r| r.into_result())
+    {
+        return fail(&e);
+    }
+    if args.no_wait {
+        println!("snapshot started");
+        return ExitCode::SUCCESS;
+    }
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} snapshot [{bar:40}] {bytes}/{total_bytes} {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        b
+    });
+    let status = loop {
+        let s = match client
+            .get("/snapshot")
+            .and_then(|r| r.parse::<SnapshotStatus>())
+        {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        if let Some(b) = &bar {
+            b.set_length(s.bytes_total);
+            b.set_position(s.bytes_written);
+        }
+        if s.state != SnapshotState::Running {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    report(&status, args.json)
+}
+
+fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
+    if json {
+        println!("{}", serde_json::to_string(s).expect("status serializes"));
+    } else if s.state == SnapshotState::Done {
+        println!(
+            "snapshot {} done: {} in {} ms, vCPUs paused {} us, {} pages copied early, {} re-copied",
+            s.id,
+            human_bytes(s.bytes_written),
+            s.total_ms,
+            s.pause_us.unwrap_or(0),
+            s.pages_copied_early,
+            s.pages_recopied
+        );
+    }
+    if s.state == SnapshotState::Done {
+        ExitCode::SUCCESS
+    } else {
+        let e = ApiClientError::Protocol(format!(
+            "snapshot {} {:?}: {}",
+            s.id,
+            s.state,
+            s.error.clone().unwrap_or_default()
+        ));
+        fail(&e)
+    }
+}

@@ -1,0 +1,122 @@
+//! `arkvm run` and `arkvm restore`: build a VM (cold or from a snapshot), serve its control
+//! socket, and run it until it stops.
+
+use std::process::ExitCode;
+
+use super::{RestoreArgs, RunArgs};
+use crate::api::ApiServer;
+use crate::builder::{build_cold, BuiltVm};
+use crate::config::{check_memory, check_vcpus, VmConfig};
+use crate::restore::from_dir::restore_from_dir;
+use crate::runtime::Vmm;
+use devices::virtio::block::DiskConfig;
+
+/// Prints `e` with its causes on one line and returns exit status 1.
+pub fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("arkvm: error: {}", crate::error_chain(e));
+    ExitCode::from(1)
+}
+
+fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
+    match path {
+        None => Ok(None),
+        Some(p) => ApiServer::bind(p).map(Some).map_err(|e| fail(&e)),
+    }
+}
+
+/// Runs a built VM to its end and turns the outcome into the process exit status.
+fn run_vm(
+    config: VmConfig,
+    built: BuiltVm,
+    api: Option<ApiServer>,
+    restored_from: Option<String>,
+) -> ExitCode {
+    let t = built.timings;
+    tracing::info!(
+        "boot timings: create_vm_us={} memory_us={} load_us={} vcpus_us={}",
+        t.create_vm_us,
+        t.memory_us,
+        t.load_us,
+        t.vcpus_us
+    );
+    let mut vmm = match Vmm::new(config, built) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    vmm.restored_from = restored_from;
+    super::signals::install(std::os::fd::AsRawFd::as_raw_fd(vmm.built.exit.eventfd()));
+    if let Some(api) = api {
+        vmm.attach_api(api);
+    }
+    match vmm.run() {
+        Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
+        Ok(exit) => {
+            eprintln!("arkvm: guest stopped: {exit}");
+            ExitCode::from(2)
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `arkvm run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    let memory_bytes = match check_memory(&args.memory) {
+        Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let vcpus = match check_vcpus(args.vcpus) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    let mut disks = Vec::with_capacity(args.disks.len());
+    for spec in &args.disks {
+        match spec.parse::<DiskConfig>() {
+            Ok(d) => disks.push(d),
+            Err(e) => return fail(&e),
+        }
+    }
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory_bytes,
+        vcpus,
+        disks,
+    };
+    let api = match bind_api(&args.api_socket) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let built = match build_cold(&config, Box::new(std::io::stdout())) {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    run_vm(config, built, api, None)
+}
+
+/// `arkvm restore`.
+pub fn restore(args: RestoreArgs) -> ExitCode {
+    let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
+        Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let api = match bind_api(&args.api_socket) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let (built, state) = match restore_from_dir(
+        &args.from,
+        expect_memory,
+        args.disk_dir.as_deref(),
+        Box::new(std::io::stdout()),
+    ) {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    run_vm(
+        state.config.clone(),
+        built,
+        api,
+        Some(args.from.display().to_string()),
+    )
+}

@@ -1,0 +1,129 @@
+//! The `arkvm` command line: argument definitions and the commands behind them.
+
+pub mod control;
+pub mod launch;
+pub mod signals;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// arkvm: a KVM virtual machine monitor for backup and disaster recovery of running guests.
+#[derive(Parser)]
+#[command(name = "arkvm", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level for messages on stderr (error, warn, info, debug, trace). The ARKVM_LOG
+    /// environment variable takes tracing filter syntax and wins when set.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a guest kernel (ELF vmlinux or bzImage) and run it until it stops.
+    Run(RunArgs),
+    /// Start a new VM from a snapshot, continuing exactly where it was taken.
+    Restore(RestoreArgs),
+    /// Snapshot a running VM through its control socket (live copy-on-write by default).
+    Snapshot(SnapshotArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(SocketArg),
+    /// Resume a paused VM.
+    Resume(SocketArg),
+    /// Show a VM's state and configuration (and its last snapshot).
+    Status(StatusArgs),
+    /// Stop a VM (arkvm exits with status 0).
+    Shutdown(SocketArg),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// An initrd (initramfs) image.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    pub cmdline: String,
+    /// Guest memory size, a whole number of MiB, with a K, M, G or T suffix.
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u64,
+    /// A disk: PATH[,readonly][,overlay=PATH][,id=NAME]. Repeat for more disks.
+    #[arg(long = "disk", value_name = "DISK")]
+    pub disks: Vec<String>,
+    /// Serve the control API (HTTP/JSON) on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory to restore.
+    #[arg(long = "from", value_name = "DIR")]
+    pub from: PathBuf,
+    /// Where to put the restored disks (default: DIR.disks beside the snapshot; it must not
+    /// exist yet).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
+    /// Refuse the snapshot unless it was taken with this much memory.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SocketArg {
+    /// The VM's control socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How the snapshot's memory is captured.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Write-protect memory at the instant of the request and copy it while the guest runs.
+    Cow,
+    /// Copy while the guest runs, re-copy dirtied pages, then pause briefly for the rest.
+    Precopy,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Write the snapshot to this directory (it must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Pause the guest for the whole snapshot instead of taking it live.
+    #[arg(long)]
+    pub paused: bool,
+    /// Live capture strategy.
+    #[arg(long, value_enum, default_value = "cow")]
+    pub strategy: StrategyArg,
+    /// Return once the snapshot has started, without waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
