@@ -6,6 +6,7 @@
 //! - [`manifest`]: `manifest.json`, the checksummed list of a snapshot's parts.
 //! - [`dir`]: snapshot directories, written atomically and read with verification.
 //! - [`sealed_json`]: checksummed JSON documents (snapshot and backup-point manifests).
+//! - [`repo`]: the deduplicating backup repository (chunk store, points, verify, prune).
 //! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
 //!
 //! The on-disk layout is described in `docs/snapshot-format.md`.
@@ -14,6 +15,7 @@ pub mod chunk;
 pub mod dir;
 pub mod manifest;
 pub mod persist;
+pub mod repo;
 pub mod sealed_json;
 pub mod state_file;
 

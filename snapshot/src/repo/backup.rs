@@ -1,0 +1,318 @@
+//! Writing one backup point: objects filled chunk by chunk (new chunks hashed and stored once,
+//! unchanged ones reused from the parent point), then the manifest created last.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::codec::{chunk_object_name, encode_chunk};
+use super::point::{new_point_id, point_object_name, PointManifest, PointObject, PointStats};
+use super::store::{ChunkStore, StoreLock};
+use super::RepoError;
+use crate::chunk::{
+    chunk_count, chunk_hash, chunk_range, chunk_table_hash, ContentHash, CHUNK_SIZE,
+};
+use crate::manifest::{validate_part_name, PartKind};
+use crate::state_file::write_state;
+use crate::FORMAT_VERSION;
+
+/// A backup point being written. Holds the repository's shared lock, so garbage collection
+/// cannot remove chunks this backup reuses. Nothing is visible until [`BackupWriter::commit`];
+/// chunks stored by an abandoned backup are collected by the next garbage collection.
+pub struct BackupWriter<'r> {
+    store: &'r dyn ChunkStore,
+    _lock: StoreLock,
+    token: u64,
+    vm: String,
+    parent: Option<PointManifest>,
+    objects: Vec<PointObject>,
+    pending: BTreeSet<String>,
+    stats: PointStats,
+    reused: HashSet<ContentHash>,
+}
+
+impl<'r> BackupWriter<'r> {
+    /// Starts a backup of `vm`; `parent` is the point whose chunk ids may be reused.
+    pub(super) fn new(
+        store: &'r dyn ChunkStore,
+        lock: StoreLock,
+        vm: &str,
+        parent: Option<PointManifest>,
+    ) -> Self {
+        static TOKENS: AtomicU64 = AtomicU64::new(1);
+        Self {
+            store,
+            _lock: lock,
+            token: TOKENS.fetch_add(1, Ordering::Relaxed),
+            vm: vm.to_string(),
+            parent,
+            objects: Vec::new(),
+            pending: BTreeSet::new(),
+            stats: PointStats::default(),
+            reused: HashSet::new(),
+        }
+    }
+
+    /// The parent point, if this backup is incremental.
+    pub fn parent(&self) -> Option<&PointManifest> {
+        self.parent.as_ref()
+    }
+
+    /// Starts an object of `size` bytes in [`CHUNK_SIZE`] chunks. If the parent point has an
+    /// object of the same name, kind and size, its chunk ids can be reused.
+    pub fn add_object(
+        &mut self,
+        name: &str,
+        kind: PartKind,
+        size: u64,
+    ) -> Result<ObjectWriter<'r>, RepoError> {
+        let misuse = |problem: &str| RepoError::ObjectMisuse {
+            name: name.to_string(),
+            problem: problem.to_string(),
+        };
+        validate_part_name(name).map_err(|_| misuse("the name is not valid"))?;
+        if self.pending.contains(name) || self.objects.iter().any(|o| o.name == name) {
+            return Err(misuse("the name is already used"));
+        }
+        let chunk_size = CHUNK_SIZE as u64;
+        let parent_chunks = self
+            .parent
+            .as_ref()
+            .and_then(|p| p.object(name))
+            .filter(|o| o.kind == kind && o.size == size && o.chunk_size == chunk_size)
+            .map(|o| o.chunks.clone());
+        self.pending.insert(name.to_string());
+        Ok(ObjectWriter {
+            store: self.store,
+            token: self.token,
+            name: name.to_string(),
+            kind,
+            size,
+            chunk_size,
+            parent_chunks,
+            slots: Mutex::new(vec![None; chunk_count(size, chunk_size) as usize]),
+            hashed: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
+            new: AtomicU64::new(0),
+            bytes_hashed: AtomicU64::new(0),
+            bytes_stored: AtomicU64::new(0),
+        })
+    }
+
+    /// Stores `state` as a framed state object (see [`crate::state_file`]).
+    pub fn put_state<T: Serialize>(&mut self, name: &str, state: &T) -> Result<(), RepoError> {
+        let mut bytes = Vec::new();
+        write_state(&mut bytes, state).map_err(|source| RepoError::State {
+            name: name.to_string(),
+            source,
+        })?;
+        let object = self.add_object(name, PartKind::State, bytes.len() as u64)?;
+        for (index, chunk) in bytes.chunks(object.chunk_size as usize).enumerate() {
+            object.put_chunk(index as u64, chunk)?;
+        }
+        self.finish_object(object)
+    }
+
+    /// Records a finished object. Every chunk must have been put or reused.
+    pub fn finish_object(&mut self, object: ObjectWriter<'r>) -> Result<(), RepoError> {
+        if object.token != self.token || !self.pending.contains(&object.name) {
+            return Err(RepoError::ObjectMisuse {
+                name: object.name,
+                problem: "it was not added to this backup".into(),
+            });
+        }
+        let slots = object
+            .slots
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut chunks = Vec::with_capacity(slots.len());
+        for (index, slot) in slots.into_iter().enumerate() {
+            chunks.push(slot.ok_or_else(|| RepoError::ChunkNotWritten {
+                name: object.name.clone(),
+                index: index as u64,
+            })?);
+        }
+        if let Some(parent_chunks) = &object.parent_chunks {
+            // Remember reused ids so that commit can check they are still stored.
+            for (mine, theirs) in chunks.iter().zip(parent_chunks) {
+                if mine == theirs {
+                    self.reused.insert(*mine);
+                }
+            }
+        }
+        let stats = &mut self.stats;
+        stats.chunks_total += chunks.len() as u64;
+        stats.chunks_hashed += object.hashed.into_inner();
+        stats.chunks_reused += object.reused.into_inner();
+        stats.chunks_new += object.new.into_inner();
+        stats.bytes_hashed += object.bytes_hashed.into_inner();
+        stats.bytes_stored += object.bytes_stored.into_inner();
+        stats.bytes_total += object.size;
+        self.pending.remove(&object.name);
+        self.objects.push(PointObject {
+            name: object.name,
+            kind: object.kind,
+            size: object.size,
+            chunk_size: object.chunk_size,
+            blake3: chunk_table_hash(&chunks),
+            chunks,
+        });
+        Ok(())
+    }
+
+    /// Makes the point visible: checks that every reused chunk is still stored, then creates
+    /// the point manifest (create-if-absent; every chunk was durable before this).
+    pub fn commit(self) -> Result<PointManifest, RepoError> {
+        if let Some(name) = self.pending.first() {
+            return Err(RepoError::ObjectMisuse {
+                name: name.clone(),
+                problem: "it was added but never finished".into(),
+            });
+        }
+        for id in &self.reused {
+            if !self.store.contains(&chunk_object_name(id))? {
+                return Err(RepoError::ChunkMissing { id: id.to_hex() });
+            }
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let nonce = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            (now, self.token, std::process::id()),
+        ) as u32;
+        let point = PointManifest {
+            format_version: FORMAT_VERSION,
+            id: new_point_id(&self.vm, now, nonce),
+            vm: self.vm.clone(),
+            created_unix_ms: now,
+            parent: self.parent.as_ref().map(|p| p.id.clone()),
+            objects: self.objects,
+            stats: self.stats,
+        };
+        let bytes = point.encode()?;
+        if !self
+            .store
+            .put_if_absent(&point_object_name(&point.id), &bytes)?
+        {
+            return Err(RepoError::PointExists { id: point.id });
+        }
+        tracing::info!(
+            id = %point.id,
+            new_chunks = point.stats.chunks_new,
+            reused = point.stats.chunks_reused,
+            stored = point.stats.bytes_stored,
+            "backup point committed"
+        );
+        Ok(point)
+    }
+}
+
+/// One object of a backup being filled, chunk by chunk, in any order and from any number of
+/// threads (all methods take `&self`). Two threads must not fill the same chunk at once.
+pub struct ObjectWriter<'r> {
+    store: &'r dyn ChunkStore,
+    token: u64,
+    name: String,
+    kind: PartKind,
+    size: u64,
+    chunk_size: u64,
+    parent_chunks: Option<Vec<ContentHash>>,
+    slots: Mutex<Vec<Option<ContentHash>>>,
+    hashed: AtomicU64,
+    reused: AtomicU64,
+    new: AtomicU64,
+    bytes_hashed: AtomicU64,
+    bytes_stored: AtomicU64,
+}
+
+impl ObjectWriter<'_> {
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        chunk_count(self.size, self.chunk_size)
+    }
+
+    /// Whether the parent point has this object with the same geometry, so that
+    /// [`ObjectWriter::reuse_parent_chunk`] works.
+    pub fn has_parent(&self) -> bool {
+        self.parent_chunks.is_some()
+    }
+
+    /// Hashes chunk `index` and stores it unless the repository already has it; returns its id.
+    pub fn put_chunk(&self, index: u64, data: &[u8]) -> Result<ContentHash, RepoError> {
+        let range = chunk_range(self.size, self.chunk_size, index).ok_or_else(|| {
+            self.bounds(
+                index,
+                format!("the object has {} chunks", self.chunk_count()),
+            )
+        })?;
+        if data.len() as u64 != range.end - range.start {
+            return Err(self.bounds(
+                index,
+                format!(
+                    "{} bytes given, the chunk is {} bytes",
+                    data.len(),
+                    range.end - range.start
+                ),
+            ));
+        }
+        let id = chunk_hash(data);
+        let name = chunk_object_name(&id);
+        if !self.store.contains(&name)? {
+            let stored = encode_chunk(data);
+            if self.store.put_if_absent(&name, &stored)? {
+                self.new.fetch_add(1, Ordering::Relaxed);
+                self.bytes_stored
+                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
+            }
+        }
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        self.bytes_hashed
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.set_slot(index, id);
+        Ok(id)
+    }
+
+    /// Takes chunk `index`'s id from the parent point without reading it (the caller knows the
+    /// chunk has not changed since the parent point); returns the id.
+    pub fn reuse_parent_chunk(&self, index: u64) -> Result<ContentHash, RepoError> {
+        let parent = self
+            .parent_chunks
+            .as_ref()
+            .ok_or_else(|| self.bounds(index, "the parent point has no such object".into()))?;
+        let id = *parent
+            .get(index as usize)
+            .ok_or_else(|| self.bounds(index, format!("the object has {} chunks", parent.len())))?;
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        self.set_slot(index, id);
+        Ok(id)
+    }
+
+    fn set_slot(&self, index: u64, id: ContentHash) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())[index as usize] = Some(id);
+    }
+
+    fn bounds(&self, index: u64, problem: String) -> RepoError {
+        RepoError::ChunkBounds {
+            name: self.name.clone(),
+            index,
+            problem,
+        }
+    }
+}

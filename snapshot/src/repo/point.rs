@@ -1,0 +1,241 @@
+//! Backup points: a sealed manifest naming the VM, the time, and for each object (memory, each
+//! disk, each state) its size and the ordered chunk ids that make it up.
+
+use serde::{Deserialize, Serialize};
+
+use super::RepoError;
+use crate::chunk::{chunk_count, chunk_table_hash, is_valid_chunk_size, ContentHash};
+use crate::manifest::{validate_part_name, PartKind};
+use crate::sealed_json::{seal, unseal};
+
+/// The folder of point manifests in a repository.
+pub const POINT_PREFIX: &str = "points/";
+
+/// The largest point manifest a reader accepts.
+pub const MAX_POINT_LEN: u64 = 256 << 20;
+
+/// One object of a backup point: its bytes are its chunks' bytes, concatenated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointObject {
+    /// The object's name (the snapshot part name: `memory`, `disk-0`, `vm-state`, ...).
+    pub name: String,
+    /// What it holds.
+    pub kind: PartKind,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes per chunk; the last chunk may be shorter.
+    pub chunk_size: u64,
+    /// The chunk ids, in order.
+    pub chunks: Vec<ContentHash>,
+    /// [`chunk_table_hash`] of `chunks`.
+    pub blake3: ContentHash,
+}
+
+/// What a backup cost: how much was read, reused and newly stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointStats {
+    /// Chunks in the point.
+    pub chunks_total: u64,
+    /// Chunks that were read and hashed in this backup.
+    pub chunks_hashed: u64,
+    /// Chunks whose id was taken from the parent point without reading them.
+    pub chunks_reused: u64,
+    /// Chunks that were not yet in the repository and were stored.
+    pub chunks_new: u64,
+    /// Plain bytes read and hashed.
+    pub bytes_hashed: u64,
+    /// Stored (compressed) bytes of the new chunks.
+    pub bytes_stored: u64,
+    /// The sum of object sizes.
+    pub bytes_total: u64,
+}
+
+/// A backup point's manifest, stored as `points/<id>.json` (sealed JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointManifest {
+    /// The format version.
+    pub format_version: u32,
+    /// The point's id: `<UTC yyyymmddThhmmss.mmmZ>-<vm>-<8 hex>`, sorting by time.
+    pub id: String,
+    /// The VM's name.
+    pub vm: String,
+    /// When the point was committed, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The point whose chunk ids unchanged chunks were taken from, if any.
+    pub parent: Option<String>,
+    /// Memory, disks and states.
+    pub objects: Vec<PointObject>,
+    /// Counters of this backup.
+    pub stats: PointStats,
+}
+
+impl PointManifest {
+    /// The object called `name`.
+    pub fn object(&self, name: &str) -> Option<&PointObject> {
+        self.objects.iter().find(|o| o.name == name)
+    }
+
+    /// The name of this point's manifest object.
+    pub fn object_name(&self) -> String {
+        point_object_name(&self.id)
+    }
+
+    /// Every chunk id the point uses (with repeats).
+    pub fn chunk_ids(&self) -> impl Iterator<Item = &ContentHash> {
+        self.objects.iter().flat_map(|o| o.chunks.iter())
+    }
+
+    /// Encodes the manifest as sealed JSON.
+    pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
+        seal(self).map_err(|source| RepoError::PointSeal {
+            id: self.id.clone(),
+            source,
+        })
+    }
+
+    /// Decodes and checks the manifest stored for point `id`.
+    pub fn decode(id: &str, bytes: &[u8]) -> Result<Self, RepoError> {
+        let damaged = |problem: String| RepoError::PointInvalid {
+            id: id.to_string(),
+            problem,
+        };
+        let value = unseal(bytes, MAX_POINT_LEN).map_err(|source| RepoError::PointSeal {
+            id: id.to_string(),
+            source,
+        })?;
+        let point: PointManifest =
+            serde_json::from_value(value).map_err(|e| damaged(e.to_string()))?;
+        if point.id != id {
+            return Err(damaged(format!("it says it is point '{}'", point.id)));
+        }
+        validate_point_name(&point.vm).map_err(|_| damaged("bad VM name".into()))?;
+        for object in &point.objects {
+            validate_part_name(&object.name)
+                .map_err(|_| damaged(format!("bad object name '{}'", object.name)))?;
+            if !is_valid_chunk_size(object.chunk_size)
+                || object.chunks.len() as u64 != chunk_count(object.size, object.chunk_size)
+                || chunk_table_hash(&object.chunks) != object.blake3
+            {
+                return Err(damaged(format!(
+                    "object '{}' has an inconsistent chunk list",
+                    object.name
+                )));
+            }
+        }
+        Ok(point)
+    }
+}
+
+/// The object name of point `id`'s manifest.
+pub fn point_object_name(id: &str) -> String {
+    format!("{POINT_PREFIX}{id}.json")
+}
+
+/// The point id in a point manifest's object name.
+pub fn point_id_from_name(name: &str) -> Option<&str> {
+    name.strip_prefix(POINT_PREFIX)?.strip_suffix(".json")
+}
+
+/// Refuses VM names (and ids) that are not 1-64 characters of `[A-Za-z0-9._-]`.
+pub(crate) fn validate_point_name(name: &str) -> Result<(), RepoError> {
+    validate_part_name(name).map_err(|_| RepoError::BadVmName {
+        name: name.chars().take(80).collect(),
+    })
+}
+
+/// A new point id for `vm` at `unix_ms`: `yyyymmddThhmmss.mmmZ-<vm>-<nonce as 8 hex>`.
+pub(crate) fn new_point_id(vm: &str, unix_ms: u64, nonce: u32) -> String {
+    let secs = unix_ms / 1000;
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let day_secs = secs % 86_400;
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z-{vm}-{nonce:08x}",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60,
+        unix_ms % 1000
+    )
+}
+
+/// The UTC day number (days since 1970-01-01) of a point, for daily retention.
+pub(crate) fn unix_day(unix_ms: u64) -> u64 {
+    unix_ms / 1000 / 86_400
+}
+
+/// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day), after Howard
+/// Hinnant's `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::chunk_hash;
+    use crate::FORMAT_VERSION;
+
+    #[test]
+    fn ids_sort_by_time_and_read_as_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let id = new_point_id("vm1", 1_795_625_865_318, 0xab);
+        assert_eq!(id, "20261125T165745.318Z-vm1-000000ab");
+        assert!(new_point_id("vm1", 1_000_000_000_000, 1) < id);
+        assert_eq!(
+            point_id_from_name(&point_object_name(&id)),
+            Some(id.as_str())
+        );
+    }
+
+    fn sample() -> PointManifest {
+        let chunks = vec![chunk_hash(b"a"), chunk_hash(b"b")];
+        PointManifest {
+            format_version: FORMAT_VERSION,
+            id: "20261125T165745Z-vm1-000000ab".into(),
+            vm: "vm1".into(),
+            created_unix_ms: 1_795_625_865_318,
+            parent: None,
+            objects: vec![PointObject {
+                name: "memory".into(),
+                kind: PartKind::Memory,
+                size: 8192,
+                chunk_size: 4096,
+                blake3: chunk_table_hash(&chunks),
+                chunks,
+            }],
+            stats: PointStats::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_damage() {
+        let point = sample();
+        let bytes = point.encode().unwrap();
+        assert_eq!(PointManifest::decode(&point.id, &bytes).unwrap(), point);
+        assert!(PointManifest::decode("other", &bytes).is_err());
+        for pos in (0..bytes.len()).step_by(7) {
+            let mut damaged = bytes.clone();
+            damaged[pos] ^= 1;
+            assert!(
+                PointManifest::decode(&point.id, &damaged).is_err(),
+                "flip at {pos}"
+            );
+        }
+        let mut bad = sample();
+        bad.objects[0].size = 3 * 4096;
+        assert!(PointManifest::decode(&bad.id, &bad.encode().unwrap()).is_err());
+    }
+}

@@ -1,0 +1,559 @@
+//! A repository over a [`ChunkStore`]: init and open, backups, reading points and chunks,
+//! verification, and prune with garbage collection.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::backup::BackupWriter;
+use super::codec::{chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX};
+use super::point::{
+    point_id_from_name, point_object_name, unix_day, validate_point_name, PointManifest,
+    POINT_PREFIX,
+};
+use super::store::{ChunkStore, LocalDirStore, LockMode, StoreError};
+use super::RepoError;
+use crate::chunk::{ContentHash, CHUNK_SIZE};
+use crate::sealed_json::{seal, unseal};
+use crate::state_file::{read_state, DEFAULT_STATE_LIMIT};
+use crate::FORMAT_VERSION;
+
+/// The repository's config object.
+const CONFIG_NAME: &str = "config.json";
+
+/// The repository config, sealed JSON.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepoConfig {
+    format_version: u32,
+    chunk_size: u64,
+}
+
+/// Which points prune keeps, per VM. A point kept by either rule stays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepPolicy {
+    /// Keep the newest N points.
+    pub keep_last: usize,
+    /// Keep the newest point of each of the newest N UTC days that have points.
+    pub keep_daily: usize,
+}
+
+/// What prune did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Ids of removed points.
+    pub removed: Vec<String>,
+    /// Ids of kept points.
+    pub kept: Vec<String>,
+    /// The garbage collection that followed.
+    pub gc: GcReport,
+}
+
+/// What garbage collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks no point uses, now removed.
+    pub chunks_removed: u64,
+    /// Chunks still in use.
+    pub chunks_kept: u64,
+    /// Leftovers of interrupted writes, removed.
+    pub incomplete_removed: u64,
+}
+
+/// A chunk that failed verification, and the points that use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedChunk {
+    /// The chunk.
+    pub id: ContentHash,
+    /// What is wrong ("missing", or the decode error).
+    pub problem: String,
+    /// Ids of the points that use it.
+    pub points: Vec<String>,
+}
+
+/// What verification found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Point manifests read.
+    pub points_checked: u64,
+    /// Chunk objects re-hashed.
+    pub chunks_checked: u64,
+    /// Points whose manifest is damaged: (id, problem).
+    pub damaged_points: Vec<(String, String)>,
+    /// Chunks that are damaged or missing, with their users.
+    pub damaged_chunks: Vec<DamagedChunk>,
+}
+
+impl VerifyReport {
+    /// Whether nothing was found wrong.
+    pub fn is_clean(&self) -> bool {
+        self.damaged_points.is_empty() && self.damaged_chunks.is_empty()
+    }
+
+    /// Ids of every point that cannot be restored (damaged, or using a damaged chunk).
+    pub fn unrestorable_points(&self) -> BTreeSet<String> {
+        let mut ids: BTreeSet<String> = self
+            .damaged_points
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        for chunk in &self.damaged_chunks {
+            ids.extend(chunk.points.iter().cloned());
+        }
+        ids
+    }
+}
+
+/// A point's id and its manifest, or why the manifest cannot be read.
+pub type PointEntry = (String, Result<PointManifest, RepoError>);
+
+/// Progress of [`Repository::verify`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepoVerifyProgress {
+    /// Chunks verified so far.
+    pub chunks_done: u64,
+    /// Chunks to verify.
+    pub chunks_total: u64,
+}
+
+/// A backup repository.
+pub struct Repository {
+    store: Box<dyn ChunkStore>,
+}
+
+impl Repository {
+    /// Creates a repository in directory `path` (created if needed).
+    pub fn init(path: &Path) -> Result<Self, RepoError> {
+        let store = LocalDirStore::open(path)?;
+        Self::init_store(Box::new(store)).map_err(|e| match e {
+            RepoError::AlreadyInitialized { .. } => RepoError::AlreadyInitialized {
+                path: path.to_path_buf(),
+            },
+            other => other,
+        })
+    }
+
+    /// Opens the repository in directory `path`.
+    pub fn open(path: &Path) -> Result<Self, RepoError> {
+        if !path.join(CONFIG_NAME).exists() {
+            return Err(RepoError::NotARepository {
+                path: path.to_path_buf(),
+            });
+        }
+        Self::open_store(Box::new(LocalDirStore::open(path)?))
+    }
+
+    /// Creates a repository in an empty store.
+    pub fn init_store(store: Box<dyn ChunkStore>) -> Result<Self, RepoError> {
+        let config = RepoConfig {
+            format_version: FORMAT_VERSION,
+            chunk_size: CHUNK_SIZE as u64,
+        };
+        let bytes = seal(&config).map_err(RepoError::Config)?;
+        if !store.put_if_absent(CONFIG_NAME, &bytes)? {
+            return Err(RepoError::AlreadyInitialized {
+                path: PathBuf::from(store.location()),
+            });
+        }
+        Ok(Self { store })
+    }
+
+    /// Opens a repository in a store, checking its config.
+    pub fn open_store(store: Box<dyn ChunkStore>) -> Result<Self, RepoError> {
+        let bytes = store.get(CONFIG_NAME).map_err(|e| match e {
+            StoreError::NotFound { .. } => RepoError::NotARepository {
+                path: PathBuf::from(store.location()),
+            },
+            other => other.into(),
+        })?;
+        let value = unseal(&bytes, 1 << 20).map_err(RepoError::Config)?;
+        let config: RepoConfig =
+            serde_json::from_value(value).map_err(|e| RepoError::ConfigInvalid {
+                problem: e.to_string(),
+            })?;
+        if config.chunk_size != CHUNK_SIZE as u64 {
+            return Err(RepoError::ConfigInvalid {
+                problem: format!("chunk size {} is not {CHUNK_SIZE}", config.chunk_size),
+            });
+        }
+        Ok(Self { store })
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &dyn ChunkStore {
+        self.store.as_ref()
+    }
+
+    /// Starts a backup of `vm`, incremental against point `parent` if given. Waits while prune
+    /// or garbage collection runs. Do not call prune or gc from a thread of the same process
+    /// while a backup is open: they would wait for it forever.
+    pub fn start_backup(
+        &self,
+        vm: &str,
+        parent: Option<&str>,
+    ) -> Result<BackupWriter<'_>, RepoError> {
+        validate_point_name(vm)?;
+        let lock = self.store.lock(LockMode::Shared, true)?;
+        let parent = parent.map(|id| self.read_point(id)).transpose()?;
+        Ok(BackupWriter::new(self.store.as_ref(), lock, vm, parent))
+    }
+
+    /// Ids of all points, oldest first.
+    pub fn point_ids(&self) -> Result<Vec<String>, RepoError> {
+        let mut ids: Vec<String> = self
+            .store
+            .list(POINT_PREFIX)?
+            .iter()
+            .filter_map(|name| point_id_from_name(name).map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every point, oldest first (ids sort by time to the millisecond), each read and checked
+    /// (a damaged one is an `Err` in the list).
+    pub fn points(&self) -> Result<Vec<PointEntry>, RepoError> {
+        Ok(self
+            .point_ids()?
+            .into_iter()
+            .map(|id| {
+                let point = self.read_point(&id);
+                (id, point)
+            })
+            .collect())
+    }
+
+    /// The newest readable point of `vm`.
+    pub fn latest_point(&self, vm: &str) -> Result<Option<PointManifest>, RepoError> {
+        let points = self.points()?;
+        Ok(points
+            .into_iter()
+            .filter_map(|(_, p)| p.ok())
+            .filter(|p| p.vm == vm)
+            .max_by_key(|p| (p.created_unix_ms, p.id.clone())))
+    }
+
+    /// Reads and checks point `id`'s manifest.
+    pub fn read_point(&self, id: &str) -> Result<PointManifest, RepoError> {
+        let bytes = self
+            .store
+            .get(&point_object_name(id))
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } | StoreError::BadName { .. } => {
+                    RepoError::NoSuchPoint { id: id.to_string() }
+                }
+                other => other.into(),
+            })?;
+        PointManifest::decode(id, &bytes)
+    }
+
+    /// Reads chunk `id`, decompressed and checked against its id.
+    pub fn read_chunk(&self, id: &ContentHash) -> Result<Vec<u8>, RepoError> {
+        let stored = self
+            .store
+            .get(&chunk_object_name(id))
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
+                other => other.into(),
+            })?;
+        decode_chunk(id, &stored).map_err(|source| RepoError::ChunkDamaged {
+            id: id.to_hex(),
+            source,
+        })
+    }
+
+    /// Writes object `name` of `point` to `out`, every chunk checked; returns the bytes written.
+    pub fn read_object(
+        &self,
+        point: &PointManifest,
+        name: &str,
+        out: &mut impl Write,
+    ) -> Result<u64, RepoError> {
+        let object = point.object(name).ok_or_else(|| RepoError::NoSuchObject {
+            id: point.id.clone(),
+            name: name.to_string(),
+        })?;
+        for id in &object.chunks {
+            let data = self.read_chunk(id)?;
+            out.write_all(&data).map_err(|e| {
+                RepoError::Store(StoreError::Io {
+                    action: "write restored object",
+                    path: PathBuf::from(name),
+                    source: e,
+                })
+            })?;
+        }
+        Ok(object.size)
+    }
+
+    /// Reads and decodes state object `name` of `point`.
+    pub fn read_state<T: DeserializeOwned>(
+        &self,
+        point: &PointManifest,
+        name: &str,
+    ) -> Result<T, RepoError> {
+        let mut bytes = Vec::new();
+        self.read_object(point, name, &mut bytes)?;
+        read_state(&mut bytes.as_slice(), DEFAULT_STATE_LIMIT).map_err(|source| RepoError::State {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// Re-reads every point manifest and re-hashes every chunk; names damaged and missing chunks
+    /// and the points that use them. Runs beside backups, not beside prune.
+    pub fn verify(
+        &self,
+        mut progress: impl FnMut(&RepoVerifyProgress),
+    ) -> Result<VerifyReport, RepoError> {
+        let _lock = self.store.lock(LockMode::Shared, true)?;
+        let mut report = VerifyReport::default();
+        let mut users: HashMap<ContentHash, BTreeSet<String>> = HashMap::new();
+        for (id, point) in self.points()? {
+            report.points_checked += 1;
+            match point {
+                Ok(point) => {
+                    for chunk in point.chunk_ids() {
+                        users.entry(*chunk).or_default().insert(id.clone());
+                    }
+                }
+                Err(e) => report.damaged_points.push((id, error_chain(&e))),
+            }
+        }
+        let names = self.store.list(CHUNK_PREFIX)?;
+        let chunks_total = names.len() as u64;
+        let mut present = BTreeSet::new();
+        let mut damaged = BTreeMap::new();
+        for (done, name) in names.iter().enumerate() {
+            progress(&RepoVerifyProgress {
+                chunks_done: done as u64,
+                chunks_total,
+            });
+            let Some(id) = chunk_id_from_name(name) else {
+                continue;
+            };
+            present.insert(id);
+            report.chunks_checked += 1;
+            if let Err(e) = self.read_chunk(&id) {
+                damaged.insert(id, error_chain(&e));
+            }
+        }
+        progress(&RepoVerifyProgress {
+            chunks_done: chunks_total,
+            chunks_total,
+        });
+        for id in users.keys() {
+            if !present.contains(id) {
+                damaged.insert(*id, "missing".to_string());
+            }
+        }
+        report.damaged_chunks = damaged
+            .into_iter()
+            .map(|(id, problem)| DamagedChunk {
+                id,
+                problem,
+                points: users
+                    .get(&id)
+                    .map(|p| p.iter().cloned().collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(report)
+    }
+
+    /// Removes the points `policy` does not keep (per VM), then collects unused chunks. Waits
+    /// for running backups to finish, and blocks new ones while it runs. Refuses to run while a
+    /// point is unreadable.
+    pub fn prune(&self, policy: &KeepPolicy) -> Result<PruneReport, RepoError> {
+        let _lock = self.store.lock(LockMode::Exclusive, true)?;
+        let points = self.readable_points()?;
+        let keep = select_kept(&points, policy);
+        let mut report = PruneReport::default();
+        for point in &points {
+            if keep.contains(&point.id) {
+                report.kept.push(point.id.clone());
+            } else {
+                self.store.delete(&point_object_name(&point.id))?;
+                report.removed.push(point.id.clone());
+            }
+        }
+        report.gc = self.collect_locked()?;
+        tracing::info!(
+            removed = report.removed.len(),
+            kept = report.kept.len(),
+            chunks_removed = report.gc.chunks_removed,
+            "prune finished"
+        );
+        Ok(report)
+    }
+
+    /// Removes chunks that no point uses. Takes the exclusive lock (waiting for backups).
+    pub fn gc(&self) -> Result<GcReport, RepoError> {
+        let _lock = self.store.lock(LockMode::Exclusive, true)?;
+        self.collect_locked()
+    }
+
+    /// Removes point `id` (its chunks stay until the next collection).
+    pub fn remove_point(&self, id: &str) -> Result<(), RepoError> {
+        let _lock = self.store.lock(LockMode::Exclusive, true)?;
+        let name = point_object_name(id);
+        if !self.store.contains(&name).unwrap_or(false) {
+            return Err(RepoError::NoSuchPoint { id: id.to_string() });
+        }
+        Ok(self.store.delete(&name)?)
+    }
+
+    /// Every point, refusing if one cannot be read.
+    fn readable_points(&self) -> Result<Vec<PointManifest>, RepoError> {
+        self.points()?
+            .into_iter()
+            .map(|(id, point)| {
+                point.map_err(|source| RepoError::GcBlocked {
+                    id,
+                    source: Box::new(source),
+                })
+            })
+            .collect()
+    }
+
+    /// Garbage collection proper; the caller holds the exclusive lock.
+    fn collect_locked(&self) -> Result<GcReport, RepoError> {
+        let used: BTreeSet<ContentHash> = self
+            .readable_points()?
+            .iter()
+            .flat_map(|p| p.chunk_ids().copied().collect::<Vec<_>>())
+            .collect();
+        let mut report = GcReport {
+            incomplete_removed: self.store.clean_incomplete()? as u64,
+            ..GcReport::default()
+        };
+        for name in self.store.list(CHUNK_PREFIX)? {
+            match chunk_id_from_name(&name) {
+                Some(id) if used.contains(&id) => report.chunks_kept += 1,
+                _ => {
+                    self.store.delete(&name)?;
+                    report.chunks_removed += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The ids of the points `policy` keeps, per VM.
+fn select_kept(points: &[PointManifest], policy: &KeepPolicy) -> BTreeSet<String> {
+    let mut by_vm: BTreeMap<&str, Vec<&PointManifest>> = BTreeMap::new();
+    for point in points {
+        by_vm.entry(point.vm.as_str()).or_default().push(point);
+    }
+    let mut keep = BTreeSet::new();
+    for vm_points in by_vm.values_mut() {
+        vm_points.sort_by_key(|p| std::cmp::Reverse((p.created_unix_ms, p.id.clone())));
+        keep.extend(
+            vm_points
+                .iter()
+                .take(policy.keep_last)
+                .map(|p| p.id.clone()),
+        );
+        let mut days = BTreeSet::new();
+        for point in vm_points.iter() {
+            if days.len() >= policy.keep_daily {
+                break;
+            }
+            if days.insert(unix_day(point.created_unix_ms)) {
+                keep.insert(point.id.clone());
+            }
+        }
+    }
+    keep
+}
+
+/// An error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::PointStats;
+
+    fn point(vm: &str, unix_ms: u64) -> PointManifest {
+        PointManifest {
+            format_version: FORMAT_VERSION,
+            id: format!("{vm}-{unix_ms}"),
+            vm: vm.into(),
+            created_unix_ms: unix_ms,
+            parent: None,
+            objects: Vec::new(),
+            stats: PointStats::default(),
+        }
+    }
+
+    #[test]
+    fn keep_policy_selects_per_vm() {
+        const DAY: u64 = 86_400_000;
+        // vm1: two points on each of days 10, 11, 12; vm2: one point on day 12.
+        let mut points = Vec::new();
+        for day in 10..13 {
+            points.push(point("vm1", day * DAY + 1000));
+            points.push(point("vm1", day * DAY + 2000));
+        }
+        points.push(point("vm2", 12 * DAY));
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+
+        let last2 = select_kept(
+            &points,
+            &KeepPolicy {
+                keep_last: 2,
+                keep_daily: 0,
+            },
+        );
+        let expected = [
+            format!("vm1-{}", 12 * DAY + 2000),
+            format!("vm1-{}", 12 * DAY + 1000),
+            format!("vm2-{}", 12 * DAY),
+        ];
+        assert_eq!(
+            last2,
+            ids(&expected.iter().map(String::as_str).collect::<Vec<_>>())
+        );
+
+        let daily2 = select_kept(
+            &points,
+            &KeepPolicy {
+                keep_last: 0,
+                keep_daily: 2,
+            },
+        );
+        let expected = [
+            format!("vm1-{}", 12 * DAY + 2000),
+            format!("vm1-{}", 11 * DAY + 2000),
+            format!("vm2-{}", 12 * DAY),
+        ];
+        assert_eq!(
+            daily2,
+            ids(&expected.iter().map(String::as_str).collect::<Vec<_>>())
+        );
+
+        let both = select_kept(
+            &points,
+            &KeepPolicy {
+                keep_last: 1,
+                keep_daily: 3,
+            },
+        );
+        assert_eq!(both.len(), 4);
+        assert!(select_kept(&points, &KeepPolicy::default()).is_empty());
+    }
+}

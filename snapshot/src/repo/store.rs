@@ -1,0 +1,385 @@
+//! The repository's storage trait, kept to what an object store can do (create-if-absent, get,
+//! list, delete; no rename, no append, no overwrite), and its local-directory backend.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("object '{name}' does not exist")]
+    NotFound {
+        /// The object's name.
+        name: String,
+    },
+    /// The object name is not a relative `/`-separated path of `[A-Za-z0-9._-]` components.
+    #[error("'{name}' is not a valid object name")]
+    BadName {
+        /// The refused name.
+        name: String,
+    },
+    /// The lock is held by someone else and the caller chose not to wait.
+    #[error("the repository is locked by another process ({})", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The backing storage failed.
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a repository lock is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Held by every backup writer; many at once.
+    Shared,
+    /// Held by prune and garbage collection; excludes every other holder.
+    Exclusive,
+}
+
+/// A held repository lock, released on drop (and by the OS when the holder dies).
+pub struct StoreLock {
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreLock")
+    }
+}
+
+/// A flat namespace of immutable objects under `/`-separated names.
+///
+/// Objects are written once and never changed: a writer either creates an object under a
+/// content-derived or unique name or finds it already there. This is what object stores honour
+/// (conditional create), so every backend can implement it without rename or append.
+pub trait ChunkStore: Send + Sync {
+    /// Creates `name` with `bytes` unless it exists; returns whether it was created. Readers
+    /// never see a partial object, and the object is durable when this returns.
+    fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, StoreError>;
+    /// The bytes of `name`.
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// Whether `name` exists.
+    fn contains(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every object name that starts with `prefix` (a `/`-terminated folder, or empty), sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes `name`; removing an absent object is not an error.
+    fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Takes the repository lock, waiting for it if `wait`.
+    fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError>;
+    /// Removes what interrupted `put_if_absent` calls left behind, and returns how many. Call
+    /// only under the exclusive lock.
+    fn clean_incomplete(&self) -> Result<usize, StoreError>;
+    /// Where the store is, for messages.
+    fn location(&self) -> String;
+}
+
+/// Checks that `name` is a relative path of safe components.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && !c.starts_with('.')
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    };
+    if name.len() <= 512 && name.split('/').all(component_ok) {
+        Ok(())
+    } else {
+        Err(StoreError::BadName {
+            name: name.chars().take(80).collect(),
+        })
+    }
+}
+
+/// The local-directory backend: object `a/b` is the file `ROOT/a/b`.
+///
+/// Objects are written to `ROOT/.tmp/`, fsynced, then hard-linked into place (which fails if the
+/// name exists, making creation atomic and exclusive), and the directory is fsynced. The lock is
+/// `flock(2)` on `ROOT/.lock`.
+#[derive(Debug)]
+pub struct LocalDirStore {
+    root: PathBuf,
+}
+
+/// The folder of in-flight writes inside a local store.
+const TMP_DIR: &str = ".tmp";
+/// The lock file inside a local store.
+const LOCK_FILE: &str = ".lock";
+
+impl LocalDirStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let tmp = root.join(TMP_DIR);
+        fs::create_dir_all(&tmp).map_err(io_error("create", &tmp))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
+        check_name(name)?;
+        Ok(self.root.join(name))
+    }
+}
+
+impl ChunkStore for LocalDirStore {
+    fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = self.path_of(name)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("object paths are under the root");
+        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        let tmp = self.root.join(TMP_DIR).join(format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> io::Result<()> {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        };
+        let result = write().map_err(io_error("write", &tmp)).and_then(|()| {
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(io_error("create", &path)(e)),
+            }
+        });
+        let _ = fs::remove_file(&tmp);
+        if result? {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error("fsync", dir))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(name)?;
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound {
+                name: name.to_string(),
+            },
+            _ => io_error("read", &path)(e),
+        })
+    }
+
+    fn contains(&self, name: &str) -> Result<bool, StoreError> {
+        let path = self.path_of(name)?;
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("inspect", &path)(e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let folder = prefix.trim_end_matches('/');
+        let start = if folder.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(folder)?
+        };
+        let mut names = Vec::new();
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error("list", &dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_error("list", &dir))?;
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                let kind = entry.file_type().map_err(io_error("inspect", &path))?;
+                if kind.is_dir() {
+                    stack.push(path);
+                } else if kind.is_file() {
+                    let rel = path
+                        .strip_prefix(&self.root)
+                        .expect("listed under the root");
+                    let name = rel.to_string_lossy().into_owned();
+                    if name.starts_with(prefix) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &path)(e)),
+        }
+    }
+
+    fn clean_incomplete(&self) -> Result<usize, StoreError> {
+        let tmp = self.root.join(TMP_DIR);
+        let mut removed = 0;
+        for entry in fs::read_dir(&tmp).map_err(io_error("list", &tmp))? {
+            let path = entry.map_err(io_error("list", &tmp))?.path();
+            fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError> {
+        let path = self.root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error("open", &path))?;
+        let mut op = match mode {
+            LockMode::Shared => libc::LOCK_SH,
+            LockMode::Exclusive => libc::LOCK_EX,
+        };
+        if !wait {
+            op |= libc::LOCK_NB;
+        }
+        loop {
+            // SAFETY: flock on a file descriptor this function owns for the call's duration; it
+            // touches no memory.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+            if rc == 0 {
+                return Ok(StoreLock {
+                    _guard: Box::new(file),
+                });
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Err(StoreError::Locked { path }),
+                _ => return Err(io_error("lock", &path)(err)),
+            }
+        }
+    }
+}
+
+/// Builds a [`StoreError::Io`].
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TestDir;
+
+    #[test]
+    fn create_only_semantics() {
+        let tmp = TestDir::new("store");
+        let store = LocalDirStore::open(tmp.path()).unwrap();
+        assert!(store.put_if_absent("chunks/ab/abcd", b"one").unwrap());
+        assert!(!store.put_if_absent("chunks/ab/abcd", b"two").unwrap());
+        assert_eq!(store.get("chunks/ab/abcd").unwrap(), b"one");
+        assert!(store.contains("chunks/ab/abcd").unwrap());
+        assert!(!store.contains("chunks/ab/none").unwrap());
+        assert!(matches!(
+            store.get("chunks/ab/none"),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(store.put_if_absent("points/p1.json", b"{}").unwrap());
+        assert_eq!(store.list("chunks/").unwrap(), vec!["chunks/ab/abcd"]);
+        assert_eq!(
+            store.list("").unwrap(),
+            vec!["chunks/ab/abcd", "points/p1.json"]
+        );
+        store.delete("chunks/ab/abcd").unwrap();
+        store.delete("chunks/ab/abcd").unwrap();
+        assert!(store.list("chunks/").unwrap().is_empty());
+        // No temporaries are left behind.
+        assert_eq!(store.clean_incomplete().unwrap(), 0);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let tmp = TestDir::new("store-names");
+        let store = LocalDirStore::open(tmp.path()).unwrap();
+        for bad in ["", "/abs", "a/../b", "a//b", ".lock", "a/.tmp/x", "a b"] {
+            assert!(
+                matches!(
+                    store.put_if_absent(bad, b"x"),
+                    Err(StoreError::BadName { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn exclusive_lock_excludes() {
+        let tmp = TestDir::new("store-lock");
+        let store = LocalDirStore::open(tmp.path()).unwrap();
+        let a = store.lock(LockMode::Shared, false).unwrap();
+        let b = store.lock(LockMode::Shared, false).unwrap();
+        assert!(matches!(
+            store.lock(LockMode::Exclusive, false),
+            Err(StoreError::Locked { .. })
+        ));
+        drop((a, b));
+        let x = store.lock(LockMode::Exclusive, false).unwrap();
+        assert!(store.lock(LockMode::Shared, false).is_err());
+        drop(x);
+        assert!(store.lock(LockMode::Shared, false).is_ok());
+    }
+
+    #[test]
+    fn concurrent_creators_agree() {
+        let tmp = TestDir::new("store-race");
+        let store = LocalDirStore::open(tmp.path()).unwrap();
+        let created: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let store = &store;
+                    s.spawn(move || store.put_if_absent("x/y", &[i]).unwrap() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(created, 1);
+        assert_eq!(store.get("x/y").unwrap().len(), 1);
+    }
+}

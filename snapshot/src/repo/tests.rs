@@ -1,0 +1,374 @@
+//! Tests of the repository: backups, incremental reuse, dedup, verify, prune and collection,
+//! crash leftovers and concurrent writers.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::chunk::CHUNK_SIZE;
+use crate::manifest::PartKind;
+use crate::test_util::TestDir;
+
+const MIB: usize = CHUNK_SIZE;
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct VmState {
+    generation: u32,
+}
+
+/// Guest memory of `chunks` MiB where chunk `i` is filled from `seed + i`, and chunk 1 is zero.
+fn memory(chunks: usize, seeds: &[u8]) -> Vec<u8> {
+    let mut mem = vec![0u8; chunks * MIB];
+    for (i, chunk) in mem.chunks_mut(MIB).enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let seed = seeds[i];
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (j as u8).wrapping_mul(31).wrapping_add(seed);
+        }
+    }
+    mem
+}
+
+/// Backs up `mem` and a small disk; with a parent, reuses every chunk not in `changed`.
+fn backup(
+    repo: &Repository,
+    vm: &str,
+    parent: Option<&str>,
+    mem: &[u8],
+    changed: Option<&[usize]>,
+    generation: u32,
+) -> PointManifest {
+    let mut writer = repo.start_backup(vm, parent).unwrap();
+    writer
+        .put_state("vm-state", &VmState { generation })
+        .unwrap();
+    let object = writer
+        .add_object("memory", PartKind::Memory, mem.len() as u64)
+        .unwrap();
+    for (i, chunk) in mem.chunks(MIB).enumerate() {
+        match changed {
+            Some(changed) if object.has_parent() && !changed.contains(&i) => {
+                object.reuse_parent_chunk(i as u64).unwrap();
+            }
+            _ => {
+                object.put_chunk(i as u64, chunk).unwrap();
+            }
+        }
+    }
+    writer.finish_object(object).unwrap();
+    let disk = vec![7u8; 5000];
+    let object = writer
+        .add_object("disk-0", PartKind::Raw, disk.len() as u64)
+        .unwrap();
+    object.put_chunk(0, &disk).unwrap();
+    writer.finish_object(object).unwrap();
+    writer.commit().unwrap()
+}
+
+fn restore_memory(repo: &Repository, id: &str) -> Vec<u8> {
+    let point = repo.read_point(id).unwrap();
+    let mut out = Vec::new();
+    repo.read_object(&point, "memory", &mut out).unwrap();
+    out
+}
+
+fn chunk_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let store = LocalDirStore::open(root).unwrap();
+    store
+        .list(CHUNK_PREFIX)
+        .unwrap()
+        .into_iter()
+        .map(|name| root.join(name))
+        .collect()
+}
+
+#[test]
+fn init_and_open() {
+    let tmp = TestDir::new("repo-init");
+    let root = tmp.path().join("repo");
+    assert!(matches!(
+        Repository::open(&root),
+        Err(RepoError::NotARepository { .. })
+    ));
+    Repository::init(&root).unwrap();
+    assert!(matches!(
+        Repository::init(&root),
+        Err(RepoError::AlreadyInitialized { .. })
+    ));
+    let repo = Repository::open(&root).unwrap();
+    assert!(repo.point_ids().unwrap().is_empty());
+    // A damaged config is refused.
+    let config = root.join("config.json");
+    let mut bytes = fs::read(&config).unwrap();
+    bytes[3] ^= 1;
+    fs::write(&config, &bytes).unwrap();
+    assert!(matches!(Repository::open(&root), Err(RepoError::Config(_))));
+}
+
+#[test]
+fn five_incremental_points_restore_exactly() {
+    let tmp = TestDir::new("repo-five");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let mut seeds = vec![1u8, 0, 3, 4, 5, 6, 7, 8];
+    let mut mems = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for generation in 0..5u32 {
+        let changed = [2 + generation as usize % 5];
+        if generation > 0 {
+            seeds[changed[0]] = seeds[changed[0]].wrapping_add(100);
+        }
+        let mem = memory(8, &seeds);
+        let parent = ids.last().map(String::as_str);
+        let point = backup(&repo, "vm1", parent, &mem, Some(&changed), generation);
+        if generation == 0 {
+            assert_eq!(point.stats.chunks_hashed, 8 + 2);
+            // The zero chunk is stored once; every other chunk is new.
+            assert_eq!(point.stats.chunks_new, 8 + 2);
+            assert_eq!(point.parent, None);
+        } else {
+            assert_eq!(point.parent.as_deref(), ids.last().map(String::as_str));
+            assert_eq!(point.stats.chunks_reused, 7, "generation {generation}");
+            assert_eq!(point.stats.chunks_hashed, 1 + 2);
+            // The changed chunk is new; state and disk: the state differs, the disk dedups.
+            assert_eq!(point.stats.chunks_new, 2, "generation {generation}");
+            assert!(point.stats.bytes_hashed < 2 * MIB as u64);
+        }
+        assert_eq!(point.stats.chunks_total, 8 + 2);
+        ids.push(point.id.clone());
+        mems.push(mem);
+    }
+    assert_eq!(repo.point_ids().unwrap(), {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted
+    });
+    for (generation, (id, mem)) in ids.iter().zip(&mems).enumerate() {
+        assert_eq!(&restore_memory(&repo, id), mem, "point {generation}");
+        let point = repo.read_point(id).unwrap();
+        let state: VmState = repo.read_state(&point, "vm-state").unwrap();
+        assert_eq!(state.generation, generation as u32);
+    }
+    assert_eq!(repo.latest_point("vm1").unwrap().unwrap().id, ids[4]);
+    assert!(repo.latest_point("vm2").unwrap().is_none());
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+}
+
+#[test]
+fn identical_backups_store_nothing_new() {
+    let tmp = TestDir::new("repo-dedup");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let mem = memory(4, &[1, 0, 3, 4]);
+    let first = backup(&repo, "vm1", None, &mem, None, 0);
+    // A full (non-incremental) backup of another VM with the same memory shares every chunk.
+    let second = backup(&repo, "vm2", None, &mem, None, 0);
+    assert!(first.stats.chunks_new > 0);
+    assert_eq!(second.stats.chunks_new, 0);
+    assert_eq!(second.stats.bytes_stored, 0);
+    assert_eq!(second.stats.chunks_hashed, 4 + 2);
+    // Zero and patterned chunks compress.
+    assert!(first.stats.bytes_stored < first.stats.bytes_total / 2);
+}
+
+#[test]
+fn verify_names_damaged_chunks_and_points() {
+    let tmp = TestDir::new("repo-verify");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let mem = memory(3, &[1, 0, 3]);
+    let a = backup(&repo, "vm1", None, &mem, None, 0);
+    let b = backup(&repo, "vm1", Some(&a.id), &mem, Some(&[]), 1);
+    let files = chunk_files(tmp.path());
+    assert_eq!(files.len(), 3 + 3);
+    // Flip one byte in every chunk file in turn: verify names it and both points.
+    let target = a.object("memory").unwrap().chunks[2];
+    let file = tmp.path().join(chunk_object_name(&target));
+    let original = fs::read(&file).unwrap();
+    for pos in [0, 1, original.len() / 2, original.len() - 1] {
+        let mut damaged = original.clone();
+        damaged[pos] ^= 0x10;
+        fs::write(&file, &damaged).unwrap();
+        let report = repo.verify(|_| ()).unwrap();
+        assert_eq!(report.damaged_chunks.len(), 1, "flip at {pos}");
+        assert_eq!(report.damaged_chunks[0].id, target);
+        assert_eq!(
+            report.damaged_chunks[0].points,
+            vec![a.id.clone(), b.id.clone()]
+        );
+        assert!(matches!(
+            repo.read_object(&b, "memory", &mut Vec::new()),
+            Err(RepoError::ChunkDamaged { .. })
+        ));
+    }
+    fs::write(&file, &original).unwrap();
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+
+    // A missing chunk.
+    fs::remove_file(&file).unwrap();
+    let report = repo.verify(|_| ()).unwrap();
+    assert_eq!(report.damaged_chunks[0].problem, "missing");
+    fs::write(&file, &original).unwrap();
+
+    // A flipped byte in a point manifest.
+    let manifest = tmp.path().join(point_object_name(&b.id));
+    let original = fs::read(&manifest).unwrap();
+    for pos in (0..original.len()).step_by(11) {
+        let mut damaged = original.clone();
+        damaged[pos] ^= 1;
+        fs::write(&manifest, &damaged).unwrap();
+        let report = repo.verify(|_| ()).unwrap();
+        assert_eq!(report.damaged_points.len(), 1, "flip at {pos}");
+        assert_eq!(report.unrestorable_points(), [b.id.clone()].into());
+        assert!(repo.read_point(&b.id).is_err());
+    }
+    fs::write(&manifest, &original).unwrap();
+    let mut last = None;
+    assert!(repo.verify(|p| last = Some(*p)).unwrap().is_clean());
+    assert_eq!(last.map(|p| (p.chunks_done, p.chunks_total)), Some((6, 6)));
+}
+
+#[test]
+fn prune_collects_exactly_the_unused_chunks() {
+    let tmp = TestDir::new("repo-prune");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let mut seeds = vec![1u8, 0, 3, 4];
+    let mut ids = Vec::new();
+    let mut mems = Vec::new();
+    for generation in 0..4u32 {
+        seeds[3] = seeds[3].wrapping_add(10);
+        let mem = memory(4, &seeds);
+        let parent = ids.last().map(String::as_str);
+        let point = backup(&repo, "vm1", parent, &mem, Some(&[3]), generation);
+        ids.push(point.id);
+        mems.push(mem);
+    }
+    let before = chunk_files(tmp.path()).len();
+    let report = repo
+        .prune(&KeepPolicy {
+            keep_last: 2,
+            keep_daily: 0,
+        })
+        .unwrap();
+    assert_eq!(report.removed, ids[..2].to_vec());
+    assert_eq!(report.kept, ids[2..].to_vec());
+    // Each removed point had its own chunk 3 and its own state chunk.
+    assert_eq!(report.gc.chunks_removed, 4);
+    assert_eq!(chunk_files(tmp.path()).len(), before - 4);
+    assert_eq!(report.gc.chunks_kept as usize, before - 4);
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+    for (id, mem) in ids[2..].iter().zip(&mems[2..]) {
+        assert_eq!(&restore_memory(&repo, id), mem);
+    }
+    // Collecting again removes nothing.
+    assert_eq!(repo.gc().unwrap().chunks_removed, 0);
+}
+
+#[test]
+fn abandoned_backup_is_invisible_and_collected() {
+    let tmp = TestDir::new("repo-crash");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let mem = memory(2, &[1, 0]);
+    let kept = backup(&repo, "vm1", None, &mem, None, 0);
+    {
+        let mut writer = repo.start_backup("vm1", None).unwrap();
+        let object = writer
+            .add_object("memory", PartKind::Memory, MIB as u64)
+            .unwrap();
+        object.put_chunk(0, &vec![42u8; MIB]).unwrap();
+        // Dropped without commit, as a crash would leave it.
+    }
+    // A leftover of an interrupted object write.
+    fs::write(tmp.path().join(".tmp/99999-1"), b"partial").unwrap();
+    assert_eq!(repo.point_ids().unwrap(), vec![kept.id.clone()]);
+    let report = repo.gc().unwrap();
+    assert_eq!(report.chunks_removed, 1);
+    assert_eq!(report.incomplete_removed, 1);
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+    assert_eq!(restore_memory(&repo, &kept.id), mem);
+}
+
+#[test]
+fn prune_waits_for_backups_and_blocks_on_damage() {
+    let tmp = TestDir::new("repo-lock");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let writer = repo.start_backup("vm1", None).unwrap();
+    assert!(matches!(
+        repo.store().lock(LockMode::Exclusive, false),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(writer);
+    assert!(repo.store().lock(LockMode::Exclusive, false).is_ok());
+
+    let mem = memory(2, &[1, 0]);
+    let point = backup(&repo, "vm1", None, &mem, None, 0);
+    let manifest = tmp.path().join(point_object_name(&point.id));
+    let mut bytes = fs::read(&manifest).unwrap();
+    bytes[10] ^= 1;
+    fs::write(&manifest, &bytes).unwrap();
+    assert!(matches!(repo.gc(), Err(RepoError::GcBlocked { .. })));
+    repo.remove_point(&point.id).unwrap();
+    assert_eq!(repo.gc().unwrap().chunks_kept, 0);
+}
+
+#[test]
+fn two_vms_back_up_at_once() {
+    let tmp = TestDir::new("repo-concurrent");
+    let repo = Repository::init(tmp.path()).unwrap();
+    let points: Vec<PointManifest> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u8)
+            .map(|vm| {
+                let repo = &repo;
+                s.spawn(move || {
+                    let mem = memory(6, &[vm, 0, 2, 3, vm + 10, 5]);
+                    backup(repo, &format!("vm{vm}"), None, &mem, None, 0)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(repo.point_ids().unwrap().len(), 2);
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+    for (vm, point) in points.iter().enumerate() {
+        let vm = vm as u8;
+        assert_eq!(
+            restore_memory(&repo, &point.id),
+            memory(6, &[vm, 0, 2, 3, vm + 10, 5])
+        );
+    }
+}
+
+#[test]
+fn misuse_is_refused() {
+    let tmp = TestDir::new("repo-misuse");
+    let repo = Repository::init(tmp.path()).unwrap();
+    assert!(matches!(
+        repo.start_backup("bad/name", None),
+        Err(RepoError::BadVmName { .. })
+    ));
+    assert!(matches!(
+        repo.start_backup("vm1", Some("nope")),
+        Err(RepoError::NoSuchPoint { .. })
+    ));
+    let mut writer = repo.start_backup("vm1", None).unwrap();
+    let object = writer
+        .add_object("memory", PartKind::Memory, MIB as u64 + 1)
+        .unwrap();
+    assert!(!object.has_parent());
+    assert!(object.reuse_parent_chunk(0).is_err());
+    assert!(object.put_chunk(1, &[0, 0]).is_err());
+    assert!(object.put_chunk(2, &[0]).is_err());
+    object.put_chunk(1, &[0]).unwrap();
+    assert!(writer.add_object("memory", PartKind::Raw, 1).is_err());
+    assert!(matches!(
+        writer.finish_object(object),
+        Err(RepoError::ChunkNotWritten { index: 0, .. })
+    ));
+    let _unfinished = writer.add_object("disk-0", PartKind::Raw, 1).unwrap();
+    assert!(matches!(
+        writer.commit(),
+        Err(RepoError::ObjectMisuse { .. })
+    ));
+    assert!(repo.point_ids().unwrap().is_empty());
+}
