@@ -140,6 +140,7 @@ impl Vmm {
     /// Finishes the snapshot job once its worker has ended: resume the vCPUs of a paused
     /// snapshot, then publish the outcome.
     pub(crate) fn poll_snapshot(&mut self) {
+        self.poll_final_pause();
         let finished = self.snapshot.as_ref().is_some_and(|j| j.worker_done());
         if !finished {
             return;

@@ -80,7 +80,7 @@ pub struct BootTimings {
 /// A built VM whose vCPU threads wait, paused, to be resumed.
 pub struct BuiltVm {
     pub kvm: Kvm,
-    pub vm: Vm,
+    pub vm: Arc<Vm>,
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub buses: Arc<IoBuses>,
@@ -282,7 +282,7 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
 
     Ok(BuiltVm {
         kvm,
-        vm,
+        vm: Arc::new(vm),
         mem,
         vcpus,
         buses,
@@ -351,7 +351,7 @@ pub fn build_restored(
 
     Ok(BuiltVm {
         kvm,
-        vm,
+        vm: Arc::new(vm),
         mem,
         vcpus,
         buses,

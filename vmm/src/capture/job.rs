@@ -21,6 +21,8 @@ pub struct SnapshotJob {
     pub resume_on_finish: bool,
     /// When the vCPUs were paused, while they still are.
     pub paused_at: Option<Instant>,
+    /// For pre-copy: how the worker asks the event loop for the final pause.
+    pub final_pause: Option<super::precopy::FinalPauseLink>,
 }
 
 impl SnapshotJob {
@@ -50,6 +52,7 @@ impl SnapshotJob {
             done,
             resume_on_finish,
             paused_at,
+            final_pause: None,
         })
     }
 
