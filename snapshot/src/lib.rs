@@ -13,6 +13,7 @@
 
 pub mod chunk;
 pub mod dir;
+mod fs_util;
 pub mod manifest;
 pub mod persist;
 pub mod repo;

@@ -16,7 +16,7 @@
 mod reader;
 mod writer;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -203,9 +203,7 @@ fn io_error(action: impl Into<String>, path: &Path) -> impl FnOnce(io::Error) ->
 
 /// fsyncs a directory so that entries created or renamed in it are durable.
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
-    File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error("fsync directory", path))
+    crate::fs_util::sync_dir(path).map_err(io_error("fsync directory", path))
 }
 
 /// The pid encoded in a temporary snapshot directory name `.<name>.tmp-<pid>-<hex nonce>`.

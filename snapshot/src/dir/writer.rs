@@ -1,11 +1,9 @@
 //! Writing a snapshot directory: parts into a temporary sibling, then an atomic commit.
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +17,7 @@ use crate::chunk::{
     chunk_count, chunk_hash, chunk_range, chunk_table_hash, is_valid_chunk_size, is_zero,
     ContentHash,
 };
+use crate::fs_util::rename_noreplace;
 use crate::manifest::{
     validate_part_name, ChunkTable, Manifest, ManifestError, PartEntry, PartKind, MANIFEST_NAME,
 };
@@ -275,7 +274,15 @@ impl SnapshotWriter {
             .and_then(|()| file.sync_all())
             .map_err(io_error("write", &path))?;
         sync_dir(&self.tmp)?;
-        rename_noreplace(&self.tmp, &self.target)?;
+        rename_noreplace(&self.tmp, &self.target).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                SnapshotError::Exists {
+                    path: self.target.clone(),
+                }
+            } else {
+                io_error(format!("rename {} to", self.tmp.display()), &self.target)(e)
+            }
+        })?;
         self.committed = true;
         if let Some(parent) = self.target.parent() {
             let parent = if parent.as_os_str().is_empty() {
@@ -480,47 +487,6 @@ fn create_file(path: &Path, name: &str) -> Result<File, SnapshotError> {
         .create_new(true)
         .open(path)
         .map_err(io_error(format!("create part '{name}' at"), path))
-}
-
-/// Renames `from` to `to`, failing if `to` exists (even as an empty directory, which a plain
-/// rename would replace).
-fn rename_noreplace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
-    let c_path = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| SnapshotError::BadTarget {
-            path: p.to_path_buf(),
-        })
-    };
-    let (c_from, c_to) = (c_path(from)?, c_path(to)?);
-    // SAFETY: both pointers are NUL-terminated strings that outlive the call; renameat2 only
-    // reads them.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            c_from.as_ptr(),
-            libc::AT_FDCWD,
-            c_to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Err(SnapshotError::Exists {
-            path: to.to_path_buf(),
-        }),
-        // File systems without RENAME_NOREPLACE: check, then rename (a narrow race remains).
-        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
-            if fs::symlink_metadata(to).is_ok() {
-                return Err(SnapshotError::Exists {
-                    path: to.to_path_buf(),
-                });
-            }
-            fs::rename(from, to).map_err(io_error(format!("rename {} to", from.display()), to))
-        }
-        _ => Err(io_error(format!("rename {} to", from.display()), to)(err)),
-    }
 }
 
 /// A value that differs between calls and processes, for temporary names.

@@ -158,6 +158,7 @@ impl Repository {
                 path: PathBuf::from(store.location()),
             });
         }
+        store.sync()?;
         Ok(Self { store })
     }
 

@@ -1,11 +1,13 @@
 //! The repository's storage trait, kept to what an object store can do (create-if-absent, get,
 //! list, delete; no rename, no append, no overwrite), and its local-directory backend.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fs_util::{rename_noreplace, sync_fs};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +70,10 @@ impl std::fmt::Debug for StoreLock {
 /// (conditional create), so every backend can implement it without rename or append.
 pub trait ChunkStore: Send + Sync {
     /// Creates `name` with `bytes` unless it exists; returns whether it was created. Readers
-    /// never see a partial object, and the object is durable when this returns.
+    /// never see a partial object. The object is durable after the next [`ChunkStore::sync`].
     fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, StoreError>;
+    /// Makes every object created so far durable (a no-op where puts are durable already).
+    fn sync(&self) -> Result<(), StoreError>;
     /// The bytes of `name`.
     fn get(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     /// Whether `name` exists.
@@ -106,8 +110,10 @@ fn check_name(name: &str) -> Result<(), StoreError> {
 
 /// The local-directory backend: object `a/b` is the file `ROOT/a/b`.
 ///
-/// Objects are written to `ROOT/.tmp/`, fsynced, then hard-linked into place (which fails if the
-/// name exists, making creation atomic and exclusive), and the directory is fsynced. The lock is
+/// Objects are written to `ROOT/.tmp/`, then renamed into place with `RENAME_NOREPLACE` (which
+/// fails if the name exists, making creation atomic and exclusive). They are not fsynced one by
+/// one: [`ChunkStore::sync`] is one `syncfs(2)` that a backup calls before it creates its point
+/// manifest, as Proxmox Backup Server's default "filesystem" sync level does. The lock is
 /// `flock(2)` on `ROOT/.lock`.
 #[derive(Debug)]
 pub struct LocalDirStore {
@@ -156,24 +162,24 @@ impl ChunkStore for LocalDirStore {
         ));
         let write = || -> io::Result<()> {
             let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()
+            file.write_all(bytes)
         };
-        let result = write().map_err(io_error("write", &tmp)).and_then(|()| {
-            match fs::hard_link(&tmp, &path) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(io_error("create", &path)(e)),
-            }
-        });
-        let _ = fs::remove_file(&tmp);
-        if result? {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error("fsync", dir))?;
-            return Ok(true);
+        let result =
+            write().map_err(io_error("write", &tmp)).and_then(|()| {
+                match rename_noreplace(&tmp, &path) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(io_error("create", &path)(e)),
+                }
+            });
+        if !matches!(result, Ok(true)) {
+            let _ = fs::remove_file(&tmp);
         }
-        Ok(false)
+        result
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        sync_fs(&self.root).map_err(io_error("sync the file system of", &self.root))
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
