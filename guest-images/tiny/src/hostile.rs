@@ -1,7 +1,9 @@
 //! The hostile disk workload: malformed descriptor chains that a VMM must survive.
 //!
 //! Each case runs on a freshly initialised disk 0, waits a bounded time for an answer, reports
-//! `HOSTILE <case> status=<n>` / `needs-reset` / `no-reply`, and resets the device. Then a
+//! `HOSTILE <case> status=<n>` (a status byte was written), `needs-reset` (DEVICE_NEEDS_RESET,
+//! whether or not the chain was also returned), `status=255` (returned unanswered, no
+//! NEEDS_RESET) or `no-reply`, and resets the device. Then a
 //! write/read check on disk 1 (disk 0 if there is only one) prints `HOSTILE SURVIVED`.
 
 use crate::blk::{
@@ -208,18 +210,28 @@ fn post(b: &mut Blk, case: Case) {
     b.notify();
 }
 
-/// The answer to one case.
+/// The answer to one case. A used entry whose status byte is still 0xFF was returned without
+/// an answer; a device may then raise NEEDS_RESET just after, so that is waited for too.
 fn outcome(b: &mut Blk, ticks: u64) -> Outcome {
     let t0 = tsc::rdtsc();
+    let mut used = false;
     loop {
-        if b.poll_used().is_some() {
-            return Outcome::Status(b.status_of(0));
+        if !used && b.poll_used().is_some() {
+            let st = b.status_of(0);
+            if st != 0xFF {
+                return Outcome::Status(st);
+            }
+            used = true;
         }
         if b.mmio().status() & status::NEEDS_RESET != 0 {
             return Outcome::NeedsReset;
         }
         if tsc::rdtsc().wrapping_sub(t0) > ticks {
-            return Outcome::NoReply;
+            return if used {
+                Outcome::Status(0xFF)
+            } else {
+                Outcome::NoReply
+            };
         }
         core::hint::spin_loop();
     }
