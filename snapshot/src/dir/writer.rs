@@ -118,6 +118,12 @@ impl SnapshotWriter {
         self.start_part(name, PartKind::Raw)
     }
 
+    /// Starts a state part whose framed bytes the caller already has (copying a state part
+    /// from elsewhere, such as a backup point). Hand it back to [`SnapshotWriter::finish_part`].
+    pub fn add_state_part_bytes(&mut self, name: &str) -> Result<PartWriter, SnapshotError> {
+        self.start_part(name, PartKind::State)
+    }
+
     /// Writes `state` as a framed state part (see [`crate::state_file`]) and finishes it.
     pub fn write_state_part<T: Serialize>(
         &mut self,

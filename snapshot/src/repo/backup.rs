@@ -287,6 +287,24 @@ impl ObjectWriter<'_> {
         Ok(id)
     }
 
+    /// Uses `id` for chunk `index` without reading the chunk if the repository already stores
+    /// it (the caller knows the chunk's id, from a snapshot's chunk table say); returns whether
+    /// it did. If not, the caller must [`ObjectWriter::put_chunk`] the data.
+    pub fn reuse_stored_chunk(&self, index: u64, id: ContentHash) -> Result<bool, RepoError> {
+        if index >= self.chunk_count() {
+            return Err(self.bounds(
+                index,
+                format!("the object has {} chunks", self.chunk_count()),
+            ));
+        }
+        if !self.store.contains(&chunk_object_name(&id))? {
+            return Ok(false);
+        }
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        self.set_slot(index, id);
+        Ok(true)
+    }
+
     /// Takes chunk `index`'s id from the parent point without reading it (the caller knows the
     /// chunk has not changed since the parent point); returns the id.
     pub fn reuse_parent_chunk(&self, index: u64) -> Result<ContentHash, RepoError> {

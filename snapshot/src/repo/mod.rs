@@ -22,6 +22,7 @@ mod codec;
 mod point;
 mod repository;
 mod store;
+mod transfer;
 
 use std::path::PathBuf;
 
@@ -163,6 +164,9 @@ pub enum RepoError {
         #[source]
         source: StateFileError,
     },
+    /// Reading a snapshot directory or writing one failed.
+    #[error("snapshot directory operation failed")]
+    Snapshot(#[from] crate::dir::SnapshotError),
     /// Garbage collection found a point it cannot read, so it cannot know which chunks are used.
     #[error("cannot collect garbage while backup point '{id}' is unreadable (remove it first)")]
     GcBlocked {

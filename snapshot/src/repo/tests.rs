@@ -372,3 +372,98 @@ fn misuse_is_refused() {
     ));
     assert!(repo.point_ids().unwrap().is_empty());
 }
+
+/// Writes a snapshot directory with a memory part in standard chunks (the last one partial),
+/// a state part and a raw part.
+fn write_snapshot_dir(target: &Path, mem: &[u8]) {
+    let mut snap = crate::dir::SnapshotWriter::create(target).unwrap();
+    snap.write_state_part("vm-state", &VmState { generation: 9 })
+        .unwrap();
+    let mut disk = snap.add_part("disk-0").unwrap();
+    std::io::Write::write_all(&mut disk, &vec![3u8; MIB + 17]).unwrap();
+    snap.finish_part(disk).unwrap();
+    let memory = snap
+        .add_memory_part("memory", mem.len() as u64, CHUNK_SIZE as u64)
+        .unwrap();
+    for (i, chunk) in mem.chunks(MIB).enumerate() {
+        memory.write_chunk(i as u64, chunk).unwrap();
+    }
+    snap.finish_memory_part(memory).unwrap();
+    snap.commit().unwrap();
+}
+
+#[test]
+fn snapshot_directories_go_in_and_come_out() {
+    let tmp = TestDir::new("repo-transfer");
+    let repo = Repository::init(&tmp.path().join("repo")).unwrap();
+    let mut mem = memory(4, &[1, 0, 3, 4]);
+    mem.truncate(3 * MIB + 4096);
+    let dir = tmp.path().join("snap");
+    write_snapshot_dir(&dir, &mem);
+    let reader = crate::dir::SnapshotReader::open(&dir).unwrap();
+
+    let first = repo.store_snapshot(&reader, "vm1", None).unwrap();
+    assert_eq!(first.stats.chunks_reused, 0);
+    assert!(first.stats.chunks_new > 0);
+    // The same snapshot again: memory chunks are found by their table ids, not read.
+    let second = repo
+        .store_snapshot(&reader, "vm1", Some(&first.id))
+        .unwrap();
+    assert_eq!(second.stats.chunks_reused, 4);
+    assert_eq!(second.stats.chunks_new, 0);
+    assert_eq!(
+        second.object("memory").unwrap().chunks,
+        first.object("memory").unwrap().chunks
+    );
+    // The point's memory chunk ids are the snapshot's chunk table.
+    let table = &reader
+        .manifest()
+        .part("memory")
+        .unwrap()
+        .chunks
+        .as_ref()
+        .unwrap()
+        .hashes;
+    assert_eq!(&first.object("memory").unwrap().chunks, table);
+
+    let out = tmp.path().join("restored");
+    let manifest = repo.export_point(&second.id, &out).unwrap();
+    assert_eq!(manifest.parts.len(), 3);
+    let restored = crate::dir::SnapshotReader::open(&out).unwrap();
+    restored.verify_all(|_| ()).unwrap();
+    let state: VmState = restored.read_state_part("vm-state").unwrap();
+    assert_eq!(state.generation, 9);
+    assert_eq!(fs::read(out.join("memory")).unwrap(), mem);
+    assert_eq!(
+        fs::read(out.join("disk-0")).unwrap(),
+        fs::read(dir.join("disk-0")).unwrap()
+    );
+    // Exporting onto an existing directory is refused.
+    assert!(matches!(
+        repo.export_point(&second.id, &out),
+        Err(RepoError::Snapshot(
+            crate::dir::SnapshotError::Exists { .. }
+        ))
+    ));
+}
+
+#[test]
+fn damaged_snapshot_is_not_stored() {
+    let tmp = TestDir::new("repo-transfer-damage");
+    let repo = Repository::init(&tmp.path().join("repo")).unwrap();
+    let mem = memory(2, &[1, 0]);
+    let dir = tmp.path().join("snap");
+    write_snapshot_dir(&dir, &mem);
+    for part in ["disk-0", "memory", "vm-state"] {
+        let path = dir.join(part);
+        let original = fs::read(&path).unwrap();
+        let mut damaged = original.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x04;
+        fs::write(&path, &damaged).unwrap();
+        let reader = crate::dir::SnapshotReader::open(&dir).unwrap();
+        assert!(repo.store_snapshot(&reader, "vm1", None).is_err(), "{part}");
+        assert!(repo.point_ids().unwrap().is_empty(), "{part}");
+        fs::write(&path, &original).unwrap();
+    }
+}
