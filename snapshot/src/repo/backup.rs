@@ -179,17 +179,16 @@ impl<'r> BackupWriter<'r> {
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+            .unwrap_or_default();
         let nonce = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
             (now, self.token, std::process::id()),
         ) as u32;
         let point = PointManifest {
             format_version: FORMAT_VERSION,
-            id: new_point_id(&self.vm, now, nonce),
+            id: new_point_id(&self.vm, now.as_secs(), now.subsec_nanos(), nonce),
             vm: self.vm.clone(),
-            created_unix_ms: now,
+            created_unix_ms: now.as_millis() as u64,
             parent: self.parent.as_ref().map(|p| p.id.clone()),
             objects: self.objects,
             stats: self.stats,

@@ -58,7 +58,7 @@ pub struct PointStats {
 pub struct PointManifest {
     /// The format version.
     pub format_version: u32,
-    /// The point's id: `<UTC yyyymmddThhmmss.mmmZ>-<vm>-<8 hex>`, sorting by time.
+    /// The point's id: `<UTC yyyymmddThhmmss.nnnnnnnnnZ>-<vm>-<8 hex>`, sorting by time.
     pub id: String,
     /// The VM's name.
     pub vm: String,
@@ -146,17 +146,16 @@ pub(crate) fn validate_point_name(name: &str) -> Result<(), RepoError> {
     })
 }
 
-/// A new point id for `vm` at `unix_ms`: `yyyymmddThhmmss.mmmZ-<vm>-<nonce as 8 hex>`.
-pub(crate) fn new_point_id(vm: &str, unix_ms: u64, nonce: u32) -> String {
-    let secs = unix_ms / 1000;
+/// A new point id for `vm` at `secs.nanos` since the epoch:
+/// `yyyymmddThhmmss.nnnnnnnnnZ-<vm>-<nonce as 8 hex>`. Ids sort by time.
+pub(crate) fn new_point_id(vm: &str, secs: u64, nanos: u32, nonce: u32) -> String {
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let day_secs = secs % 86_400;
     format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z-{vm}-{nonce:08x}",
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{nanos:09}Z-{vm}-{nonce:08x}",
         day_secs / 3600,
         day_secs / 60 % 60,
         day_secs % 60,
-        unix_ms % 1000
     )
 }
 
@@ -191,9 +190,10 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        let id = new_point_id("vm1", 1_795_625_865_318, 0xab);
-        assert_eq!(id, "20261125T165745.318Z-vm1-000000ab");
-        assert!(new_point_id("vm1", 1_000_000_000_000, 1) < id);
+        let id = new_point_id("vm1", 1_795_625_865, 318_000_001, 0xab);
+        assert_eq!(id, "20261125T165745.318000001Z-vm1-000000ab");
+        assert!(new_point_id("vm1", 1_795_625_865, 318_000_000, 0xff) < id);
+        assert!(new_point_id("vm1", 1_000_000_000, 999_999_999, 1) < id);
         assert_eq!(
             point_id_from_name(&point_object_name(&id)),
             Some(id.as_str())
@@ -204,7 +204,7 @@ mod tests {
         let chunks = vec![chunk_hash(b"a"), chunk_hash(b"b")];
         PointManifest {
             format_version: FORMAT_VERSION,
-            id: "20261125T165745Z-vm1-000000ab".into(),
+            id: "20261125T165745.318000001Z-vm1-000000ab".into(),
             vm: "vm1".into(),
             created_unix_ms: 1_795_625_865_318,
             parent: None,

@@ -214,7 +214,7 @@ impl Repository {
         Ok(ids)
     }
 
-    /// Every point, oldest first (ids sort by time to the millisecond), each read and checked
+    /// Every point, oldest first (ids sort by time to the nanosecond), each read and checked
     /// (a damaged one is an `Err` in the list).
     pub fn points(&self) -> Result<Vec<PointEntry>, RepoError> {
         Ok(self
@@ -234,7 +234,7 @@ impl Repository {
             .into_iter()
             .filter_map(|(_, p)| p.ok())
             .filter(|p| p.vm == vm)
-            .max_by_key(|p| (p.created_unix_ms, p.id.clone())))
+            .max_by(|a, b| a.id.cmp(&b.id)))
     }
 
     /// Reads and checks point `id`'s manifest.
@@ -452,7 +452,8 @@ fn select_kept(points: &[PointManifest], policy: &KeepPolicy) -> BTreeSet<String
     }
     let mut keep = BTreeSet::new();
     for vm_points in by_vm.values_mut() {
-        vm_points.sort_by_key(|p| std::cmp::Reverse((p.created_unix_ms, p.id.clone())));
+        // Ids sort by creation time, to the nanosecond.
+        vm_points.sort_by(|a, b| b.id.cmp(&a.id));
         keep.extend(
             vm_points
                 .iter()
@@ -489,10 +490,15 @@ mod tests {
     use super::*;
     use crate::repo::PointStats;
 
+    /// A point id that sorts by time, as real ids do.
+    fn id(vm: &str, unix_ms: u64) -> String {
+        format!("{unix_ms:016}-{vm}")
+    }
+
     fn point(vm: &str, unix_ms: u64) -> PointManifest {
         PointManifest {
             format_version: FORMAT_VERSION,
-            id: format!("{vm}-{unix_ms}"),
+            id: id(vm, unix_ms),
             vm: vm.into(),
             created_unix_ms: unix_ms,
             parent: None,
@@ -521,9 +527,9 @@ mod tests {
             },
         );
         let expected = [
-            format!("vm1-{}", 12 * DAY + 2000),
-            format!("vm1-{}", 12 * DAY + 1000),
-            format!("vm2-{}", 12 * DAY),
+            id("vm1", 12 * DAY + 2000),
+            id("vm1", 12 * DAY + 1000),
+            id("vm2", 12 * DAY),
         ];
         assert_eq!(
             last2,
@@ -538,9 +544,9 @@ mod tests {
             },
         );
         let expected = [
-            format!("vm1-{}", 12 * DAY + 2000),
-            format!("vm1-{}", 11 * DAY + 2000),
-            format!("vm2-{}", 12 * DAY),
+            id("vm1", 12 * DAY + 2000),
+            id("vm1", 11 * DAY + 2000),
+            id("vm2", 12 * DAY),
         ];
         assert_eq!(
             daily2,
