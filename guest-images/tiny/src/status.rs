@@ -37,7 +37,7 @@ pub struct Status {
 
 /// The status block; the linker script places it at `STATUS_ADDR`.
 #[no_mangle]
-#[link_section = ".bss.arkvm_status"]
+#[link_section = ".arkvm_status"]
 pub static mut ARKVM_STATUS: Status = Status {
     magic: 0,
     mem_gen: 0,
