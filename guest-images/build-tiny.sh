@@ -42,6 +42,24 @@ if [ "$run_tests" = 1 ]; then
     cargo test --locked --quiet --lib >&2 || { echo "build-tiny.sh: unit tests FAILED" >&2; exit 1; }
 fi
 
+# Fails unless the ELF enters at 0x200000 and every PT_LOAD has p_vaddr == p_paddr and lies
+# in [0x200000, 0x400000).
+check_elf() {
+    local f="$1" bad=0 type off vaddr paddr filesz memsz rest
+    readelf -hW "$f" | grep -q 'Entry point address: *0x200000$' || bad=1
+    while read -r type off vaddr paddr filesz memsz rest; do
+        [ "$type" = LOAD ] || continue
+        if [ "$vaddr" != "$paddr" ] || (( vaddr < 0x200000 || vaddr + memsz > 0x400000 )); then
+            bad=1
+        fi
+    done < <(readelf -lW "$f")
+    if [ "$bad" = 1 ]; then
+        echo "build-tiny.sh: FAILED: $f breaks the boot contract (entry or segments):" >&2
+        readelf -hlW "$f" >&2
+        exit 1
+    fi
+}
+
 built="$target_dir/x86_64-unknown-linux-gnu/release"
 for g in "${guests[@]}"; do
     src="$built/$g"
@@ -49,6 +67,10 @@ for g in "${guests[@]}"; do
     if [ ! -f "$src" ] || [ "$(head -c 4 "$src" | od -An -c | tr -d ' ')" != '177ELF' ]; then
         echo "build-tiny.sh: FAILED: $src is missing or not an ELF file" >&2
         exit 1
+    fi
+    # The boot contract: entry at 2 MiB, identity-placed PT_LOADs inside [2 MiB, 4 MiB).
+    if command -v readelf >/dev/null; then
+        check_elf "$src"
     fi
     if ! cmp -s "$src" "$dst"; then
         cp "$src" "$dst.tmp"
