@@ -139,3 +139,64 @@ fn smp_vcpus_start_and_the_guest_runs() {
         vmm.dump()
     );
 }
+
+/// Assembles a 64-bit guest linked at 2 MiB from GNU as source (binutils is a build dependency).
+fn assemble_guest(dir: &ScratchDir, name: &str, body: &str) -> std::path::PathBuf {
+    let src = dir.path().join(format!("{name}.S"));
+    let obj = dir.path().join(format!("{name}.o"));
+    let elf = dir.path().join(format!("{name}.elf"));
+    std::fs::write(&src, format!(".globl _start\n.text\n.code64\n_start:\n{body}\n")).unwrap();
+    let ok = std::process::Command::new("as")
+        .arg("-o")
+        .arg(&obj)
+        .arg(&src)
+        .status()
+        .expect("run as")
+        .success()
+        && std::process::Command::new("ld")
+            .args(["-static", "-nostdlib", "-Ttext=0x200000", "-o"])
+            .arg(&elf)
+            .arg(&obj)
+            .status()
+            .expect("run ld")
+            .success();
+    assert!(ok, "cannot assemble {name}");
+    elf
+}
+
+#[test]
+fn triple_fault_exits_nonzero_with_a_reason() {
+    require_kvm();
+    let dir = ScratchDir::new("triplefault");
+    // An empty IDT and an invalid opcode: #UD cannot be delivered, which escalates to a
+    // triple fault.
+    let elf = assemble_guest(&dir, "tf", "lidt idtr\nud2\nidtr: .word 0\n.quad 0");
+    let (status, _out, err) = run_to_end(
+        &["run", "--kernel", elf.to_str().unwrap(), "--memory", "16M"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(2), "{err:?}");
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("triple-faulted"), "{err:?}");
+}
+
+#[test]
+fn unemulated_instruction_exits_nonzero_with_its_bytes() {
+    require_kvm();
+    let dir = ScratchDir::new("int3");
+    // int3 in ring 0 with no IDT: on this machine's software-nested KVM the instruction is not
+    // emulated (KVM_EXIT_INTERNAL_ERROR); on hardware KVM it triple-faults. Either way arkvm
+    // must stop with a non-zero status and a one-line reason.
+    let elf = assemble_guest(&dir, "int3", "lidt idtr\nint3\nidtr: .word 0\n.quad 0");
+    let (status, _out, err) = run_to_end(
+        &["run", "--kernel", elf.to_str().unwrap(), "--memory", "16M"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(2), "{err:?}");
+    assert_eq!(err.len(), 1, "{err:?}");
+    let line = &err[0];
+    assert!(
+        line.contains("triple-faulted") || line.contains("instruction bytes: cc"),
+        "{line}"
+    );
+}
