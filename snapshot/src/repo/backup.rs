@@ -8,13 +8,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::codec::{chunk_object_name, encode_chunk};
+use super::codec::{chunk_id, chunk_object_name, encode_chunk};
+use super::key::RepoKey;
 use super::point::{new_point_id, point_object_name, PointManifest, PointObject, PointStats};
 use super::store::{ChunkStore, StoreLock};
 use super::RepoError;
-use crate::chunk::{
-    chunk_count, chunk_hash, chunk_range, chunk_table_hash, ContentHash, CHUNK_SIZE,
-};
+use crate::chunk::{chunk_count, chunk_range, chunk_table_hash, ContentHash, CHUNK_SIZE};
 use crate::manifest::{validate_part_name, PartKind};
 use crate::state_file::write_state;
 use crate::FORMAT_VERSION;
@@ -24,6 +23,7 @@ use crate::FORMAT_VERSION;
 /// chunks stored by an abandoned backup are collected by the next garbage collection.
 pub struct BackupWriter<'r> {
     store: &'r dyn ChunkStore,
+    key: Option<&'r RepoKey>,
     _lock: StoreLock,
     token: u64,
     vm: String,
@@ -38,6 +38,7 @@ impl<'r> BackupWriter<'r> {
     /// Starts a backup of `vm`; `parent` is the point whose chunk ids may be reused.
     pub(super) fn new(
         store: &'r dyn ChunkStore,
+        key: Option<&'r RepoKey>,
         lock: StoreLock,
         vm: &str,
         parent: Option<PointManifest>,
@@ -45,6 +46,7 @@ impl<'r> BackupWriter<'r> {
         static TOKENS: AtomicU64 = AtomicU64::new(1);
         Self {
             store,
+            key,
             _lock: lock,
             token: TOKENS.fetch_add(1, Ordering::Relaxed),
             vm: vm.to_string(),
@@ -87,6 +89,7 @@ impl<'r> BackupWriter<'r> {
         self.pending.insert(name.to_string());
         Ok(ObjectWriter {
             store: self.store,
+            key: self.key,
             token: self.token,
             name: name.to_string(),
             kind,
@@ -193,7 +196,7 @@ impl<'r> BackupWriter<'r> {
             objects: self.objects,
             stats: self.stats,
         };
-        let bytes = point.encode()?;
+        let bytes = point.encode(self.key)?;
         if !self
             .store
             .put_if_absent(&point_object_name(&point.id), &bytes)?
@@ -215,6 +218,7 @@ impl<'r> BackupWriter<'r> {
 /// threads (all methods take `&self`). Two threads must not fill the same chunk at once.
 pub struct ObjectWriter<'r> {
     store: &'r dyn ChunkStore,
+    key: Option<&'r RepoKey>,
     token: u64,
     name: String,
     kind: PartKind,
@@ -269,10 +273,10 @@ impl ObjectWriter<'_> {
                 ),
             ));
         }
-        let id = chunk_hash(data);
+        let id = chunk_id(data, self.key);
         let name = chunk_object_name(&id);
         if !self.store.contains(&name)? {
-            let stored = encode_chunk(data);
+            let stored = encode_chunk(&id, data, self.key);
             if self.store.put_if_absent(&name, &stored)? {
                 self.new.fetch_add(1, Ordering::Relaxed);
                 self.bytes_stored

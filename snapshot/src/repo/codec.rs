@@ -1,9 +1,11 @@
-//! Stored chunk objects: named by the blake3 of their plain bytes, stored as one tag byte
-//! followed by zstd-compressed (or, when that does not help, plain) bytes.
+//! Stored chunk objects: named by the blake3 of their plain bytes (keyed blake3 in an encrypted
+//! repository), stored as one tag byte followed by zstd-compressed (or, when that does not help,
+//! plain) bytes; in an encrypted repository that encoding is sealed behind the tag `E`.
 
 use std::io::Read;
 
-use crate::chunk::{ContentHash, MAX_CHUNK_SIZE};
+use super::key::{KeyError, RepoKey};
+use crate::chunk::{chunk_hash, ContentHash, MAX_CHUNK_SIZE};
 
 /// The folder of chunk objects in a repository.
 pub const CHUNK_PREFIX: &str = "chunks/";
@@ -15,6 +17,8 @@ pub const ZSTD_LEVEL: i32 = 1;
 const TAG_ZSTD: u8 = b'Z';
 /// Tag of a chunk stored as plain bytes.
 const TAG_PLAIN: u8 = b'P';
+/// Tag of an encrypted chunk: nonce and sealed (`Z` or `P`) encoding follow.
+const TAG_SEALED: u8 = b'E';
 
 /// Why a stored chunk could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,23 @@ pub enum ChunkCodecError {
     /// The plain bytes do not hash to the chunk's name.
     #[error("chunk content does not match its blake3 id")]
     HashMismatch,
+    /// The chunk is encrypted and no key was given.
+    #[error("chunk is encrypted and no key was given")]
+    NeedsKey,
+    /// The repository is encrypted but this chunk is not.
+    #[error("chunk is not encrypted, but the repository is")]
+    NotSealed,
+    /// Decryption failed.
+    #[error("chunk cannot be decrypted")]
+    Unauthentic(#[source] KeyError),
+}
+
+/// The id of a chunk: blake3 of its bytes, keyed in an encrypted repository.
+pub fn chunk_id(data: &[u8], key: Option<&RepoKey>) -> ContentHash {
+    match key {
+        Some(key) => key.chunk_id(data),
+        None => chunk_hash(data),
+    }
 }
 
 /// The object name of chunk `id`: `chunks/<first 4 hex digits>/<64 hex digits>`.
@@ -50,9 +71,9 @@ pub fn chunk_id_from_name(name: &str) -> Option<ContentHash> {
     (hex.len() == 64 && hex == id.to_hex() && folder == &hex[..4]).then_some(id)
 }
 
-/// Encodes a chunk for storage.
-pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
-    match zstd::bulk::compress(data, ZSTD_LEVEL) {
+/// Encodes chunk `id` (whose bytes are `data`) for storage, sealed if a key is given.
+pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec<u8> {
+    let encoded = match zstd::bulk::compress(data, ZSTD_LEVEL) {
         Ok(compressed) if compressed.len() < data.len() => {
             let mut out = Vec::with_capacity(compressed.len() + 1);
             out.push(TAG_ZSTD);
@@ -66,11 +87,48 @@ pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
             out.extend_from_slice(data);
             out
         }
+    };
+    match key {
+        None => encoded,
+        Some(key) => {
+            let sealed = key.seal(id.as_bytes(), &encoded);
+            let mut out = Vec::with_capacity(sealed.len() + 1);
+            out.push(TAG_SEALED);
+            out.extend_from_slice(&sealed);
+            out
+        }
     }
 }
 
-/// Decodes a stored chunk and checks it against its id.
-pub fn decode_chunk(id: &ContentHash, stored: &[u8]) -> Result<Vec<u8>, ChunkCodecError> {
+/// Decodes a stored chunk and checks it against its id; `key` must be given exactly when the
+/// repository is encrypted.
+pub fn decode_chunk(
+    id: &ContentHash,
+    stored: &[u8],
+    key: Option<&RepoKey>,
+) -> Result<Vec<u8>, ChunkCodecError> {
+    let (&tag, body) = stored
+        .split_first()
+        .ok_or(ChunkCodecError::UnknownEncoding)?;
+    let data = match (tag, key) {
+        (TAG_SEALED, Some(key)) => {
+            let inner = key
+                .open(id.as_bytes(), body)
+                .map_err(ChunkCodecError::Unauthentic)?;
+            decode_plain(&inner)?
+        }
+        (TAG_SEALED, None) => return Err(ChunkCodecError::NeedsKey),
+        (_, Some(_)) => return Err(ChunkCodecError::NotSealed),
+        (_, None) => decode_plain(stored)?,
+    };
+    if chunk_id(&data, key) != *id {
+        return Err(ChunkCodecError::HashMismatch);
+    }
+    Ok(data)
+}
+
+/// Decodes a `Z` or `P` encoding.
+fn decode_plain(stored: &[u8]) -> Result<Vec<u8>, ChunkCodecError> {
     let (&tag, body) = stored
         .split_first()
         .ok_or(ChunkCodecError::UnknownEncoding)?;
@@ -93,9 +151,6 @@ pub fn decode_chunk(id: &ContentHash, stored: &[u8]) -> Result<Vec<u8>, ChunkCod
             limit: MAX_CHUNK_SIZE,
         });
     }
-    if ContentHash::of(&data) != *id {
-        return Err(ChunkCodecError::HashMismatch);
-    }
     Ok(data)
 }
 
@@ -112,25 +167,61 @@ mod tests {
             .collect();
         for data in [zeros.as_slice(), noise.as_slice(), b"".as_slice()] {
             let id = chunk_hash(data);
-            let stored = encode_chunk(data);
-            assert_eq!(decode_chunk(&id, &stored).unwrap(), data);
+            let stored = encode_chunk(&id, data, None);
+            assert_eq!(decode_chunk(&id, &stored, None).unwrap(), data);
         }
-        assert!(encode_chunk(&zeros).len() < 1000);
-        assert_eq!(encode_chunk(&zeros)[0], TAG_ZSTD);
+        let zero_id = chunk_hash(&zeros);
+        assert!(encode_chunk(&zero_id, &zeros, None).len() < 1000);
+        assert_eq!(encode_chunk(&zero_id, &zeros, None)[0], TAG_ZSTD);
     }
 
     #[test]
     fn every_flip_is_refused() {
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
         let id = chunk_hash(&data);
-        let stored = encode_chunk(&data);
+        let stored = encode_chunk(&id, &data, None);
         for pos in 0..stored.len() {
             let mut damaged = stored.clone();
             damaged[pos] ^= 0x01;
-            assert!(decode_chunk(&id, &damaged).is_err(), "flip at {pos}");
+            assert!(decode_chunk(&id, &damaged, None).is_err(), "flip at {pos}");
         }
-        assert!(decode_chunk(&id, &[]).is_err());
-        assert!(decode_chunk(&chunk_hash(b"other"), &stored).is_err());
+        assert!(decode_chunk(&id, &[], None).is_err());
+        assert!(decode_chunk(&chunk_hash(b"other"), &stored, None).is_err());
+    }
+
+    #[test]
+    fn sealed_chunks() {
+        let key = RepoKey::generate();
+        let data = vec![5u8; 10_000];
+        let id = chunk_id(&data, Some(&key));
+        let stored = encode_chunk(&id, &data, Some(&key));
+        assert_eq!(stored[0], TAG_SEALED);
+        assert_eq!(decode_chunk(&id, &stored, Some(&key)).unwrap(), data);
+        assert!(matches!(
+            decode_chunk(&id, &stored, None),
+            Err(ChunkCodecError::NeedsKey)
+        ));
+        assert!(matches!(
+            decode_chunk(&id, &stored, Some(&RepoKey::generate())),
+            Err(ChunkCodecError::Unauthentic(_))
+        ));
+        for pos in 0..stored.len() {
+            let mut damaged = stored.clone();
+            damaged[pos] ^= 0x01;
+            assert!(
+                decode_chunk(&id, &damaged, Some(&key)).is_err(),
+                "flip at {pos}"
+            );
+        }
+        // A plain chunk slipped into an encrypted repository is refused.
+        let plain = encode_chunk(&id, &data, None);
+        assert!(matches!(
+            decode_chunk(&id, &plain, Some(&key)),
+            Err(ChunkCodecError::NotSealed)
+        ));
+        // A sealed chunk moved under another id does not open.
+        let other = chunk_id(b"other", Some(&key));
+        assert!(decode_chunk(&other, &stored, Some(&key)).is_err());
     }
 
     #[test]

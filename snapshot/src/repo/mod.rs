@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! REPO/
-//!   config.json                      sealed: format version, chunk size
+//!   config.json                      sealed: format version, chunk size, key fingerprint
 //!   chunks/<4 hex>/<64 hex>          one chunk: tag byte + zstd (or plain) bytes; name = blake3
 //!   points/<id>.json                 sealed point manifest; created last, with create-if-absent
 //!   .lock                            flock: shared for backups and verify, exclusive for prune/gc
@@ -19,6 +19,7 @@
 
 mod backup;
 mod codec;
+mod key;
 mod point;
 mod repository;
 mod store;
@@ -28,9 +29,10 @@ use std::path::PathBuf;
 
 pub use backup::{BackupWriter, ObjectWriter};
 pub use codec::{
-    chunk_id_from_name, chunk_object_name, decode_chunk, encode_chunk, ChunkCodecError,
+    chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, encode_chunk, ChunkCodecError,
     CHUNK_PREFIX, ZSTD_LEVEL,
 };
+pub use key::{KeyError, RepoKey};
 pub use point::{
     point_id_from_name, point_object_name, PointManifest, PointObject, PointStats, MAX_POINT_LEN,
     POINT_PREFIX,
@@ -70,6 +72,29 @@ pub enum RepoError {
     ConfigInvalid {
         /// What is wrong.
         problem: String,
+    },
+    /// The repository is encrypted and no key was given.
+    #[error("the repository is encrypted: a key is required")]
+    KeyRequired,
+    /// A key was given for a repository that is not encrypted.
+    #[error("the repository is not encrypted, but a key was given")]
+    KeyNotUsed,
+    /// The key is not the repository's.
+    #[error("the key (fingerprint {given}) is not this repository's key (fingerprint {expected})")]
+    WrongKey {
+        /// The given key's fingerprint.
+        given: String,
+        /// The repository's key fingerprint.
+        expected: String,
+    },
+    /// An encrypted point manifest does not decrypt.
+    #[error("backup point '{id}' cannot be decrypted")]
+    PointUnauthentic {
+        /// The point.
+        id: String,
+        /// Why.
+        #[source]
+        source: KeyError,
     },
     /// No point has this id.
     #[error("backup point '{id}' does not exist")]

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::key::RepoKey;
 use super::RepoError;
 use crate::chunk::{chunk_count, chunk_table_hash, is_valid_chunk_size, ContentHash};
 use crate::manifest::{validate_part_name, PartKind};
@@ -10,6 +11,9 @@ use crate::sealed_json::{seal, unseal};
 
 /// The folder of point manifests in a repository.
 pub const POINT_PREFIX: &str = "points/";
+
+/// The first bytes of an encrypted point manifest; the sealed JSON follows, encrypted.
+const SEALED_POINT_MAGIC: &[u8] = b"ARKVMENC";
 
 /// The largest point manifest a reader accepts.
 pub const MAX_POINT_LEN: u64 = 256 << 20;
@@ -88,16 +92,45 @@ impl PointManifest {
         self.objects.iter().flat_map(|o| o.chunks.iter())
     }
 
-    /// Encodes the manifest as sealed JSON.
-    pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
-        seal(self).map_err(|source| RepoError::PointSeal {
+    /// Encodes the manifest as sealed JSON, encrypted if a key is given.
+    pub fn encode(&self, key: Option<&RepoKey>) -> Result<Vec<u8>, RepoError> {
+        let json = seal(self).map_err(|source| RepoError::PointSeal {
             id: self.id.clone(),
             source,
+        })?;
+        Ok(match key {
+            None => json,
+            Some(key) => {
+                let mut out = SEALED_POINT_MAGIC.to_vec();
+                out.extend_from_slice(&key.seal(self.id.as_bytes(), &json));
+                out
+            }
         })
     }
 
-    /// Decodes and checks the manifest stored for point `id`.
-    pub fn decode(id: &str, bytes: &[u8]) -> Result<Self, RepoError> {
+    /// Decodes and checks the manifest stored for point `id`; `key` must be given exactly when
+    /// the repository is encrypted.
+    pub fn decode(id: &str, bytes: &[u8], key: Option<&RepoKey>) -> Result<Self, RepoError> {
+        let opened;
+        let bytes = match (bytes.strip_prefix(SEALED_POINT_MAGIC), key) {
+            (Some(sealed), Some(key)) => {
+                opened = key.open(id.as_bytes(), sealed).map_err(|source| {
+                    RepoError::PointUnauthentic {
+                        id: id.to_string(),
+                        source,
+                    }
+                })?;
+                opened.as_slice()
+            }
+            (Some(_), None) => return Err(RepoError::KeyRequired),
+            (None, Some(_)) => {
+                return Err(RepoError::PointInvalid {
+                    id: id.to_string(),
+                    problem: "it is not encrypted, but the repository is".into(),
+                })
+            }
+            (None, None) => bytes,
+        };
         let damaged = |problem: String| RepoError::PointInvalid {
             id: id.to_string(),
             problem,
@@ -223,19 +256,46 @@ mod tests {
     #[test]
     fn round_trip_and_damage() {
         let point = sample();
-        let bytes = point.encode().unwrap();
-        assert_eq!(PointManifest::decode(&point.id, &bytes).unwrap(), point);
-        assert!(PointManifest::decode("other", &bytes).is_err());
+        let bytes = point.encode(None).unwrap();
+        assert_eq!(
+            PointManifest::decode(&point.id, &bytes, None).unwrap(),
+            point
+        );
+        assert!(PointManifest::decode("other", &bytes, None).is_err());
         for pos in (0..bytes.len()).step_by(7) {
             let mut damaged = bytes.clone();
             damaged[pos] ^= 1;
-            assert!(
-                PointManifest::decode(&point.id, &damaged).is_err(),
-                "flip at {pos}"
-            );
+            let result = PointManifest::decode(&point.id, &damaged, None);
+            assert!(result.is_err(), "flip at {pos}");
         }
         let mut bad = sample();
         bad.objects[0].size = 3 * 4096;
-        assert!(PointManifest::decode(&bad.id, &bad.encode().unwrap()).is_err());
+        assert!(PointManifest::decode(&bad.id, &bad.encode(None).unwrap(), None).is_err());
+    }
+
+    #[test]
+    fn encrypted_manifests() {
+        let key = RepoKey::generate();
+        let point = sample();
+        let bytes = point.encode(Some(&key)).unwrap();
+        assert!(!bytes.windows(6).any(|w| w == b"memory"));
+        assert_eq!(
+            PointManifest::decode(&point.id, &bytes, Some(&key)).unwrap(),
+            point
+        );
+        assert!(matches!(
+            PointManifest::decode(&point.id, &bytes, None),
+            Err(RepoError::KeyRequired)
+        ));
+        assert!(PointManifest::decode(&point.id, &bytes, Some(&RepoKey::generate())).is_err());
+        assert!(PointManifest::decode("other", &bytes, Some(&key)).is_err());
+        let plain = point.encode(None).unwrap();
+        assert!(PointManifest::decode(&point.id, &plain, Some(&key)).is_err());
+        for pos in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[pos] ^= 1;
+            let result = PointManifest::decode(&point.id, &damaged, Some(&key));
+            assert!(result.is_err(), "flip at {pos}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backup::BackupWriter;
 use super::codec::{chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX};
+use super::key::RepoKey;
 use super::point::{
     point_id_from_name, point_object_name, unix_day, validate_point_name, PointManifest,
     POINT_PREFIX,
@@ -30,6 +31,9 @@ const CONFIG_NAME: &str = "config.json";
 struct RepoConfig {
     format_version: u32,
     chunk_size: u64,
+    /// The fingerprint of the key chunks and points are sealed with; absent when not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_fingerprint: Option<String>,
 }
 
 /// Which points prune keeps, per VM. A point kept by either rule stays.
@@ -122,13 +126,15 @@ pub struct RepoVerifyProgress {
 /// A backup repository.
 pub struct Repository {
     store: Box<dyn ChunkStore>,
+    key: Option<RepoKey>,
 }
 
 impl Repository {
-    /// Creates a repository in directory `path` (created if needed).
-    pub fn init(path: &Path) -> Result<Self, RepoError> {
+    /// Creates a repository in directory `path` (created if needed), encrypted with `key` if
+    /// one is given.
+    pub fn init(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
         let store = LocalDirStore::open(path)?;
-        Self::init_store(Box::new(store)).map_err(|e| match e {
+        Self::init_store(Box::new(store), key).map_err(|e| match e {
             RepoError::AlreadyInitialized { .. } => RepoError::AlreadyInitialized {
                 path: path.to_path_buf(),
             },
@@ -136,21 +142,23 @@ impl Repository {
         })
     }
 
-    /// Opens the repository in directory `path`.
-    pub fn open(path: &Path) -> Result<Self, RepoError> {
+    /// Opens the repository in directory `path`; `key` must be given exactly when it is
+    /// encrypted.
+    pub fn open(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
         if !path.join(CONFIG_NAME).exists() {
             return Err(RepoError::NotARepository {
                 path: path.to_path_buf(),
             });
         }
-        Self::open_store(Box::new(LocalDirStore::open(path)?))
+        Self::open_store(Box::new(LocalDirStore::open(path)?), key)
     }
 
-    /// Creates a repository in an empty store.
-    pub fn init_store(store: Box<dyn ChunkStore>) -> Result<Self, RepoError> {
+    /// Creates a repository in an empty store, encrypted with `key` if one is given.
+    pub fn init_store(store: Box<dyn ChunkStore>, key: Option<RepoKey>) -> Result<Self, RepoError> {
         let config = RepoConfig {
             format_version: FORMAT_VERSION,
             chunk_size: CHUNK_SIZE as u64,
+            key_fingerprint: key.as_ref().map(|k| k.fingerprint().to_string()),
         };
         let bytes = seal(&config).map_err(RepoError::Config)?;
         if !store.put_if_absent(CONFIG_NAME, &bytes)? {
@@ -159,11 +167,11 @@ impl Repository {
             });
         }
         store.sync()?;
-        Ok(Self { store })
+        Ok(Self { store, key })
     }
 
-    /// Opens a repository in a store, checking its config.
-    pub fn open_store(store: Box<dyn ChunkStore>) -> Result<Self, RepoError> {
+    /// Opens a repository in a store, checking its config and the key.
+    pub fn open_store(store: Box<dyn ChunkStore>, key: Option<RepoKey>) -> Result<Self, RepoError> {
         let bytes = store.get(CONFIG_NAME).map_err(|e| match e {
             StoreError::NotFound { .. } => RepoError::NotARepository {
                 path: PathBuf::from(store.location()),
@@ -180,7 +188,23 @@ impl Repository {
                 problem: format!("chunk size {} is not {CHUNK_SIZE}", config.chunk_size),
             });
         }
-        Ok(Self { store })
+        match (&config.key_fingerprint, &key) {
+            (Some(_), None) => return Err(RepoError::KeyRequired),
+            (None, Some(_)) => return Err(RepoError::KeyNotUsed),
+            (Some(expected), Some(key)) if expected != key.fingerprint() => {
+                return Err(RepoError::WrongKey {
+                    given: key.fingerprint().to_string(),
+                    expected: expected.clone(),
+                })
+            }
+            _ => {}
+        }
+        Ok(Self { store, key })
+    }
+
+    /// Whether chunks and points are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
     }
 
     /// The underlying store.
@@ -199,7 +223,13 @@ impl Repository {
         validate_point_name(vm)?;
         let lock = self.store.lock(LockMode::Shared, true)?;
         let parent = parent.map(|id| self.read_point(id)).transpose()?;
-        Ok(BackupWriter::new(self.store.as_ref(), lock, vm, parent))
+        Ok(BackupWriter::new(
+            self.store.as_ref(),
+            self.key.as_ref(),
+            lock,
+            vm,
+            parent,
+        ))
     }
 
     /// Ids of all points, oldest first.
@@ -248,7 +278,7 @@ impl Repository {
                 }
                 other => other.into(),
             })?;
-        PointManifest::decode(id, &bytes)
+        PointManifest::decode(id, &bytes, self.key.as_ref())
     }
 
     /// Reads chunk `id`, decompressed and checked against its id.
@@ -260,7 +290,7 @@ impl Repository {
                 StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
                 other => other.into(),
             })?;
-        decode_chunk(id, &stored).map_err(|source| RepoError::ChunkDamaged {
+        decode_chunk(id, &stored, self.key.as_ref()).map_err(|source| RepoError::ChunkDamaged {
             id: id.to_hex(),
             source,
         })

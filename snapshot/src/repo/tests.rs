@@ -91,28 +91,31 @@ fn init_and_open() {
     let tmp = TestDir::new("repo-init");
     let root = tmp.path().join("repo");
     assert!(matches!(
-        Repository::open(&root),
+        Repository::open(&root, None),
         Err(RepoError::NotARepository { .. })
     ));
-    Repository::init(&root).unwrap();
+    Repository::init(&root, None).unwrap();
     assert!(matches!(
-        Repository::init(&root),
+        Repository::init(&root, None),
         Err(RepoError::AlreadyInitialized { .. })
     ));
-    let repo = Repository::open(&root).unwrap();
+    let repo = Repository::open(&root, None).unwrap();
     assert!(repo.point_ids().unwrap().is_empty());
     // A damaged config is refused.
     let config = root.join("config.json");
     let mut bytes = fs::read(&config).unwrap();
     bytes[3] ^= 1;
     fs::write(&config, &bytes).unwrap();
-    assert!(matches!(Repository::open(&root), Err(RepoError::Config(_))));
+    assert!(matches!(
+        Repository::open(&root, None),
+        Err(RepoError::Config(_))
+    ));
 }
 
 #[test]
 fn five_incremental_points_restore_exactly() {
     let tmp = TestDir::new("repo-five");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let mut seeds = vec![1u8, 0, 3, 4, 5, 6, 7, 8];
     let mut mems = Vec::new();
     let mut ids: Vec<String> = Vec::new();
@@ -160,7 +163,7 @@ fn five_incremental_points_restore_exactly() {
 #[test]
 fn identical_backups_store_nothing_new() {
     let tmp = TestDir::new("repo-dedup");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let mem = memory(4, &[1, 0, 3, 4]);
     let first = backup(&repo, "vm1", None, &mem, None, 0);
     // A full (non-incremental) backup of another VM with the same memory shares every chunk.
@@ -176,7 +179,7 @@ fn identical_backups_store_nothing_new() {
 #[test]
 fn verify_names_damaged_chunks_and_points() {
     let tmp = TestDir::new("repo-verify");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let mem = memory(3, &[1, 0, 3]);
     let a = backup(&repo, "vm1", None, &mem, None, 0);
     let b = backup(&repo, "vm1", Some(&a.id), &mem, Some(&[]), 1);
@@ -232,7 +235,7 @@ fn verify_names_damaged_chunks_and_points() {
 #[test]
 fn prune_collects_exactly_the_unused_chunks() {
     let tmp = TestDir::new("repo-prune");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let mut seeds = vec![1u8, 0, 3, 4];
     let mut ids = Vec::new();
     let mut mems = Vec::new();
@@ -268,7 +271,7 @@ fn prune_collects_exactly_the_unused_chunks() {
 #[test]
 fn abandoned_backup_is_invisible_and_collected() {
     let tmp = TestDir::new("repo-crash");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let mem = memory(2, &[1, 0]);
     let kept = backup(&repo, "vm1", None, &mem, None, 0);
     {
@@ -292,7 +295,7 @@ fn abandoned_backup_is_invisible_and_collected() {
 #[test]
 fn prune_waits_for_backups_and_blocks_on_damage() {
     let tmp = TestDir::new("repo-lock");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let writer = repo.start_backup("vm1", None).unwrap();
     assert!(matches!(
         repo.store().lock(LockMode::Exclusive, false),
@@ -315,7 +318,7 @@ fn prune_waits_for_backups_and_blocks_on_damage() {
 #[test]
 fn two_vms_back_up_at_once() {
     let tmp = TestDir::new("repo-concurrent");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     let points: Vec<PointManifest> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u8)
             .map(|vm| {
@@ -342,7 +345,7 @@ fn two_vms_back_up_at_once() {
 #[test]
 fn misuse_is_refused() {
     let tmp = TestDir::new("repo-misuse");
-    let repo = Repository::init(tmp.path()).unwrap();
+    let repo = Repository::init(tmp.path(), None).unwrap();
     assert!(matches!(
         repo.start_backup("bad/name", None),
         Err(RepoError::BadVmName { .. })
@@ -395,7 +398,7 @@ fn write_snapshot_dir(target: &Path, mem: &[u8]) {
 #[test]
 fn snapshot_directories_go_in_and_come_out() {
     let tmp = TestDir::new("repo-transfer");
-    let repo = Repository::init(&tmp.path().join("repo")).unwrap();
+    let repo = Repository::init(&tmp.path().join("repo"), None).unwrap();
     let mut mem = memory(4, &[1, 0, 3, 4]);
     mem.truncate(3 * MIB + 4096);
     let dir = tmp.path().join("snap");
@@ -450,7 +453,7 @@ fn snapshot_directories_go_in_and_come_out() {
 #[test]
 fn damaged_snapshot_is_not_stored() {
     let tmp = TestDir::new("repo-transfer-damage");
-    let repo = Repository::init(&tmp.path().join("repo")).unwrap();
+    let repo = Repository::init(&tmp.path().join("repo"), None).unwrap();
     let mem = memory(2, &[1, 0]);
     let dir = tmp.path().join("snap");
     write_snapshot_dir(&dir, &mem);
@@ -466,4 +469,115 @@ fn damaged_snapshot_is_not_stored() {
         assert!(repo.point_ids().unwrap().is_empty(), "{part}");
         fs::write(&path, &original).unwrap();
     }
+}
+
+/// Every file under `root`, recursively.
+fn all_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn encrypted_repository() {
+    let tmp = TestDir::new("repo-encrypted");
+    let root = tmp.path().join("repo");
+    let key_path = tmp.path().join("repo.key");
+    let key = RepoKey::create_file(&key_path).unwrap();
+    let repo = Repository::init(&root, Some(key)).unwrap();
+    assert!(repo.is_encrypted());
+    let secret = b"ARKVM-SECRET-PAGE";
+    let mut mem = memory(3, &[1, 0, 3]);
+    for chunk in mem.chunks_mut(4096) {
+        chunk[..secret.len()].copy_from_slice(secret);
+    }
+    let first = backup(&repo, "vm1", None, &mem, None, 4);
+    let second = backup(&repo, "vm1", Some(&first.id), &mem, Some(&[]), 5);
+    assert_eq!(second.stats.chunks_reused, 3);
+    // A full backup of the same memory dedups under the key too.
+    let third = backup(&repo, "vm1", None, &mem, None, 6);
+    assert_eq!(third.stats.chunks_new, 1, "only the new state chunk");
+    assert_eq!(restore_memory(&repo, &first.id), mem);
+    let point = repo.read_point(&second.id).unwrap();
+    let state: VmState = repo.read_state(&point, "vm-state").unwrap();
+    assert_eq!(state.generation, 5);
+    assert!(repo.verify(|_| ()).unwrap().is_clean());
+
+    // Nothing readable is stored: neither the memory nor the manifests' contents.
+    for file in all_files(&root) {
+        let bytes = fs::read(&file).unwrap();
+        let shown = file.display();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret), "{shown}");
+        assert!(!bytes.windows(6).any(|w| w == b"memory"), "{shown}");
+    }
+
+    // The key is required, and must be the right one.
+    assert!(matches!(
+        Repository::open(&root, None),
+        Err(RepoError::KeyRequired)
+    ));
+    assert!(matches!(
+        Repository::open(&root, Some(RepoKey::generate())),
+        Err(RepoError::WrongKey { .. })
+    ));
+    let reopened = Repository::open(&root, Some(RepoKey::load(&key_path).unwrap())).unwrap();
+    assert_eq!(restore_memory(&reopened, &second.id), mem);
+
+    // Tampering with a chunk or a manifest is detected.
+    let chunk = root.join(chunk_object_name(
+        &first.object("memory").unwrap().chunks[0],
+    ));
+    let mut bytes = fs::read(&chunk).unwrap();
+    bytes[40] ^= 1;
+    fs::write(&chunk, &bytes).unwrap();
+    let report = reopened.verify(|_| ()).unwrap();
+    assert_eq!(report.damaged_chunks.len(), 1);
+    assert_eq!(report.damaged_chunks[0].points.len(), 3);
+    let manifest = root.join(point_object_name(&third.id));
+    let mut bytes = fs::read(&manifest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&manifest, &bytes).unwrap();
+    assert!(matches!(
+        reopened.read_point(&third.id),
+        Err(RepoError::PointUnauthentic { .. })
+    ));
+
+    // A plain repository refuses a key.
+    let plain = tmp.path().join("plain");
+    Repository::init(&plain, None).unwrap();
+    assert!(matches!(
+        Repository::open(&plain, Some(RepoKey::generate())),
+        Err(RepoError::KeyNotUsed)
+    ));
+}
+
+#[test]
+fn encrypted_snapshot_transfer() {
+    let tmp = TestDir::new("repo-encrypted-transfer");
+    let repo = Repository::init(&tmp.path().join("repo"), Some(RepoKey::generate())).unwrap();
+    let mem = memory(2, &[1, 0]);
+    let dir = tmp.path().join("snap");
+    write_snapshot_dir(&dir, &mem);
+    let reader = crate::dir::SnapshotReader::open(&dir).unwrap();
+    let point = repo.store_snapshot(&reader, "vm1", None).unwrap();
+    // Chunk table ids are not the keyed ids, so the memory was read and hashed.
+    assert_eq!(point.stats.chunks_reused, 0);
+    let out = tmp.path().join("out");
+    repo.export_point(&point.id, &out).unwrap();
+    assert_eq!(fs::read(out.join("memory")).unwrap(), mem);
+    crate::dir::SnapshotReader::open(&out)
+        .unwrap()
+        .verify_all(|_| ())
+        .unwrap();
 }

@@ -27,10 +27,13 @@ impl Repository {
         let mut backup = self.start_backup(vm, parent)?;
         for part in &snap.manifest().parts {
             let object = backup.add_object(&part.name, part.kind, part.size)?;
-            let by_table = part
-                .chunks
-                .as_ref()
-                .is_some_and(|t| t.chunk_size == CHUNK_SIZE as u64);
+            // Chunk table ids are repository ids only in an unencrypted repository (an
+            // encrypted one names chunks by a keyed hash).
+            let by_table = !self.is_encrypted()
+                && part
+                    .chunks
+                    .as_ref()
+                    .is_some_and(|t| t.chunk_size == CHUNK_SIZE as u64);
             if by_table {
                 let memory = snap.memory_part(&part.name)?;
                 let mut buf = vec![0u8; CHUNK_SIZE];
