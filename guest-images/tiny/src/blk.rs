@@ -16,6 +16,10 @@ pub const QSIZE: usize = 64;
 pub const SLOTS: usize = 16;
 /// Bytes per slot data buffer (the largest request).
 pub const SLOT_BYTES: usize = 64 * 1024;
+/// Used-ring polls without a completion after which a wait gives up (`BLK STALLED`): about a
+/// minute of vCPU run time. Counted in polls, not TSC time, so that a paused or snapshotted
+/// VM does not trip it.
+pub const STALL_POLLS: u64 = 1 << 31;
 /// Sector size of virtio-blk addressing.
 pub const SECTOR: u64 = 512;
 /// Queue memories (at most two devices are driven at once, e.g. by the hostile mode).
@@ -482,7 +486,8 @@ impl Blk {
     }
 
     /// Waits for the next completion of a slot request; returns `(slot, status)`.
-    /// Faults (with a message) if the device enters NEEDS_RESET or returns a foreign id.
+    /// Faults (with a message) if the device enters NEEDS_RESET, returns a foreign id, or
+    /// stays silent for `STALL_POLLS` polls.
     pub fn wait(&mut self) -> (usize, u8) {
         let mut spins = 0u64;
         loop {
@@ -497,6 +502,14 @@ impl Blk {
             spins += 1;
             if spins % (1 << 20) == 0 && self.mmio.status() & status::NEEDS_RESET != 0 {
                 crate::gprintln!("BLK NEEDS-RESET base={:#x}", self.mmio.base());
+                crate::fault();
+            }
+            if spins == STALL_POLLS {
+                crate::gprintln!(
+                    "BLK STALLED base={:#x} in_flight={}",
+                    self.mmio.base(),
+                    self.in_flight()
+                );
                 crate::fault();
             }
             core::hint::spin_loop();
