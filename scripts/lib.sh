@@ -34,7 +34,7 @@ ensure_packages() {
 
 build_guests() {
     say "building the tiny guest kernels"
-    bash "$ARKVM_ROOT/guest-images/build-tiny.sh"
+    bash "$ARKVM_ROOT/guest-images/build-tiny.sh" "$@"
     say "building the Linux guest (cached after the first run)"
     bash "$ARKVM_ROOT/guest-images/linux/build.sh"
 }

@@ -181,6 +181,24 @@ def pass_rate(points, t_start, t_end):
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
+def running_fraction(points, t_start, t_end, base_rate):
+    """The share of [t_start, t_end] the guest was effectively running at `base_rate`.
+
+    PASS lines come about every 50 ms at full speed but can be seconds apart while the guest is
+    held, so the rate inside a short window cannot be read from the lines inside it. Instead take
+    the last line at or before t_start and the first at or after t_end, and charge every second
+    that the passes between them fell short of `base_rate` to the window:
+    1 - (elapsed - passes / base_rate) / (t_end - t_start).
+    """
+    before = [(t, n) for t, n in points if t <= t_start]
+    after = [(t, n) for t, n in points if t >= t_end]
+    if not before or not after or not base_rate or t_end <= t_start:
+        return None
+    (tb, nb), (ta, na) = before[-1], after[0]
+    lost = (ta - tb) - (na - nb) / base_rate
+    return 1.0 - lost / (t_end - t_start)
+
+
 def torn(proc):
     return any("TORN" in line or "GUEST FAULT" in line for _, _, line in proc.lines("out"))
 
