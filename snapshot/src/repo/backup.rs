@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -21,9 +21,9 @@ use crate::FORMAT_VERSION;
 /// A backup point being written. Holds the repository's shared lock, so garbage collection
 /// cannot remove chunks this backup reuses. Nothing is visible until [`BackupWriter::commit`];
 /// chunks stored by an abandoned backup are collected by the next garbage collection.
-pub struct BackupWriter<'r> {
-    store: &'r dyn ChunkStore,
-    key: Option<&'r RepoKey>,
+pub struct BackupWriter {
+    store: Arc<dyn ChunkStore>,
+    key: Option<Arc<RepoKey>>,
     _lock: StoreLock,
     token: u64,
     vm: String,
@@ -34,11 +34,11 @@ pub struct BackupWriter<'r> {
     reused: HashSet<ContentHash>,
 }
 
-impl<'r> BackupWriter<'r> {
+impl BackupWriter {
     /// Starts a backup of `vm`; `parent` is the point whose chunk ids may be reused.
     pub(super) fn new(
-        store: &'r dyn ChunkStore,
-        key: Option<&'r RepoKey>,
+        store: Arc<dyn ChunkStore>,
+        key: Option<Arc<RepoKey>>,
         lock: StoreLock,
         vm: &str,
         parent: Option<PointManifest>,
@@ -70,7 +70,7 @@ impl<'r> BackupWriter<'r> {
         name: &str,
         kind: PartKind,
         size: u64,
-    ) -> Result<ObjectWriter<'r>, RepoError> {
+    ) -> Result<ObjectWriter, RepoError> {
         let misuse = |problem: &str| RepoError::ObjectMisuse {
             name: name.to_string(),
             problem: problem.to_string(),
@@ -88,8 +88,8 @@ impl<'r> BackupWriter<'r> {
             .map(|o| o.chunks.clone());
         self.pending.insert(name.to_string());
         Ok(ObjectWriter {
-            store: self.store,
-            key: self.key,
+            store: self.store.clone(),
+            key: self.key.clone(),
             token: self.token,
             name: name.to_string(),
             kind,
@@ -120,7 +120,7 @@ impl<'r> BackupWriter<'r> {
     }
 
     /// Records a finished object. Every chunk must have been put or reused.
-    pub fn finish_object(&mut self, object: ObjectWriter<'r>) -> Result<(), RepoError> {
+    pub fn finish_object(&mut self, object: ObjectWriter) -> Result<(), RepoError> {
         if object.token != self.token || !self.pending.contains(&object.name) {
             return Err(RepoError::ObjectMisuse {
                 name: object.name,
@@ -196,7 +196,7 @@ impl<'r> BackupWriter<'r> {
             objects: self.objects,
             stats: self.stats,
         };
-        let bytes = point.encode(self.key)?;
+        let bytes = point.encode(self.key.as_deref())?;
         if !self
             .store
             .put_if_absent(&point_object_name(&point.id), &bytes)?
@@ -216,9 +216,9 @@ impl<'r> BackupWriter<'r> {
 
 /// One object of a backup being filled, chunk by chunk, in any order and from any number of
 /// threads (all methods take `&self`). Two threads must not fill the same chunk at once.
-pub struct ObjectWriter<'r> {
-    store: &'r dyn ChunkStore,
-    key: Option<&'r RepoKey>,
+pub struct ObjectWriter {
+    store: Arc<dyn ChunkStore>,
+    key: Option<Arc<RepoKey>>,
     token: u64,
     name: String,
     kind: PartKind,
@@ -233,7 +233,7 @@ pub struct ObjectWriter<'r> {
     bytes_stored: AtomicU64,
 }
 
-impl ObjectWriter<'_> {
+impl ObjectWriter {
     /// The object's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -273,10 +273,10 @@ impl ObjectWriter<'_> {
                 ),
             ));
         }
-        let id = chunk_id(data, self.key);
+        let id = chunk_id(data, self.key.as_deref());
         let name = chunk_object_name(&id);
         if !self.store.contains(&name)? {
-            let stored = encode_chunk(&id, data, self.key);
+            let stored = encode_chunk(&id, data, self.key.as_deref());
             if self.store.put_if_absent(&name, &stored)? {
                 self.new.fetch_add(1, Ordering::Relaxed);
                 self.bytes_stored

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -125,8 +126,8 @@ pub struct RepoVerifyProgress {
 
 /// A backup repository.
 pub struct Repository {
-    store: Box<dyn ChunkStore>,
-    key: Option<RepoKey>,
+    store: Arc<dyn ChunkStore>,
+    key: Option<Arc<RepoKey>>,
 }
 
 impl Repository {
@@ -167,7 +168,10 @@ impl Repository {
             });
         }
         store.sync()?;
-        Ok(Self { store, key })
+        Ok(Self {
+            store: Arc::from(store),
+            key: key.map(Arc::new),
+        })
     }
 
     /// Opens a repository in a store, checking its config and the key.
@@ -199,7 +203,10 @@ impl Repository {
             }
             _ => {}
         }
-        Ok(Self { store, key })
+        Ok(Self {
+            store: Arc::from(store),
+            key: key.map(Arc::new),
+        })
     }
 
     /// Whether chunks and points are encrypted.
@@ -215,17 +222,13 @@ impl Repository {
     /// Starts a backup of `vm`, incremental against point `parent` if given. Waits while prune
     /// or garbage collection runs. Do not call prune or gc from a thread of the same process
     /// while a backup is open: they would wait for it forever.
-    pub fn start_backup(
-        &self,
-        vm: &str,
-        parent: Option<&str>,
-    ) -> Result<BackupWriter<'_>, RepoError> {
+    pub fn start_backup(&self, vm: &str, parent: Option<&str>) -> Result<BackupWriter, RepoError> {
         validate_point_name(vm)?;
         let lock = self.store.lock(LockMode::Shared, true)?;
         let parent = parent.map(|id| self.read_point(id)).transpose()?;
         Ok(BackupWriter::new(
-            self.store.as_ref(),
-            self.key.as_ref(),
+            self.store.clone(),
+            self.key.clone(),
             lock,
             vm,
             parent,
@@ -278,7 +281,7 @@ impl Repository {
                 }
                 other => other.into(),
             })?;
-        PointManifest::decode(id, &bytes, self.key.as_ref())
+        PointManifest::decode(id, &bytes, self.key.as_deref())
     }
 
     /// Reads chunk `id`, decompressed and checked against its id.
@@ -290,7 +293,7 @@ impl Repository {
                 StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
                 other => other.into(),
             })?;
-        decode_chunk(id, &stored, self.key.as_ref()).map_err(|source| RepoError::ChunkDamaged {
+        decode_chunk(id, &stored, self.key.as_deref()).map_err(|source| RepoError::ChunkDamaged {
             id: id.to_hex(),
             source,
         })

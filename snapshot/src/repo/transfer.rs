@@ -50,7 +50,7 @@ impl Repository {
                     object.put_chunk(index, chunk)?;
                 }
             } else {
-                let mut sink = ChunkSink::new(&object);
+                let mut sink = ObjectStream::new(&object);
                 let copied = if part.kind == PartKind::Memory {
                     // Another chunk size: check the whole part first, then re-chunk it.
                     snap.verify_part(&part.name)?;
@@ -115,16 +115,16 @@ impl Repository {
 }
 
 /// A [`Write`] that cuts a stream into [`CHUNK_SIZE`] chunks and puts them into an object.
-struct ChunkSink<'a, 'r> {
-    object: &'a ObjectWriter<'r>,
+struct ObjectStream<'a> {
+    object: &'a ObjectWriter,
     buf: Vec<u8>,
     index: u64,
     /// The repository error behind an `io::Error` this sink returned.
     error: Option<RepoError>,
 }
 
-impl<'a, 'r> ChunkSink<'a, 'r> {
-    fn new(object: &'a ObjectWriter<'r>) -> Self {
+impl<'a> ObjectStream<'a> {
+    fn new(object: &'a ObjectWriter) -> Self {
         Self {
             object,
             buf: Vec::with_capacity(CHUNK_SIZE),
@@ -150,7 +150,7 @@ impl<'a, 'r> ChunkSink<'a, 'r> {
     }
 }
 
-impl Write for ChunkSink<'_, '_> {
+impl Write for ObjectStream<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = data.len().min(CHUNK_SIZE - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
