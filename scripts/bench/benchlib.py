@@ -4,6 +4,7 @@ Every benchmark prints a small table, the exact commands it ran, and ratios agai
 taken in the same run, because the machines these run on are shared and noisy.
 """
 
+import atexit
 import datetime
 import json
 import os
@@ -91,6 +92,18 @@ def parse_boot_timings(lines):
     return None
 
 
+_CHILDREN = []
+
+
+@atexit.register
+def _kill_children():
+    """A benchmark that fails half-way must not leave a guest running on a shared machine."""
+    for p in _CHILDREN:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 class Proc:
     """A child process whose stdout and stderr lines are kept with host timestamps.
 
@@ -106,6 +119,7 @@ class Proc:
         self.wall0 = time.time()
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=env)
+        _CHILDREN.append(self.p)
         self.readers = [threading.Thread(target=self._read, args=(self.p.stdout, self.out),
                                          daemon=True),
                         threading.Thread(target=self._read, args=(self.p.stderr, self.err),
