@@ -8,6 +8,8 @@
 //! - [`sealed_json`]: checksummed JSON documents (snapshot and backup-point manifests).
 //! - [`repo`]: the deduplicating backup repository (chunk store, points, verify, prune).
 //! - [`sink`]: [`MemorySink`], one interface over snapshot memory parts and backup objects.
+//! - [`source`]: [`ChunkSource`], one interface over snapshot memory parts and backup objects
+//!   for lazy restore.
 //! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
 //!
 //! The on-disk layout is described in `docs/snapshot-format.md`.
@@ -20,6 +22,7 @@ pub mod persist;
 pub mod repo;
 pub mod sealed_json;
 pub mod sink;
+pub mod source;
 pub mod state_file;
 
 #[cfg(test)]
@@ -33,6 +36,7 @@ pub use dir::{
 pub use manifest::{Manifest, PartEntry, PartKind};
 pub use persist::Persist;
 pub use sink::{MemorySink, MemorySinkError};
+pub use source::{ChunkSource, ChunkSourceError};
 pub use state_file::{read_state, write_state, StateFileError};
 
 /// The format version of the whole snapshot: written in the manifest and in every state file.

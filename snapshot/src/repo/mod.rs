@@ -21,6 +21,7 @@ mod backup;
 mod codec;
 mod key;
 mod point;
+mod reader;
 mod repository;
 mod store;
 mod transfer;
@@ -37,6 +38,7 @@ pub use point::{
     point_id_from_name, point_object_name, PointManifest, PointObject, PointStats, MAX_POINT_LEN,
     POINT_PREFIX,
 };
+pub use reader::ObjectReader;
 pub use repository::{
     DamagedChunk, GcReport, KeepPolicy, PointEntry, PruneReport, RepoVerifyProgress, Repository,
     VerifyReport,

@@ -219,6 +219,16 @@ impl Repository {
         self.store.as_ref()
     }
 
+    /// A shared handle on the store, for readers and writers that outlive a borrow.
+    pub(super) fn store_arc(&self) -> Arc<dyn ChunkStore> {
+        self.store.clone()
+    }
+
+    /// A shared handle on the key, if the repository is encrypted.
+    pub(super) fn key_arc(&self) -> Option<Arc<RepoKey>> {
+        self.key.clone()
+    }
+
     /// Starts a backup of `vm`, incremental against point `parent` if given. Waits while prune
     /// or garbage collection runs. Do not call prune or gc from a thread of the same process
     /// while a backup is open: they would wait for it forever.
