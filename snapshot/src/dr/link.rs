@@ -121,6 +121,16 @@ impl Direction {
     }
 }
 
+impl std::fmt::Debug for SecureLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureLink")
+            .field("peer", &self.stream.peer_addr().ok())
+            .field("bytes_sent", &self.bytes_sent)
+            .field("bytes_received", &self.bytes_received)
+            .finish()
+    }
+}
+
 /// An authenticated, encrypted connection.
 pub struct SecureLink {
     stream: TcpStream,
@@ -154,7 +164,13 @@ impl SecureLink {
                 "the receiver's key proof is wrong: it holds another key",
             ));
         }
-        Ok(Self::established(stream, key, &client_nonce, &server_nonce, true))
+        Ok(Self::established(
+            stream,
+            key,
+            &client_nonce,
+            &server_nonce,
+            true,
+        ))
     }
 
     /// Runs the server side of the handshake on an accepted stream. A peer that does not
@@ -176,7 +192,13 @@ impl SecureLink {
         }
         let answer = key.proof("server", &client_nonce, &server_nonce);
         write_raw(&mut stream, answer.as_bytes(), "send the key proof")?;
-        Ok(Self::established(stream, key, &client_nonce, &server_nonce, false))
+        Ok(Self::established(
+            stream,
+            key,
+            &client_nonce,
+            &server_nonce,
+            false,
+        ))
     }
 
     fn established(
@@ -252,7 +274,7 @@ impl SecureLink {
         }
         let sealed_len = u32::from_be_bytes(len) as usize;
         // Checked before allocating: a peer cannot make this side reserve more.
-        if sealed_len > MAX_FRAME_LEN + TAG_LEN || sealed_len < TAG_LEN {
+        if !(TAG_LEN..=MAX_FRAME_LEN + TAG_LEN).contains(&sealed_len) {
             return Err(DrError::FrameTooLarge {
                 len: sealed_len as u64,
                 limit: (MAX_FRAME_LEN + TAG_LEN) as u64,
@@ -309,9 +331,7 @@ fn read_hello(stream: &mut TcpStream) -> Result<[u8; 32], DrError> {
 }
 
 fn write_raw(stream: &mut TcpStream, bytes: &[u8], action: &'static str) -> Result<(), DrError> {
-    stream
-        .write_all(bytes)
-        .map_err(|e| DrError::io(action, e))
+    stream.write_all(bytes).map_err(|e| DrError::io(action, e))
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -333,7 +353,10 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(client_key: LinkKey, server_key: LinkKey) -> (Result<SecureLink, DrError>, Result<SecureLink, DrError>) {
+    fn pair(
+        client_key: LinkKey,
+        server_key: LinkKey,
+    ) -> (Result<SecureLink, DrError>, Result<SecureLink, DrError>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -362,10 +385,7 @@ mod tests {
 
     #[test]
     fn wrong_key_fails_on_both_sides() {
-        let (client, server) = pair(
-            LinkKey::from_secret([1; 32]),
-            LinkKey::from_secret([2; 32]),
-        );
+        let (client, server) = pair(LinkKey::from_secret([1; 32]), LinkKey::from_secret([2; 32]));
         assert!(matches!(server, Err(DrError::AuthFailed(_))), "{server:?}");
         assert!(matches!(client, Err(DrError::AuthFailed(_))), "{client:?}");
     }

@@ -77,17 +77,7 @@ impl Message {
     /// Encodes the message as a frame's plaintext.
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Message::Offer { header, ids } => {
-                let json = serde_json::to_vec(header).expect("offer headers serialize");
-                let mut out = Vec::with_capacity(5 + json.len() + ids.len() * 32);
-                out.push(OFFER);
-                out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-                out.extend_from_slice(&json);
-                for id in ids {
-                    out.extend_from_slice(id.as_bytes());
-                }
-                out
-            }
+            Message::Offer { header, ids } => Self::encode_offer(header, ids),
             Message::Need(indexes) => {
                 let mut out = Vec::with_capacity(1 + indexes.len() * 4);
                 out.push(NEED);
@@ -116,11 +106,22 @@ impl Message {
         }
     }
 
+    /// Encodes an offer without building the message.
+    pub fn encode_offer(header: &OfferHeader, ids: &[ContentHash]) -> Vec<u8> {
+        let json = serde_json::to_vec(header).expect("offer headers serialize");
+        let mut out = Vec::with_capacity(5 + json.len() + ids.len() * 32);
+        out.push(OFFER);
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        for id in ids {
+            out.extend_from_slice(id.as_bytes());
+        }
+        out
+    }
+
     /// Decodes a frame's plaintext.
     pub fn decode(frame: &[u8]) -> Result<Self, DrError> {
-        let (&kind, body) = frame
-            .split_first()
-            .ok_or_else(|| bad("an empty message"))?;
+        let (&kind, body) = frame.split_first().ok_or_else(|| bad("an empty message"))?;
         Ok(match kind {
             OFFER => {
                 let len = body
