@@ -11,11 +11,13 @@
 //! - [`source`]: [`ChunkSource`], one interface over snapshot memory parts and backup objects
 //!   for lazy restore.
 //! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
+//! - [`dr`]: the disaster-recovery link and protocol (checkpoints to a second host).
 //!
 //! The on-disk layout is described in `docs/snapshot-format.md`.
 
 pub mod chunk;
 pub mod dir;
+pub mod dr;
 mod fs_util;
 pub mod manifest;
 pub mod persist;
