@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds the arkvm Linux guest: a 6.1 vmlinux, a busybox initramfs and an ext4 disk image.
+# Builds the arkvm Linux guest: a 6.1 vmlinux, two initramfs images and an ext4 disk image.
 #
 # Usage: guest-images/linux/build.sh [--force]
 #
 # The result is cached outside the repository, keyed by a hash of the inputs:
-#   ${ARKVM_CACHE:-$HOME/.cache/arkvm}/linux/<hash>/{vmlinux,initramfs.cpio.gz,disk-ext4.img}
+#   ${ARKVM_CACHE:-$HOME/.cache/arkvm}/linux/<hash>/
+#       {vmlinux,initramfs.cpio.gz,initramfs-mini.cpio,disk-ext4.img}
 #   ${ARKVM_CACHE:-$HOME/.cache/arkvm}/linux/current -> <hash>
 # A run whose inputs are already built only prints the paths. Progress goes to stderr; stdout
 # gets only shell assignments (ARKVM_LINUX_VMLINUX=... etc.), so `eval "$(build.sh)"` works.
@@ -20,6 +21,7 @@ cache=${ARKVM_CACHE:-$HOME/.cache/arkvm}/linux
 patch_file=$here/0001-skip-int3-selftest.patch
 fragment=$here/arkvm.config
 init_script=$here/init.sh
+mini_init_source=$here/mini-init.S
 jobs=${ARKVM_JOBS:-2}
 
 # The kernel command line every arkvm Linux boot on the test machine needs (README.md).
@@ -48,7 +50,7 @@ for arg in "$@"; do
     case $arg in
     --force) force=1 ;;
     -h | --help)
-        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+        awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
         exit 0
         ;;
     *)
@@ -93,12 +95,12 @@ ensure_packages() {
     fi
 }
 
-# The cache key: this script, the patch, the config fragment, the guest's /init and the versions
+# The cache key: this script, the patch, the config fragment, the guests' /init and the versions
 # of the packages whose contents end up in the outputs.
 input_hash() {
     {
         echo "arkvm linux guest inputs v1"
-        for f in "$0" "$patch_file" "$fragment" "$init_script"; do
+        for f in "$0" "$patch_file" "$fragment" "$init_script" "$mini_init_source"; do
             echo "== $(basename "$f")"
             cat "$f"
         done
@@ -112,6 +114,7 @@ print_paths() {
     printf 'ARKVM_LINUX_DIR=%s\n' "$dir"
     printf 'ARKVM_LINUX_VMLINUX=%s\n' "$dir/vmlinux"
     printf 'ARKVM_LINUX_INITRAMFS=%s\n' "$dir/initramfs.cpio.gz"
+    printf 'ARKVM_LINUX_INITRAMFS_MINI=%s\n' "$dir/initramfs-mini.cpio"
     printf 'ARKVM_LINUX_DISK=%s\n' "$dir/disk-ext4.img"
     printf "ARKVM_LINUX_CMDLINE='%s'\n" "$cmdline"
 }
@@ -236,6 +239,14 @@ build_initramfs() {
     } >"$list"
     "$gen" -t "$build_epoch" "$list" | gzip -n -9 >"$out/initramfs.cpio.gz"
     gzip -t "$out/initramfs.cpio.gz" || die "the initramfs is not valid gzip"
+
+    log "stage: mini initramfs (uncompressed, /init from mini-init.S)"
+    as --64 -o "$work/mini-init.o" "$mini_init_source"
+    ld -static -s -z noseparate-code -e _start -o "$work/mini-init" "$work/mini-init.o"
+    readelf -h "$work/mini-init" | grep -q 'Type:[[:space:]]*EXEC' || die "mini-init is not an ELF executable"
+    printf '%s\n' "dir /dev 0755 0 0" "nod /dev/console 0600 0 0 c 5 1" \
+        "file /init $work/mini-init 0755 0 0" >"$work/initramfs-mini.list"
+    "$gen" -t "$build_epoch" "$work/initramfs-mini.list" >"$out/initramfs-mini.cpio"
 }
 
 build_disk() {
@@ -324,7 +335,8 @@ cp "$src/System.map" "$out/System.map"
     installed_versions "${hashed_packages[@]}" | sed 's/^/  /'
     echo "inputs:"
     (cd "$here" && sha256sum "$(basename "$0")" "$(basename "$patch_file")" \
-        "$(basename "$fragment")" "$(basename "$init_script")") | sed 's/^/  /'
+        "$(basename "$fragment")" "$(basename "$init_script")" \
+        "$(basename "$mini_init_source")") | sed 's/^/  /'
 } >"$out/inputs.txt"
 chmod 0444 "$out"/*
 touch "$out/.complete"
