@@ -1,0 +1,439 @@
+//! `arkvm dr serve|status|recover`: the disaster recovery receiver, its status, and recovery of
+//! the newest complete checkpoint into a new VM (through `arkvm restore`).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+use snapshot::dr::{query_status, DrError, LinkKey, Receiver, ReceiverConfig, ReceiverStatus};
+use snapshot::repo::{chunk_object_name, KeyError, PointManifest, RepoError, RepoKey, Repository};
+
+use super::launch::fail;
+
+/// Why a `dr` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DrCommandError {
+    /// The key file could not be read.
+    #[error("cannot use the key file")]
+    Key(#[from] KeyError),
+    /// The repository failed.
+    #[error("repository operation failed")]
+    Repo(#[from] RepoError),
+    /// The DR link or protocol failed.
+    #[error("DR operation failed")]
+    Dr(#[from] DrError),
+    /// A local file operation or the listening socket failed.
+    #[error("cannot {action} {target}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file, directory or address.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No point can be recovered.
+    #[error("no complete checkpoint in {repo}{}", vm.as_ref().map(|v| format!(" for VM '{v}'")).unwrap_or_default())]
+    NothingToRecover {
+        /// The repository.
+        repo: String,
+        /// The VM asked for.
+        vm: Option<String>,
+    },
+}
+
+/// The `arkvm dr` subcommands.
+#[derive(clap::Subcommand)]
+pub enum DrCommand {
+    /// Receive checkpoints into a repository (on the disaster recovery host) and serve status.
+    Serve(DrServeArgs),
+    /// Show a receiver's status: its last checkpoint, the recovery point lag, bytes and pause
+    /// per checkpoint.
+    Status(DrStatusArgs),
+    /// Resume the newest complete checkpoint (or --id) with its disks in a new VM.
+    Recover(DrRecoverArgs),
+}
+
+/// `arkvm dr serve`.
+#[derive(clap::Args)]
+pub struct DrServeArgs {
+    /// The address to listen on (host:port, e.g. 0.0.0.0:7070).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// The repository checkpoints go into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// The pre-shared key file (64 hex digits; `arkvm backup` key files work). The sender
+    /// must be given the same key.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Keep the newest N checkpoints of each VM (0 keeps all).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub keep: usize,
+    /// When the repository is created, encrypt it at rest with the key (the sender's
+    /// repository must then be encrypted with the same key).
+    #[arg(long)]
+    pub encrypt_at_rest: bool,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections: usize,
+}
+
+/// `arkvm dr status`.
+#[derive(clap::Args)]
+pub struct DrStatusArgs {
+    /// The receiver (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub target: String,
+    /// The pre-shared key file.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the receiver.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// `arkvm dr recover`.
+#[derive(clap::Args)]
+pub struct DrRecoverArgs {
+    /// The receiver's repository.
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// The key file, needed if the repository is encrypted at rest.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Recover this checkpoint instead of the newest complete one.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Only consider checkpoints of this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Where the checkpoint is exported as a snapshot directory (default: DIR.recover beside
+    /// the repository).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Where the restored disks go (passed to `arkvm restore`).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
+    /// Serve the restored VM's control API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Export the checkpoint and print its directory, without starting the VM.
+    #[arg(long)]
+    pub export_only: bool,
+}
+
+/// Runs an `arkvm dr` subcommand.
+pub fn run(command: DrCommand) -> ExitCode {
+    let result = match command {
+        DrCommand::Serve(args) => serve(args),
+        DrCommand::Status(args) => status(args),
+        DrCommand::Recover(args) => recover(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// `arkvm dr serve`: runs until killed.
+pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
+    let key = RepoKey::load(&args.key)?;
+    let config = ReceiverConfig {
+        keep_last: args.keep,
+        max_connections: args.max_connections.max(1),
+        ..ReceiverConfig::default()
+    };
+    let receiver = Receiver::open_or_create(&args.repo, &key, args.encrypt_at_rest, config)?;
+    let listener = TcpListener::bind(&args.listen).map_err(|source| DrCommandError::Io {
+        action: "listen on",
+        target: args.listen.clone(),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| args.listen.clone());
+    let points = receiver.repository().point_ids()?.len();
+    println!(
+        "dr: listening on {local}, repository {} ({} checkpoints, {}, keeping {})",
+        args.repo.display(),
+        points,
+        if receiver.repository().is_encrypted() {
+            "encrypted at rest"
+        } else {
+            "not encrypted at rest"
+        },
+        if args.keep == 0 {
+            "all".to_string()
+        } else {
+            format!("the last {} per VM", args.keep)
+        }
+    );
+    let _ = std::io::stdout().flush();
+    Arc::new(receiver).serve(listener)?;
+    Ok(())
+}
+
+/// `arkvm dr status`.
+pub fn status(args: DrStatusArgs) -> Result<(), DrCommandError> {
+    let key = LinkKey::from_repo_key(&RepoKey::load(&args.key)?);
+    let status = query_status(&args.target, &key, Duration::from_secs(args.timeout.max(1)))?;
+    if args.json {
+        let mut value = serde_json::to_value(&status).expect("the status serializes");
+        value["rpo_ms"] = serde_json::json!(rpo_ms(&status));
+        println!("{value}");
+    } else {
+        print!("{}", status_text(&args.target, &status));
+    }
+    Ok(())
+}
+
+/// The recovery point lag: the receiver's clock minus the creation time of the newest point
+/// (on the primary's clock).
+fn rpo_ms(status: &ReceiverStatus) -> Option<u64> {
+    status
+        .vms
+        .iter()
+        .map(|v| v.last_created_unix_ms)
+        .max()
+        .map(|created| status.receiver_unix_ms.saturating_sub(created))
+}
+
+/// The human-readable status.
+fn status_text(target: &str, status: &ReceiverStatus) -> String {
+    let mut out = format!(
+        "receiver:     {target} ({} checkpoints, {}, keeping {})\n",
+        status.points,
+        if status.encrypted {
+            "encrypted at rest"
+        } else {
+            "not encrypted at rest"
+        },
+        if status.keep_last == 0 {
+            "all".to_string()
+        } else {
+            format!("the last {} per VM", status.keep_last)
+        }
+    );
+    for vm in &status.vms {
+        let age = status.receiver_unix_ms.saturating_sub(vm.last_created_unix_ms);
+        out.push_str(&format!(
+            "vm {}:  {} checkpoints, last {} (RPO {:.1} s)\n",
+            vm.vm,
+            vm.points,
+            vm.last_point_id,
+            age as f64 / 1000.0
+        ));
+    }
+    if status.vms.is_empty() {
+        out.push_str("no checkpoints yet\n");
+    }
+    if let Some(last) = status.recent.last() {
+        let pause = last
+            .pause_us
+            .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+            .unwrap_or_else(|| "unknown".into());
+        out.push_str(&format!(
+            "last transfer: {} bytes, {} of {} chunks sent, {} ms, guest pause {pause}\n",
+            last.bytes_received, last.chunks_received, last.chunks_offered, last.transfer_ms
+        ));
+        let n = status.recent.len() as u64;
+        let bytes: u64 = status.recent.iter().map(|r| r.bytes_received).sum();
+        out.push_str(&format!(
+            "average:      {} bytes per checkpoint over the last {n}\n",
+            bytes / n
+        ));
+    }
+    out.push_str(&format!(
+        "since start:  {} committed, {} discarded\n",
+        status.checkpoints_committed, status.checkpoints_discarded
+    ));
+    if let Some(why) = &status.last_discard {
+        out.push_str(&format!("last discard: {why}\n"));
+    }
+    out
+}
+
+/// `arkvm dr recover`: exports the chosen checkpoint as a snapshot directory, then becomes
+/// `arkvm restore --from` that directory (unless `--export-only`).
+pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
+    let key = args.key.as_deref().map(RepoKey::load).transpose()?;
+    let repo = match Repository::open(&args.repo, key) {
+        Err(RepoError::KeyNotUsed) => Repository::open(&args.repo, None)?,
+        other => other?,
+    };
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| sibling(&args.repo, "recover"));
+    std::fs::create_dir_all(&work_dir).map_err(|source| DrCommandError::Io {
+        action: "create",
+        target: work_dir.display().to_string(),
+        source,
+    })?;
+    let (point, dir) = export_newest(&repo, &args, &work_dir)?;
+    println!(
+        "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), exported to {}",
+        point.id,
+        point.vm,
+        point.created_unix_ms,
+        dir.display()
+    );
+    let _ = std::io::stdout().flush();
+    if args.export_only {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(|source| DrCommandError::Io {
+        action: "find",
+        target: "the arkvm executable".into(),
+        source,
+    })?;
+    let mut restore = Command::new(exe);
+    restore.arg("restore").arg("--from").arg(&dir);
+    if let Some(disk_dir) = &args.disk_dir {
+        restore.arg("--disk-dir").arg(disk_dir);
+    }
+    if let Some(socket) = &args.api_socket {
+        restore.arg("--api-socket").arg(socket);
+    }
+    // Only returns on failure.
+    let source = restore.exec();
+    Err(DrCommandError::Io {
+        action: "start",
+        target: "arkvm restore".into(),
+        source,
+    })
+}
+
+/// Exports the point `--id`, or the newest point (of `--vm`) whose chunks are all present and
+/// verify, falling back to older ones; returns it and its snapshot directory.
+fn export_newest(
+    repo: &Repository,
+    args: &DrRecoverArgs,
+    work_dir: &Path,
+) -> Result<(PointManifest, PathBuf), DrCommandError> {
+    if let Some(id) = &args.id {
+        let point = repo.read_point(id)?;
+        let dir = fresh_dir(work_dir, id);
+        repo.export_point(id, &dir)?;
+        return Ok((point, dir));
+    }
+    let mut candidates: Vec<PointManifest> = repo
+        .points()?
+        .into_iter()
+        .filter_map(|(id, point)| match point {
+            Ok(point) => Some(point),
+            Err(e) => {
+                tracing::warn!(%id, error = %crate::error_chain(&e), "skipping unreadable checkpoint");
+                None
+            }
+        })
+        .filter(|p| args.vm.as_ref().is_none_or(|vm| &p.vm == vm))
+        .collect();
+    candidates.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
+    for point in candidates {
+        let missing = point
+            .chunk_ids()
+            .find(|id| !repo.store().contains(&chunk_object_name(id)).unwrap_or(false));
+        if let Some(id) = missing {
+            tracing::warn!(point = %point.id, chunk = %id, "checkpoint incomplete; trying an older one");
+            continue;
+        }
+        let dir = fresh_dir(work_dir, &point.id);
+        match repo.export_point(&point.id, &dir) {
+            Ok(_) => return Ok((point, dir)),
+            Err(e) => {
+                eprintln!(
+                    "arkvm: warning: checkpoint {} cannot be exported ({}); trying an older one",
+                    point.id,
+                    crate::error_chain(&e)
+                );
+                let _ = snapshot::cleanup_stale(work_dir);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    Err(DrCommandError::NothingToRecover {
+        repo: args.repo.display().to_string(),
+        vm: args.vm.clone(),
+    })
+}
+
+/// `DIR.<suffix>` beside `dir`.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "repo".into());
+    dir.with_file_name(format!("{name}.{suffix}"))
+}
+
+/// `work_dir/<id>`, or `work_dir/<id>-<n>` if that is taken.
+fn fresh_dir(work_dir: &Path, id: &str) -> PathBuf {
+    let mut dir = work_dir.join(id);
+    let mut n = 1;
+    while dir.exists() {
+        dir = work_dir.join(format!("{id}-{n}"));
+        n += 1;
+    }
+    dir
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::dr::{CheckpointRecord, VmStatus};
+
+    #[test]
+    fn status_text_shows_lag_bytes_and_pause() {
+        let status = ReceiverStatus {
+            receiver_unix_ms: 10_000,
+            points: 2,
+            vms: vec![VmStatus {
+                vm: "vm1".into(),
+                points: 2,
+                last_point_id: "p2".into(),
+                last_created_unix_ms: 8_500,
+            }],
+            keep_last: 3,
+            recent: vec![CheckpointRecord {
+                point_id: "p2".into(),
+                bytes_received: 4096,
+                chunks_received: 1,
+                chunks_offered: 9,
+                pause_us: Some(1500),
+                ..CheckpointRecord::default()
+            }],
+            checkpoints_committed: 1,
+            ..ReceiverStatus::default()
+        };
+        let text = status_text("host:1", &status);
+        assert!(text.contains("RPO 1.5 s"), "{text}");
+        assert!(text.contains("4096 bytes, 1 of 9 chunks"), "{text}");
+        assert!(text.contains("guest pause 1.50 ms"), "{text}");
+        assert_eq!(rpo_ms(&status), Some(1500));
+        assert_eq!(rpo_ms(&ReceiverStatus::default()), None);
+    }
+
+    #[test]
+    fn recovery_paths() {
+        assert_eq!(
+            sibling(Path::new("/srv/dr"), "recover"),
+            PathBuf::from("/srv/dr.recover")
+        );
+        let tmp = std::env::temp_dir().join(format!("arkvm-dr-fresh-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("p1")).unwrap();
+        assert_eq!(fresh_dir(&tmp, "p1"), tmp.join("p1-1"));
+        assert_eq!(fresh_dir(&tmp, "p2"), tmp.join("p2"));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
