@@ -9,6 +9,8 @@ use crate::api::{
 };
 use crate::capture::paused::start_paused;
 use crate::capture::progress::Progress;
+use crate::capture::target::open_target;
+use crate::capture::CaptureError;
 use crate::runtime::{RunState, Vmm};
 use crate::vstate::vcpu::GuestExit;
 
@@ -107,8 +109,12 @@ impl Vmm {
     }
 
     fn start_snapshot(&mut self, params: SnapshotParams) -> ApiResponse {
-        let SnapshotTarget::Dir(out) = &params.target else {
-            return ApiResponse::error(501, "snapshots into a repository are not available yet");
+        let out = match open_target(self, &params.target, params.key.as_deref()) {
+            Ok(o) => o,
+            Err(e @ CaptureError::Snapshot(snapshot::SnapshotError::Exists { .. })) => {
+                return ApiResponse::conflict(crate::error_chain(&e))
+            }
+            Err(e) => return ApiResponse::bad_request(crate::error_chain(&e)),
         };
         self.snapshot_count += 1;
         let id = format!("snap-{}", self.snapshot_count);
@@ -125,6 +131,7 @@ impl Vmm {
         };
         match started {
             Ok(job) => {
+                self.backup_parent_pending = matches!(params.target, SnapshotTarget::Repo(_));
                 self.snapshot = Some(job);
                 ApiResponse::snapshot_started(&SnapshotStarted { id })
             }
@@ -149,7 +156,27 @@ impl Vmm {
             return;
         };
         let result = job.join();
-        let mut outcome = result.map_err(|e| crate::error_chain(&e));
+        let is_repo = self.backup_parent_pending;
+        self.backup_parent_pending = false;
+        let mut outcome = match result {
+            Ok(committed) => {
+                if is_repo {
+                    // The tracking armed at this point's instant now belongs to it.
+                    self.backup_parent = committed.point_id.clone();
+                }
+                if let Some(id) = &committed.point_id {
+                    job.progress.update(|s| s.id = id.clone());
+                }
+                tracing::info!("snapshot stored as {}", committed.name);
+                Ok(())
+            }
+            Err(e) => {
+                if is_repo {
+                    self.backup_parent = None;
+                }
+                Err(crate::error_chain(&e))
+            }
+        };
         if job.resume_on_finish {
             if let Err(e) = self.resume() {
                 outcome = Err(format!(

@@ -52,6 +52,9 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 /// Everything needed to boot a guest.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmConfig {
+    /// The VM's name in backup repositories.
+    #[serde(default = "default_vm_name")]
+    pub name: String,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
@@ -59,6 +62,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     #[serde(default)]
     pub disks: Vec<devices::virtio::block::DiskConfig>,
+}
+
+fn default_vm_name() -> String {
+    "vm".to_string()
 }
 
 /// Checks a memory size given as text and returns it in bytes.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use vmm::cli::{control, launch, Cli, Command};
+use vmm::cli::{backup, control, launch, Cli, Command};
 
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_env("ARKVM_LOG")
@@ -30,5 +30,6 @@ fn main() -> ExitCode {
         Command::Resume(a) => control::simple_put(&a.api_socket, "/vm/resume", "resumed"),
         Command::Shutdown(a) => control::simple_put(&a.api_socket, "/vm/shutdown", "shutting down"),
         Command::Status(args) => control::status(args),
+        Command::Backup(cmd) => backup::run(cmd),
     }
 }

@@ -174,6 +174,12 @@ pub struct Vmm {
     pub(crate) snapshot_done: Arc<EventFd>,
     pub(crate) snapshot_count: u64,
     pub(crate) restored_from: Option<String>,
+    /// The backup point whose instant the change tracking started at, while it is intact.
+    pub(crate) backup_parent: Option<String>,
+    /// Whether the running snapshot is a backup into a repository.
+    pub(crate) backup_parent_pending: bool,
+    /// Write-protection tracking, armed by the first live snapshot and kept from then on.
+    pub(crate) cow_tracker: Option<Arc<crate::capture::cow::CowTracker>>,
 }
 
 impl Vmm {
@@ -210,6 +216,9 @@ impl Vmm {
             snapshot_done,
             snapshot_count: 0,
             restored_from: None,
+            backup_parent: None,
+            backup_parent_pending: false,
+            cow_tracker: None,
         })
     }
 

@@ -1,25 +1,33 @@
-//! Copy-on-write memory capture with userfaultfd write-protection.
+//! Copy-on-write memory capture with userfaultfd write-protection, and the write tracking that
+//! makes the next backup incremental.
 //!
-//! At the snapshot instant every guest page is write-protected (unpopulated pages too, through
-//! `UFFD_FEATURE_WP_UNPOPULATED`). A copier thread then walks memory chunk by chunk: it reads a
-//! chunk, lifts the protection of that chunk, and hands the bytes to the snapshot. A guest (or
-//! VMM) write to a chunk not yet copied faults to the fault thread, which copies that chunk
-//! first, lifts its protection and wakes the writer. Each chunk is copied exactly once, under
-//! its own lock, so the image is the memory of the snapshot instant.
+//! The first live snapshot write-protects every guest page (unpopulated pages too, through
+//! `UFFD_FEATURE_WP_UNPOPULATED`) and the protection then stays: every first write to a chunk
+//! (1 MiB) faults once to the fault thread, which
+//! 1. marks the chunk as written since the last snapshot instant (the next backup reads only
+//!    those chunks),
+//! 2. if a snapshot is copying and has not copied this chunk yet, copies it first,
+//! 3. lifts the protection of the chunk and wakes the writer.
 //!
-//! Neither thread ever waits on a guest write: reading write-protected memory does not fault,
-//! and no lock is held by a thread that writes guest memory.
+//! The copier walks the chunks and copies each one not yet copied, under the chunk's lock; it
+//! never lifts protection, so a chunk it copied still reports its next write. At the next
+//! snapshot instant only the chunks written since are protected again. Each chunk is copied
+//! exactly once, so the image is memory at the snapshot instant.
+//!
+//! Neither thread waits on a guest write: reading protected memory does not fault, and no lock
+//! the handlers take is held by a thread that writes guest memory. Device and VMM writes to
+//! guest memory fault like the guest's own, so they are tracked too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use snapshot::MemoryPartWriter;
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory_copy::chunk_guest_range;
 use super::progress::Progress;
+use super::sink::MemoryOut;
 use super::state::MemoryRegionState;
 use super::CaptureError;
 use devices::GuestMemoryMmap;
@@ -29,7 +37,7 @@ use devices::GuestMemoryMmap;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const PAGE_SIZE: u64 = 4096;
 
-/// Why copy-on-write tracking could not be set up.
+/// Why write tracking could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum CowError {
     #[error("cannot create a write-protect userfaultfd (needs Linux 6.4+ and root)")]
@@ -50,34 +58,43 @@ struct Region {
     len: u64,
 }
 
+/// The snapshot being copied, while there is one.
+struct ActiveCopy {
+    part: Arc<MemoryOut>,
+    progress: Progress,
+}
+
 struct Shared {
     uffd: Uffd,
     mem: GuestMemoryMmap,
     layout: Vec<MemoryRegionState>,
     regions: Vec<Region>,
-    part: Arc<MemoryPartWriter>,
+    chunk_size: u64,
+    /// Per chunk: copied into the active snapshot (or nothing to copy).
     copied: Vec<Mutex<bool>>,
+    /// Per chunk: written since the last snapshot instant (its protection is lifted).
+    written: Vec<AtomicBool>,
+    active: Mutex<Option<ActiveCopy>>,
     stop: AtomicBool,
     pages_early: AtomicU64,
-    progress: Progress,
     /// The first error of the fault thread; the copier reports it.
     error: Mutex<Option<String>>,
 }
 
-/// Write-protection armed over guest memory, with its fault thread.
+/// Write-protection over guest memory, with its fault thread.
 pub struct CowTracker {
     shared: Arc<Shared>,
     fault_thread: Option<JoinHandle<()>>,
 }
 
 impl Shared {
-    fn host_of_guest(&self, guest: u64) -> u64 {
+    fn host_range(&self, index: u64) -> Option<(u64, u64)> {
+        let (guest, len) = chunk_guest_range(&self.layout, self.chunk_size, index)?;
         let r = self
             .regions
             .iter()
-            .find(|r| guest >= r.guest && guest < r.guest + r.len)
-            .expect("chunk lies in a region");
-        r.host + (guest - r.guest)
+            .find(|r| guest >= r.guest && guest < r.guest + r.len)?;
+        Some((r.host + (guest - r.guest), len))
     }
 
     fn chunk_of_host(&self, host: u64) -> Option<u64> {
@@ -86,11 +103,18 @@ impl Shared {
             .iter()
             .find(|r| host >= r.host && host < r.host + r.len)?;
         let guest = r.guest + (host - r.host);
-        super::memory_copy::chunk_of_guest_addr(&self.layout, self.part.chunk_size(), guest)
+        super::memory_copy::chunk_of_guest_addr(&self.layout, self.chunk_size, guest)
     }
 
-    /// Copies chunk `index` unless already done, then lifts its protection. Returns whether
-    /// this call did the copy.
+    fn active(&self) -> Option<(Arc<MemoryOut>, Progress)> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|a| (a.part.clone(), a.progress.clone()))
+    }
+
+    /// Copies chunk `index` into the active snapshot unless done. Returns whether it copied.
     fn copy_chunk(&self, index: u64, buf: &mut Vec<u8>) -> Result<bool, CaptureError> {
         let mut copied = self.copied[index as usize]
             .lock()
@@ -98,7 +122,11 @@ impl Shared {
         if *copied {
             return Ok(false);
         }
-        let (guest, len) = chunk_guest_range(&self.layout, self.part.chunk_size(), index)
+        let Some((part, progress)) = self.active() else {
+            *copied = true;
+            return Ok(false);
+        };
+        let (guest, len) = chunk_guest_range(&self.layout, self.chunk_size, index)
             .expect("chunk index within memory");
         buf.resize(len as usize, 0);
         self.mem
@@ -107,19 +135,45 @@ impl Shared {
                 addr: guest,
                 source,
             })?;
-        // The bytes are ours now: let writers on this chunk go on before hashing and writing.
-        let host = self.host_of_guest(guest);
+        // The lock stays held until the bytes are in the part, so that `end` can wait for
+        // every copy in flight.
+        part.put(index, buf)?;
+        *copied = true;
+        drop(copied);
+        progress.update(|s| s.bytes_written += len);
+        Ok(true)
+    }
+
+    fn handle_fault(&self, page: u64, buf: &mut Vec<u8>) {
+        let Some(index) = self.chunk_of_host(page) else {
+            let _ = self
+                .uffd
+                .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true);
+            return;
+        };
+        self.written[index as usize].store(true, Ordering::Release);
+        match self.copy_chunk(index, buf) {
+            Ok(true) => {
+                let pages = self.chunk_size / PAGE_SIZE;
+                self.pages_early.fetch_add(pages, Ordering::Relaxed);
+                if let Some((_, progress)) = self.active() {
+                    progress.update(|s| s.pages_copied_early += pages);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Record it for the copier; the writer must go on regardless.
+                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                err.get_or_insert_with(|| crate::error_chain(&e));
+            }
+        }
+        let (host, len) = self.host_range(index).expect("chunk lies in a region");
         if let Err(e) = self
             .uffd
             .remove_write_protection(host as *mut _, len as usize, true)
         {
             tracing::error!("cannot lift write-protection of chunk {index}: {e}");
         }
-        *copied = true;
-        drop(copied);
-        self.part.write_chunk(index, buf)?;
-        self.progress.update(|s| s.bytes_written += len);
-        Ok(true)
     }
 
     fn unprotect_all(&self) {
@@ -145,53 +199,24 @@ fn fault_loop(shared: Arc<Shared>) {
         if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
             continue;
         }
-        let addr = match shared.uffd.read_event() {
-            Ok(Some(Event::Pagefault { addr, .. })) => addr as u64,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!("userfaultfd read: {e}");
-                continue;
+        match shared.uffd.read_event() {
+            Ok(Some(Event::Pagefault { addr, .. })) => {
+                shared.handle_fault(addr as u64 & !(PAGE_SIZE - 1), &mut buf)
             }
-        };
-        let page = addr & !(PAGE_SIZE - 1);
-        match shared.chunk_of_host(page) {
-            Some(index) => match shared.copy_chunk(index, &mut buf) {
-                Ok(true) => {
-                    let pages = shared.part.chunk_size() / PAGE_SIZE;
-                    shared.pages_early.fetch_add(pages, Ordering::Relaxed);
-                    shared.progress.update(|s| s.pages_copied_early += pages);
-                }
-                Ok(false) => {
-                    // Copied meanwhile; make sure the writer is awake.
-                    let _ = shared.uffd.wake(page as *mut _, PAGE_SIZE as usize);
-                }
-                Err(e) => {
-                    // Never leave the guest blocked: unprotect everything and report.
-                    let mut err = shared.error.lock().unwrap_or_else(|p| p.into_inner());
-                    err.get_or_insert_with(|| crate::error_chain(&e));
-                    drop(err);
-                    shared.unprotect_all();
-                }
-            },
-            None => {
-                let _ =
-                    shared
-                        .uffd
-                        .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true);
-            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("userfaultfd read: {e}"),
         }
     }
 }
 
 impl CowTracker {
-    /// Write-protects all of guest memory and starts the fault thread. Call with the vCPUs
-    /// paused: this is the snapshot instant.
+    /// Write-protects all of guest memory and starts the fault thread. Nothing is copied
+    /// until [`CowTracker::begin`].
     pub fn arm(
         mem: &GuestMemoryMmap,
         layout: &[MemoryRegionState],
         host_regions: &[(u64, u64, u64)],
-        part: Arc<MemoryPartWriter>,
-        progress: Progress,
+        chunk_size: u64,
     ) -> Result<Self, CowError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
@@ -223,17 +248,19 @@ impl CowTracker {
                 return Err(CowError::Protect(e));
             }
         }
-        let chunks = part.chunk_count() as usize;
+        let total: u64 = layout.iter().map(|r| r.len).sum();
+        let chunks = total.div_ceil(chunk_size) as usize;
         let shared = Arc::new(Shared {
             uffd,
             mem: mem.clone(),
             layout: layout.to_vec(),
             regions,
-            part,
-            copied: (0..chunks).map(|_| Mutex::new(false)).collect(),
+            chunk_size,
+            copied: (0..chunks).map(|_| Mutex::new(true)).collect(),
+            written: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            active: Mutex::new(None),
             stop: AtomicBool::new(false),
             pages_early: AtomicU64::new(0),
-            progress,
             error: Mutex::new(None),
         });
         let s = shared.clone();
@@ -247,37 +274,92 @@ impl CowTracker {
         })
     }
 
-    /// Copies every chunk not yet copied (the background copy). Stops early on cancel.
-    pub fn copy_remaining(&self, cancel: &AtomicBool) -> Result<(), CaptureError> {
-        let mut buf = Vec::new();
-        for index in 0..self.shared.copied.len() as u64 {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(CaptureError::Cancelled);
-            }
-            if let Some(e) = self
-                .shared
-                .error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-            {
-                return Err(CaptureError::CowFault(e));
-            }
-            self.shared.copy_chunk(index, &mut buf)?;
+    /// The snapshot instant (vCPUs paused, after [`Self::take_written`]): starts copying into
+    /// `part`. Chunks marked in `clean` are taken from the parent point instead of copied.
+    pub fn begin(&self, part: Arc<MemoryOut>, progress: Progress, clean: Option<&[bool]>) {
+        let s = &self.shared;
+        for (index, c) in s.copied.iter().enumerate() {
+            *c.lock().unwrap_or_else(|p| p.into_inner()) = clean.is_some_and(|cl| cl[index]);
         }
-        if let Some(e) = self
-            .shared
+        *s.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *s.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(ActiveCopy { part, progress });
+    }
+
+    /// At a snapshot instant (vCPUs paused): returns which chunks were written since the
+    /// previous instant, and protects them again so their next write is seen.
+    pub fn take_written(&self) -> Result<Vec<bool>, CowError> {
+        let s = &self.shared;
+        let mut written = Vec::with_capacity(s.written.len());
+        for (index, w) in s.written.iter().enumerate() {
+            let was = w.swap(false, Ordering::AcqRel);
+            if was {
+                if let Some((host, len)) = s.host_range(index as u64) {
+                    s.uffd
+                        .write_protect(host as *mut _, len as usize)
+                        .map_err(CowError::Protect)?;
+                }
+            }
+            written.push(was);
+        }
+        Ok(written)
+    }
+
+    /// Copies every chunk not yet copied (the background copy), then detaches the snapshot.
+    /// Chunks in `clean` are reused from the parent point.
+    pub fn copy_remaining(
+        &self,
+        cancel: &AtomicBool,
+        clean: Option<&[bool]>,
+    ) -> Result<(), CaptureError> {
+        let result = (|| {
+            if let (Some(clean), Some((part, _))) = (clean, self.shared.active()) {
+                for (index, _) in clean.iter().enumerate().filter(|(_, c)| **c) {
+                    part.reuse(index as u64)?;
+                }
+            }
+            let mut buf = Vec::new();
+            for index in 0..self.shared.copied.len() as u64 {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(CaptureError::Cancelled);
+                }
+                if let Some(e) = self.take_error() {
+                    return Err(CaptureError::CowFault(e));
+                }
+                self.shared.copy_chunk(index, &mut buf)?;
+            }
+            match self.take_error() {
+                Some(e) => Err(CaptureError::CowFault(e)),
+                None => Ok(()),
+            }
+        })();
+        self.end();
+        result
+    }
+
+    fn take_error(&self) -> Option<String> {
+        self.shared
             .error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-        {
-            return Err(CaptureError::CowFault(e));
-        }
-        Ok(())
     }
 
-    /// Pages copied ahead of the copier because something wrote to them.
+    /// Detaches the active snapshot: faults only track writes from now on.
+    pub fn end(&self) {
+        // Hold every chunk lock while detaching, so no fault is mid-copy into the part.
+        let guards: Vec<_> = self
+            .shared
+            .copied
+            .iter()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        *self.shared.active.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for mut g in guards {
+            *g = true;
+        }
+    }
+
+    /// Pages copied ahead of the copier because something wrote to them, in all snapshots.
     pub fn pages_copied_early(&self) -> u64 {
         self.shared.pages_early.load(Ordering::Relaxed)
     }

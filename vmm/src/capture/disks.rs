@@ -1,21 +1,17 @@
-//! Disks in a snapshot: at the snapshot instant every disk switches to a fresh overlay (the
-//! patent's "new log of uncommitted updates"), which freezes the image below it; the frozen
+//! Disks in a snapshot: at the snapshot instant every disk switches to a fresh overlay file
+//! (the patent's "new log of uncommitted updates"), which freezes the image below it; the frozen
 //! image is copied into the snapshot while the guest keeps writing to the overlay, and the
 //! overlay is merged back once the snapshot has ended, whether it succeeded or not.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use devices::virtio::block::FrozenImage;
-use snapshot::SnapshotWriter;
 
 use super::progress::Progress;
+use super::sink::SnapshotOut;
 use super::state::disk_part_name;
 use super::CaptureError;
 use crate::runtime::Vmm;
-
-/// Bytes copied per read from a frozen image.
-const COPY_BUF: usize = 1 << 20;
 
 /// A disk frozen at the snapshot instant.
 pub struct FrozenDisk {
@@ -49,32 +45,18 @@ pub fn frozen_bytes(frozen: &[FrozenDisk]) -> u64 {
     frozen.iter().map(|f| f.image.size()).sum()
 }
 
-/// Copies every frozen disk into a raw part `disk-<id>`.
+/// Copies every frozen disk into `disk-<id>`; with `incremental`, only the chunks holding
+/// blocks changed since the parent point are read.
 pub fn copy_frozen_disks(
-    writer: &mut SnapshotWriter,
+    out: &mut SnapshotOut,
     frozen: Vec<FrozenDisk>,
+    incremental: bool,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<(), CaptureError> {
-    let mut buf = vec![0u8; COPY_BUF];
     for f in frozen {
-        let mut part = writer.add_part(&disk_part_name(&f.id))?;
-        let size = f.image.size();
-        let mut off = 0u64;
-        while off < size {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(CaptureError::Cancelled);
-            }
-            let n = (size - off).min(COPY_BUF as u64) as usize;
-            f.image
-                .read_at(off, &mut buf[..n])
-                .map_err(|e| CaptureError::ReadDisk(f.id.clone(), e))?;
-            part.write_all(&buf[..n])
-                .map_err(|e| CaptureError::WriteDisk(f.id.clone(), e))?;
-            off += n as u64;
-            progress.update(|s| s.bytes_written += n as u64);
-        }
-        writer.finish_part(part)?;
+        let changed = incremental.then(|| f.image.changed_blocks());
+        out.write_disk(&disk_part_name(&f.id), &f.image, changed, progress, cancel)?;
     }
     Ok(())
 }

@@ -9,13 +9,14 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::progress::Progress;
+use super::sink::Committed;
 use super::CaptureError;
 
 /// A running snapshot.
 pub struct SnapshotJob {
     pub progress: Progress,
     cancel: Arc<AtomicBool>,
-    worker: Option<JoinHandle<Result<(), CaptureError>>>,
+    worker: Option<JoinHandle<Result<Committed, CaptureError>>>,
     done: Arc<EventFd>,
     /// Set for a paused snapshot: the vCPUs stay paused until the worker ends.
     pub resume_on_finish: bool,
@@ -33,7 +34,7 @@ impl SnapshotJob {
         done: Arc<EventFd>,
         resume_on_finish: bool,
         paused_at: Option<Instant>,
-        work: impl FnOnce() -> Result<(), CaptureError> + Send + 'static,
+        work: impl FnOnce() -> Result<Committed, CaptureError> + Send + 'static,
     ) -> std::io::Result<Self> {
         let done_w = done.clone();
         let worker = std::thread::Builder::new()
@@ -77,12 +78,10 @@ impl SnapshotJob {
     }
 
     /// Joins the worker and returns its outcome.
-    pub fn join(&mut self) -> Result<(), CaptureError> {
+    pub fn join(&mut self) -> Result<Committed, CaptureError> {
         match self.worker.take() {
-            Some(w) => w
-                .join()
-                .unwrap_or_else(|_| Err(CaptureError::WorkerPanicked)),
-            None => Ok(()),
+            Some(w) => w.join().unwrap_or(Err(CaptureError::WorkerPanicked)),
+            None => Err(CaptureError::WorkerPanicked),
         }
     }
 }

@@ -5,12 +5,10 @@
 //! - precopy: memory is copied while the guest runs, dirtied pages are copied again in rounds,
 //!   and a short final pause copies the last ones with the state (see [`super::precopy`]).
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::{SnapshotWriter, CHUNK_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cow::CowTracker;
@@ -18,11 +16,13 @@ use super::disks::{copy_frozen_disks, freeze_disks, frozen_bytes};
 use super::job::SnapshotJob;
 use super::paused::save_frozen_state;
 use super::progress::Progress;
-use super::state::{MEMORY_PART, STATE_PART};
+use super::sink::{MemoryOut, SnapshotOut};
+use super::target::plan_incremental;
 use super::CaptureError;
 use crate::api::SnapshotStrategy;
 use crate::runtime::{RunState, Vmm};
 use crate::vstate::memory::{memory_size, region_layout};
+use snapshot::CHUNK_SIZE;
 
 /// How long a live snapshot waits for a restored VM's memory to finish loading.
 const LAZY_LOAD_WAIT: Duration = Duration::from_secs(120);
@@ -30,7 +30,7 @@ const LAZY_LOAD_WAIT: Duration = Duration::from_secs(120);
 /// Starts a live snapshot into `out` with `strategy`.
 pub fn start_live(
     vmm: &mut Vmm,
-    out: &Path,
+    out: SnapshotOut,
     strategy: SnapshotStrategy,
     progress: Progress,
     done: Arc<EventFd>,
@@ -55,55 +55,72 @@ pub(crate) fn wait_for_lazy_memory(vmm: &mut Vmm) -> Result<(), CaptureError> {
 
 fn start_cow(
     vmm: &mut Vmm,
-    out: &Path,
+    mut out: SnapshotOut,
     progress: Progress,
     done: Arc<EventFd>,
 ) -> Result<SnapshotJob, CaptureError> {
     wait_for_lazy_memory(vmm)?;
-    let mut writer = SnapshotWriter::create(out)?;
     let mem_size = memory_size(&vmm.built.mem);
-    let part = Arc::new(writer.add_memory_part(MEMORY_PART, mem_size, CHUNK_SIZE as u64)?);
+    let part = Arc::new(out.add_memory(mem_size)?);
     progress.update(|s| s.bytes_total = mem_size);
     let was_running = vmm.state() == RunState::Running;
 
     // The snapshot instant: the vCPUs are stopped only for this block.
     let paused_at = Instant::now();
     vmm.pause()?;
-    let armed = save_frozen_state(vmm).and_then(|state| {
+    let armed = (|| {
+        let state = save_frozen_state(vmm)?;
+        if vmm.cow_tracker.is_none() {
+            let tracker = CowTracker::arm(
+                &vmm.built.mem,
+                &state.memory,
+                &region_layout(&vmm.built.mem),
+                CHUNK_SIZE as u64,
+            )?;
+            vmm.cow_tracker = Some(Arc::new(tracker));
+        }
+        let clean = plan_incremental(vmm, &out, &state.memory)?;
         let disks = freeze_disks(vmm)?;
-        let tracker = CowTracker::arm(
-            &vmm.built.mem,
-            &state.memory,
-            &region_layout(&vmm.built.mem),
-            part.clone(),
-            progress.clone(),
-        )
-        .inspect_err(|_| vmm.merge_disk_overlays())?;
-        Ok((state, tracker, disks))
-    });
+        let tracker = vmm.cow_tracker.clone().expect("armed above");
+        tracker.begin(part.clone(), progress.clone(), clean.as_deref());
+        Ok::<_, CaptureError>((state, tracker, disks, clean))
+    })();
     if was_running {
         vmm.resume()?;
     }
     let pause_us = paused_at.elapsed().as_micros() as u64;
     progress.update(|s| s.pause_us = Some(pause_us));
-    let (state, tracker, disks) = armed?;
+    let (state, tracker, disks, clean) = armed?;
     progress.update(|s| s.bytes_total += frozen_bytes(&disks));
     tracing::info!("cow snapshot armed; vCPUs paused {pause_us} us");
 
     let cancel = Arc::new(AtomicBool::new(false));
     let c = cancel.clone();
-    let c_progress = progress.clone();
+    let p = progress.clone();
     SnapshotJob::spawn(progress, cancel, done, false, None, move || {
-        tracker.copy_remaining(&c)?;
+        let incremental = clean.is_some();
+        let copied = tracker.copy_remaining(&c, clean.as_deref());
         drop(tracker);
-        let part = Arc::try_unwrap(part).map_err(|_| CaptureError::PartInUse)?;
-        writer.finish_memory_part(part)?;
-        copy_frozen_disks(&mut writer, disks, &c_progress, &c)?;
-        writer.write_state_part(STATE_PART, &state)?;
-        writer.commit()?;
-        Ok(())
+        copied?;
+        let part = unwrap_part(part)?;
+        out.finish_memory(part)?;
+        copy_frozen_disks(&mut out, disks, incremental, &p, &c)?;
+        out.write_state(&state)?;
+        out.commit()
     })
     .map_err(CaptureError::Spawn)
+}
+
+/// Takes the memory sink back once no fault handler holds it any more.
+pub(crate) fn unwrap_part(mut part: Arc<MemoryOut>) -> Result<MemoryOut, CaptureError> {
+    for _ in 0..1000 {
+        match Arc::try_unwrap(part) {
+            Ok(p) => return Ok(p),
+            Err(p) => part = p,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Err(CaptureError::PartInUse)
 }
 
 impl Vmm {

@@ -2,10 +2,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use snapshot::MemoryPartWriter;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::progress::Progress;
+use super::sink::MemoryOut;
 use super::state::MemoryRegionState;
 use super::CaptureError;
 use devices::GuestMemoryMmap;
@@ -42,7 +42,7 @@ pub fn chunk_guest_range(
 pub fn copy_chunk(
     mem: &GuestMemoryMmap,
     layout: &[MemoryRegionState],
-    part: &MemoryPartWriter,
+    part: &MemoryOut,
     index: u64,
     buf: &mut Vec<u8>,
 ) -> Result<u64, CaptureError> {
@@ -51,22 +51,28 @@ pub fn copy_chunk(
     buf.resize(len as usize, 0);
     mem.read_slice(buf, GuestAddress(addr))
         .map_err(|source| CaptureError::ReadMemory { addr, source })?;
-    part.write_chunk(index, buf)?;
+    part.put(index, buf)?;
     Ok(len)
 }
 
-/// Copies every chunk, reporting progress, stopping early when `cancel` is set.
+/// Copies every chunk, reporting progress, stopping early when `cancel` is set. Chunks marked
+/// in `clean` (unchanged since the parent backup point) are reused without being read.
 pub fn copy_all(
     mem: &GuestMemoryMmap,
     layout: &[MemoryRegionState],
-    part: &MemoryPartWriter,
+    part: &MemoryOut,
     progress: &Progress,
     cancel: &AtomicBool,
+    clean: Option<&[bool]>,
 ) -> Result<(), CaptureError> {
     let mut buf = Vec::new();
     for index in 0..part.chunk_count() {
         if cancel.load(Ordering::Relaxed) {
             return Err(CaptureError::Cancelled);
+        }
+        if clean.is_some_and(|c| c[index as usize]) {
+            part.reuse(index)?;
+            continue;
         }
         let n = copy_chunk(mem, layout, part, index, &mut buf)?;
         progress.update(|r| r.bytes_written += n);

@@ -14,7 +14,9 @@ pub mod memory_copy;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
+pub mod sink;
 pub mod state;
+pub mod target;
 
 /// Why a snapshot failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,10 @@ pub enum CaptureError {
     LazyLoadPending,
     #[error("the memory part is still in use")]
     PartInUse,
+    #[error(transparent)]
+    Repo(#[from] snapshot::repo::RepoError),
+    #[error(transparent)]
+    Key(#[from] snapshot::repo::KeyError),
     #[error("cannot freeze disk {0}")]
     Disk(String, #[source] devices::virtio::block::DiskError),
     #[error("cannot read frozen disk {0}")]

@@ -2,20 +2,21 @@
 //! resume. The guest is stopped for the whole copy; the live strategies build on the same
 //! pieces.
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use snapshot::{Persist, SnapshotWriter, CHUNK_SIZE};
+use snapshot::Persist;
 
 use super::disks::{copy_frozen_disks, freeze_disks, frozen_bytes};
 use super::job::SnapshotJob;
 use super::memory_copy::copy_all;
 use super::progress::Progress;
-use super::state::{DevicesState, VmSnapshotState, MEMORY_PART, STATE_PART};
+use super::sink::SnapshotOut;
+use super::state::{DevicesState, VmSnapshotState};
+use super::target::plan_incremental;
 use super::CaptureError;
 use crate::runtime::{RunState, Vmm};
 use crate::vstate::memory::region_layout;
@@ -65,21 +66,25 @@ pub fn save_frozen_state(vmm: &Vmm) -> Result<VmSnapshotState, CaptureError> {
     })
 }
 
-/// Starts a paused snapshot into `out` (which must not exist): pauses the vCPUs, saves the
-/// state, and leaves the memory copy and the commit to a worker thread. The event loop resumes
-/// the vCPUs when the worker ends (see [`SnapshotJob`]).
+/// Starts a paused snapshot into `out`: pauses the vCPUs, saves the state, and leaves the
+/// memory and disk copy and the commit to a worker thread. The event loop resumes the vCPUs
+/// when the worker ends (see [`SnapshotJob`]).
 pub fn start_paused(
     vmm: &mut Vmm,
-    out: &Path,
+    mut out: SnapshotOut,
     progress: Progress,
     done: Arc<EventFd>,
 ) -> Result<SnapshotJob, CaptureError> {
-    let mut writer = SnapshotWriter::create(out)?;
     let was_running = vmm.state() == RunState::Running;
     let paused_at = Instant::now();
     vmm.pause()?;
-    let frozen = save_frozen_state(vmm).and_then(|s| Ok((s, freeze_disks(vmm)?)));
-    let (state, disks) = match frozen {
+    let frozen = (|| {
+        let state = save_frozen_state(vmm)?;
+        let clean = plan_incremental(vmm, &out, &state.memory)?;
+        let disks = freeze_disks(vmm)?;
+        Ok::<_, CaptureError>((state, clean, disks))
+    })();
+    let (state, clean, disks) = match frozen {
         Ok(s) => s,
         Err(e) => {
             if was_running {
@@ -101,13 +106,13 @@ pub fn start_paused(
         move || {
             let mem_size: u64 = state.memory.iter().map(|r| r.len).sum();
             p.update(|r| r.bytes_total = mem_size + frozen_bytes(&disks));
-            let part = writer.add_memory_part(MEMORY_PART, mem_size, CHUNK_SIZE as u64)?;
-            copy_all(&mem, &state.memory, &part, &p, &c)?;
-            writer.finish_memory_part(part)?;
-            copy_frozen_disks(&mut writer, disks, &p, &c)?;
-            writer.write_state_part(STATE_PART, &state)?;
-            writer.commit()?;
-            Ok(())
+            let incremental = clean.is_some();
+            let part = out.add_memory(mem_size)?;
+            copy_all(&mem, &state.memory, &part, &p, &c, clean.as_deref())?;
+            out.finish_memory(part)?;
+            copy_frozen_disks(&mut out, disks, incremental, &p, &c)?;
+            out.write_state(&state)?;
+            out.commit()
         },
     );
     match job {

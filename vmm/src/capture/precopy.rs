@@ -4,13 +4,12 @@
 //! snapshot instant is that final pause.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use snapshot::{MemoryPartWriter, SnapshotWriter, CHUNK_SIZE};
+use snapshot::CHUNK_SIZE;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,7 +19,8 @@ use super::live::wait_for_lazy_memory;
 use super::memory_copy::{copy_all, copy_chunk};
 use super::paused::save_frozen_state;
 use super::progress::Progress;
-use super::state::{MemoryRegionState, VmSnapshotState, MEMORY_PART, STATE_PART};
+use super::sink::{MemoryOut, SnapshotOut};
+use super::state::{MemoryRegionState, VmSnapshotState};
 use super::CaptureError;
 use crate::runtime::{RunState, Vmm};
 use crate::vstate::memory::memory_size;
@@ -40,12 +40,12 @@ type FinalState = Result<(VmSnapshotState, Vec<FrozenDisk>), String>;
 pub struct FinalPauseLink {
     requests: Receiver<()>,
     replies: Sender<FinalState>,
-    part: Arc<MemoryPartWriter>,
+    part: Arc<MemoryOut>,
     layout: Vec<MemoryRegionState>,
 }
 
 /// Reads and clears both dirty logs; returns the dirty chunk indices and the dirty page count.
-fn take_dirty_chunks(
+pub(crate) fn take_dirty_chunks(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     layout: &[MemoryRegionState],
@@ -56,6 +56,11 @@ fn take_dirty_chunks(
     for ((region, kvm_log), lay) in mem.iter().zip(kvm_logs.iter()).zip(layout.iter()) {
         let mmap: &vm_memory::MmapRegion<_> = region;
         let vmm_log = mmap.bitmap().get_and_reset();
+        tracing::debug!(
+            "dirty pages: kvm {} vmm {}",
+            kvm_log.iter().map(|w| w.count_ones()).sum::<u32>(),
+            vmm_log.iter().map(|w| w.count_ones()).sum::<u32>()
+        );
         let words = kvm_log.len().max(vmm_log.len());
         for w in 0..words {
             let bits = kvm_log.get(w).copied().unwrap_or(0) | vmm_log.get(w).copied().unwrap_or(0);
@@ -81,14 +86,15 @@ fn take_dirty_chunks(
 /// Starts a pre-copy snapshot.
 pub fn start_precopy(
     vmm: &mut Vmm,
-    out: &Path,
+    mut out: SnapshotOut,
     progress: Progress,
     done: Arc<EventFd>,
 ) -> Result<SnapshotJob, CaptureError> {
     wait_for_lazy_memory(vmm)?;
-    let mut writer = SnapshotWriter::create(out)?;
+    // Pre-copy uses the dirty log itself: the next backup cannot be incremental.
+    vmm.backup_parent = None;
     let mem_size = memory_size(&vmm.built.mem);
-    let part = Arc::new(writer.add_memory_part(MEMORY_PART, mem_size, CHUNK_SIZE as u64)?);
+    let part = Arc::new(out.add_memory(mem_size)?);
     let regions: Vec<(u64, u64)> = crate::vstate::memory::region_layout(&vmm.built.mem)
         .into_iter()
         .map(|(_, g, l)| (g, l))
@@ -115,7 +121,7 @@ pub fn start_precopy(
     let wake = done.clone();
     let mut job = SnapshotJob::spawn(progress, cancel, done, false, None, move || {
         let part = worker_part;
-        copy_all(&mem, &lay, &part, &p, &c)?;
+        copy_all(&mem, &lay, &part, &p, &c, None)?;
         let mut buf = Vec::new();
         let mut converged = false;
         for round in 1..=MAX_ROUNDS {
@@ -158,13 +164,10 @@ pub fn start_precopy(
             .map_err(CaptureError::CowFault)?;
         p.update(|s| s.bytes_total += frozen_bytes(&disks));
         let part = Arc::try_unwrap(part).map_err(|_| CaptureError::PartInUse)?;
-        writer.finish_memory_part(part)?;
-        copy_frozen_disks(&mut writer, disks, &p, &c)?;
-        writer.write_state_part(STATE_PART, &state)?;
-        writer.commit()?;
-        p.update(|s| s.pages_recopied += 0);
-        let _ = converged;
-        Ok(())
+        out.finish_memory(part)?;
+        copy_frozen_disks(&mut out, disks, false, &p, &c)?;
+        out.write_state(&state)?;
+        out.commit()
     })
     .map_err(CaptureError::Spawn)?;
     job.final_pause = Some(FinalPauseLink {

@@ -90,12 +90,25 @@ fn human_bytes(n: u64) -> String {
 
 /// `arkvm snapshot`: starts a snapshot and follows it to its end.
 pub fn snapshot(args: SnapshotArgs) -> ExitCode {
-    let out = match std::path::absolute(&args.out) {
-        Ok(p) => p,
+    let abs = |p: &std::path::Path| std::path::absolute(p);
+    let target = match (&args.out, &args.repo) {
+        (Some(out), _) => abs(out).map(SnapshotTarget::Dir),
+        (None, Some(repo)) => abs(repo).map(SnapshotTarget::Repo),
+        (None, None) => {
+            eprintln!("arkvm: error: snapshot needs --out DIR or --repo DIR");
+            return ExitCode::from(1);
+        }
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let key = match args.key.as_deref().map(abs).transpose() {
+        Ok(k) => k,
         Err(e) => return fail(&e),
     };
     let params = SnapshotParams {
-        target: SnapshotTarget::Dir(out),
+        target,
         mode: if args.paused {
             SnapshotMode::Paused
         } else {
@@ -105,7 +118,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             StrategyArg::Cow => SnapshotStrategy::Cow,
             StrategyArg::Precopy => SnapshotStrategy::Precopy,
         },
-        key: None,
+        key,
     };
     let mut client = match connect(&args.api_socket) {
         Ok(c) => c,

@@ -9,7 +9,10 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::Duration;
 
-use snapshot::dr::{query_status, DrError, LinkKey, Receiver, ReceiverConfig, ReceiverStatus};
+use snapshot::dr::{
+    query_status, send_checkpoint, CheckpointInfo, DrError, LinkKey, Receiver, ReceiverConfig,
+    ReceiverStatus,
+};
 use snapshot::repo::{chunk_object_name, KeyError, PointManifest, RepoError, RepoKey, Repository};
 
 use super::launch::fail;
@@ -37,7 +40,7 @@ pub enum DrCommandError {
         #[source]
         source: std::io::Error,
     },
-    /// No point can be recovered.
+    /// No point can be recovered (or sent).
     #[error("no complete checkpoint in {repo}{}", vm.as_ref().map(|v| format!(" for VM '{v}'")).unwrap_or_default())]
     NothingToRecover {
         /// The repository.
@@ -57,6 +60,9 @@ pub enum DrCommand {
     Status(DrStatusArgs),
     /// Resume the newest complete checkpoint (or --id) with its disks in a new VM.
     Recover(DrRecoverArgs),
+    /// Send one backup point of a local repository to a receiver (what the checkpoint timer
+    /// does after each checkpoint); only the chunks the receiver lacks travel.
+    Send(DrSendArgs),
 }
 
 /// `arkvm dr serve`.
@@ -131,12 +137,36 @@ pub struct DrRecoverArgs {
     pub export_only: bool,
 }
 
+/// `arkvm dr send`.
+#[derive(clap::Args)]
+pub struct DrSendArgs {
+    /// The local repository holding the point.
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// The point to send (default: the newest).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The receiver (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub target: String,
+    /// The pre-shared key file (also the repository's key if it is encrypted).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Seconds to wait for the connection and for each read and write.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Runs an `arkvm dr` subcommand.
 pub fn run(command: DrCommand) -> ExitCode {
     let result = match command {
         DrCommand::Serve(args) => serve(args),
         DrCommand::Status(args) => status(args),
         DrCommand::Recover(args) => recover(args),
+        DrCommand::Send(args) => send(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -193,6 +223,51 @@ pub fn status(args: DrStatusArgs) -> Result<(), DrCommandError> {
         println!("{value}");
     } else {
         print!("{}", status_text(&args.target, &status));
+    }
+    Ok(())
+}
+
+/// `arkvm dr send`.
+pub fn send(args: DrSendArgs) -> Result<(), DrCommandError> {
+    let key = RepoKey::load(&args.key)?;
+    let repo = match Repository::open(&args.repo, Some(key.clone())) {
+        Err(RepoError::KeyNotUsed) => Repository::open(&args.repo, None)?,
+        other => other?,
+    };
+    let id = match &args.id {
+        Some(id) => id.clone(),
+        None => repo
+            .point_ids()?
+            .pop()
+            .ok_or_else(|| DrCommandError::NothingToRecover {
+                repo: args.repo.display().to_string(),
+                vm: None,
+            })?,
+    };
+    let report = send_checkpoint(
+        &repo,
+        &id,
+        &args.target,
+        &LinkKey::from_repo_key(&key),
+        Duration::from_secs(args.timeout.max(1)),
+        &CheckpointInfo::default(),
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_value(&report).expect("the report serializes")
+        );
+    } else {
+        println!(
+            "sent {}: {} of {} chunks ({} skipped), {} bytes in {} ms; the receiver keeps {}",
+            report.point_id,
+            report.chunks_sent,
+            report.chunks_total,
+            report.chunks_skipped,
+            report.bytes_sent,
+            report.duration_ms,
+            report.commit.points_kept
+        );
     }
     Ok(())
 }

@@ -76,6 +76,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     }
     let config = VmConfig {
+        name: args.name,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
@@ -104,19 +105,52 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let (built, state) = match restore_from_dir(
-        &args.from,
-        expect_memory,
-        args.disk_dir.as_deref(),
-        Box::new(std::io::stdout()),
-    ) {
-        Ok(b) => b,
-        Err(e) => return fail(&e),
+    // A backup point is exported to a snapshot directory first (every chunk checked), which
+    // the restored VM's memory then loads from; it is removed when the VM stops.
+    let mut exported = None;
+    let (dir, label) = match (&args.from, &args.repo, &args.id) {
+        (Some(dir), _, _) => (dir.clone(), dir.display().to_string()),
+        (None, Some(repo), Some(id)) => {
+            let r = match super::backup::open_repo(repo, args.key.as_deref()) {
+                Ok(r) => r,
+                Err(c) => return c,
+            };
+            let tmp =
+                std::env::temp_dir().join(format!("arkvm-restore-{}-{}", std::process::id(), id));
+            if let Err(e) = r.export_point(id, &tmp) {
+                return fail(&e);
+            }
+            exported = Some(tmp.clone());
+            (tmp, format!("{}#{id}", repo.display()))
+        }
+        _ => {
+            eprintln!("arkvm: error: restore needs --from DIR, or --repo DIR with --id ID");
+            return ExitCode::from(1);
+        }
     };
-    run_vm(
-        state.config.clone(),
-        built,
-        api,
-        Some(args.from.display().to_string()),
-    )
+    let disk_dir = args.disk_dir.clone().or_else(|| {
+        exported.as_ref().map(|_| {
+            std::env::temp_dir().join(format!("arkvm-restore-{}-disks", std::process::id()))
+        })
+    });
+    let restored = restore_from_dir(
+        &dir,
+        expect_memory,
+        disk_dir.as_deref(),
+        Box::new(std::io::stdout()),
+    );
+    let (built, state) = match restored {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(t) = &exported {
+                let _ = std::fs::remove_dir_all(t);
+            }
+            return fail(&e);
+        }
+    };
+    let code = run_vm(state.config.clone(), built, api, Some(label));
+    if let Some(t) = &exported {
+        let _ = std::fs::remove_dir_all(t);
+    }
+    code
 }

@@ -1,5 +1,6 @@
 //! The `arkvm` command line: argument definitions and the commands behind them.
 
+pub mod backup;
 pub mod control;
 pub mod launch;
 pub mod signals;
@@ -36,6 +37,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Stop a VM (arkvm exits with status 0).
     Shutdown(SocketArg),
+    /// Manage a backup repository.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 #[derive(clap::Args)]
@@ -61,13 +65,30 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// The VM's name: backups in a repository are grouped and made incremental by it.
+    #[arg(long, default_value = "vm")]
+    pub name: String,
 }
 
 #[derive(clap::Args)]
 pub struct RestoreArgs {
     /// The snapshot directory to restore.
-    #[arg(long = "from", value_name = "DIR")]
-    pub from: PathBuf,
+    #[arg(
+        long = "from",
+        value_name = "DIR",
+        required_unless_present = "repo",
+        conflicts_with = "repo"
+    )]
+    pub from: Option<PathBuf>,
+    /// Restore a backup point from this repository (with --id).
+    #[arg(long, requires = "id")]
+    pub repo: Option<PathBuf>,
+    /// The backup point to restore.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The repository's key file.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// Where to put the restored disks (default: DIR.disks beside the snapshot; it must not
     /// exist yet).
     #[arg(long, value_name = "DIR")]
@@ -112,8 +133,19 @@ pub struct SnapshotArgs {
     #[arg(long)]
     pub api_socket: PathBuf,
     /// Write the snapshot to this directory (it must not exist).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "repo",
+        conflicts_with = "repo"
+    )]
+    pub out: Option<PathBuf>,
+    /// Store the snapshot as a backup point in this repository (incremental when possible).
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub repo: Option<PathBuf>,
+    /// The repository's key file.
+    #[arg(long, requires = "repo")]
+    pub key: Option<PathBuf>,
     /// Pause the guest for the whole snapshot instead of taking it live.
     #[arg(long)]
     pub paused: bool,
