@@ -37,6 +37,24 @@ def die(msg):
     sys.exit(1)
 
 
+class GuestLost(Exception):
+    """A guest stopped before the benchmark was done with it."""
+
+
+def retry(fn, *args):
+    """Runs fn(*args), and once more if it raised GuestLost (on a shared machine something
+    else can end a VM: seen here as `guest stopped: shutdown requested` nobody here asked for)."""
+    try:
+        return fn(*args)
+    except GuestLost as e:
+        print(f"  (guest lost: {e}; retrying once)")
+        sys.stdout.flush()
+        try:
+            return fn(*args)
+        except GuestLost as e2:
+            die(f"guest lost twice: {e2}")
+
+
 def guest(name):
     path = os.path.join(GUESTS, f"{name}.elf")
     if not os.path.exists(path):
@@ -158,6 +176,13 @@ class Proc:
     def lines(self, stream="out"):
         with self.cond:
             return list(self.out if stream == "out" else self.err)
+
+    def lost(self):
+        """Why the child ended by itself (a one-line reason), or None while it runs."""
+        if self.p.poll() is None:
+            return None
+        tail = [line for _, _, line in self.lines("err")][-1:] or ["no stderr"]
+        return f"arkvm exited with status {self.p.returncode}: {tail[0][-160:]}"
 
     def stop(self, arkvm=None, socket=None, timeout=15.0):
         """Ask for a shutdown through the control socket, else SIGKILL this child."""

@@ -119,6 +119,7 @@ def guest_run(s, path):
         idx = i + 1
         if line.startswith("BENCH-DONE"):
             break
+    lost = p.lost()
     status = p.stop()
     info = {}
     for _, _, line in p.lines("out"):
@@ -141,6 +142,8 @@ def guest_run(s, path):
                       "guest_secs": tsc / (khz * 1e3) if khz else None}
     ok = status == 0 and len(phases) == len(PHASES) and all(
         v["errors"] == 0 for v in phases.values())
+    if not ok and lost and "shutdown requested" in lost:
+        raise B.GuestLost(f"disk guest: {lost}")
     if not ok:
         print(f"  disk guest failed (status {status}):")
         print("\n".join(line for _, _, line in p.lines("out")[-10:]))
@@ -164,7 +167,7 @@ def main():
         for _ in range(rounds):
             h, cmds = host_baseline(img, size, size // 4096)
             host.append(h)
-            argv, g, ok = guest_run(s, img)
+            argv, g, ok = B.retry(guest_run, s, img)
             if not ok:
                 B.die("the disk guest did not complete its phases")
             guest.append(g)

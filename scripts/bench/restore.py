@@ -35,14 +35,20 @@ def take_snapshots(s, size, count, cmdline):
     vm = B.Proc(argv)
     first = vm.wait_line(r"^PASS ", timeout=180)
     if first is None or vm.wait_line(r"^PASS ", start=first + 2, timeout=180) is None:
-        B.die(f"memory guest at {size} made no progress: {vm.stderr_text()[-800:]}")
+        reason = vm.lost() or f"no progress: {vm.stderr_text()[-400:]}"
+        vm.stop()
+        raise B.GuestLost(f"memory guest at {size}: {reason}")
     dirs = []
     snap_argv = None
     for i in range(count):
         out = s.path(f"snap-{size}-{i}")
         report, _, snap_argv, text = B.run_snapshot(s.arkvm, sock, out, [])
         if report is None:
-            B.die(f"snapshot at {size} failed: {text[-500:]}")
+            reason = vm.lost() or text[-300:]
+            vm.stop(s.arkvm, sock)
+            for d in dirs + [out]:
+                B.drop_dir(d)
+            raise B.GuestLost(f"snapshot at {size} failed: {reason}")
         dirs.append(out)
         time.sleep(0.37 * (i + 1))
     vm.stop(s.arkvm, sock)
@@ -68,8 +74,11 @@ def one_restore(s, snap, size):
             running = (B.log_walltime(line) - p.wall0) * 1e3
             break
     timings = B.parse_boot_timings(line for _, _, line in err)
+    lost = p.lost()
     status = p.stop(s.arkvm, sock)
     ok = status == 0 and first_pass is not None and not B.torn(p)
+    if lost and not B.torn(p):
+        raise B.GuestLost(f"restore of {snap}: {lost}")
     if not ok:
         print(f"  restore of {snap} failed (status {status}):\n{p.stderr_text()[-800:]}")
     return argv, {"first_pass": first_pass, "running": running, "loaded": loaded,
@@ -87,11 +96,11 @@ def bench_workload(s, what, cmdline, snaps, reps):
     print(f"\n### {what}" + (f" ({cmdline})" if cmdline else "") + "\n")
     res = {}
     for size, _ in SIZES:
-        dirs, cmds = take_snapshots(s, size, snaps, cmdline)
+        dirs, cmds = B.retry(take_snapshots, s, size, snaps, cmdline)
         runs = []
         for d in dirs:
             for _ in range(reps):
-                argv, r = one_restore(s, d, size)
+                argv, r = B.retry(one_restore, s, d, size)
                 runs.append(r)
         dd_ms, dd_argv = dd_read_ms(os.path.join(dirs[0], "memory"))
         res[size] = (runs, dd_ms)

@@ -35,7 +35,9 @@ def start_guest(s, size, cmdline):
     # Steady state: pass 1 (first touch of every page) is over and a few more lines came.
     first = vm.wait_line(r"^PASS ", timeout=180)
     if first is None or vm.wait_line(r"^PASS ", start=first + 3, timeout=180) is None:
-        B.die(f"memory guest at {size} made no progress: {vm.stderr_text()[-800:]}")
+        reason = vm.lost() or f"no progress: {vm.stderr_text()[-400:]}"
+        vm.stop()
+        raise B.GuestLost(f"memory guest at {size}: {reason}")
     return vm, sock, argv
 
 
@@ -69,6 +71,8 @@ def bench_guest(s, size, mib, modes, cmdline):
         row["window"] = (t0, t1)
         row["rate_before"] = B.pass_rate(B.passes(vm), t0 - BASE_WINDOW_S, t0)
     time.sleep(1.0)
+    if vm.lost():
+        raise B.GuestLost(f"memory guest at {size} during the snapshots: {vm.lost()}")
     pts = B.passes(vm)
     for row in rows:
         if "window" in row:
@@ -121,9 +125,9 @@ def main():
         B.heading("snapshot: vCPU pause, throughput vs dd, guest pass rate (memory guest)")
         B.print_facts(B.machine_facts(s.dir))
         for size, mib in sizes:
-            r = bench_guest(s, size, mib, ALL_MODES, None)
+            r = B.retry(bench_guest, s, size, mib, ALL_MODES, None)
             print_result(size, "every page rewritten every pass", r)
-            r = bench_guest(s, size, mib, [("cow", [])], HOT)
+            r = B.retry(bench_guest, s, size, mib, [("cow", [])], HOT)
             print_result(size, "10% of the pages rewritten (" + HOT + ")", r)
         print()
         B.note("pause us / total ms / MiB written: arkvm's JSON report (precopy writes re-copied "
