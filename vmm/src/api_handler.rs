@@ -102,13 +102,13 @@ impl Vmm {
                 }
                 None => ApiResponse::conflict("no snapshot is running"),
             },
-            ApiRequest::StartDr(_) | ApiRequest::StopDr | ApiRequest::GetDr => {
-                ApiResponse::error(501, "disaster recovery is not available in this build yet")
-            }
+            ApiRequest::StartDr(params) => self.start_dr(&params, None),
+            ApiRequest::StopDr => self.stop_dr(),
+            ApiRequest::GetDr => self.dr_status(),
         }
     }
 
-    fn start_snapshot(&mut self, params: SnapshotParams) -> ApiResponse {
+    pub(crate) fn start_snapshot(&mut self, params: SnapshotParams) -> ApiResponse {
         let out = match open_target(self, &params.target, params.key.as_deref()) {
             Ok(o) => o,
             Err(e @ CaptureError::Snapshot(snapshot::SnapshotError::Exists { .. })) => {
@@ -194,6 +194,11 @@ impl Vmm {
             });
         }
         self.finish_live(&mut job);
+        if self.dr_checkpoint_running {
+            let st = job.progress.status();
+            let point = outcome.is_ok().then(|| st.id.clone());
+            self.dr_checkpoint_done(point, st.pause_us.unwrap_or(0), outcome.clone().err());
+        }
         let cancelled = job.is_cancelled();
         match &outcome {
             Ok(()) => tracing::info!("snapshot {} done", job.progress.status().id),

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod devices_setup;
+pub mod dr_checkpoints;
 pub mod restore;
 pub mod runtime;
 pub mod vstate;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use vmm::cli::{backup, control, launch, Cli, Command};
+use vmm::cli::{backup, control, dr, launch, Cli, Command};
 
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_env("ARKVM_LOG")
@@ -31,5 +31,6 @@ fn main() -> ExitCode {
         Command::Shutdown(a) => control::simple_put(&a.api_socket, "/vm/shutdown", "shutting down"),
         Command::Status(args) => control::status(args),
         Command::Backup(cmd) => backup::run(cmd),
+        Command::Dr(cmd) => dr::run(cmd),
     }
 }

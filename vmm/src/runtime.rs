@@ -180,6 +180,10 @@ pub struct Vmm {
     pub(crate) backup_parent_pending: bool,
     /// Write-protection tracking, armed by the first live snapshot and kept from then on.
     pub(crate) cow_tracker: Option<Arc<crate::capture::cow::CowTracker>>,
+    /// Continuous protection to a DR receiver, once started.
+    pub(crate) dr: Option<crate::dr_checkpoints::DrLoop>,
+    /// Whether the running snapshot is a DR checkpoint.
+    pub(crate) dr_checkpoint_running: bool,
 }
 
 impl Vmm {
@@ -219,6 +223,8 @@ impl Vmm {
             backup_parent: None,
             backup_parent_pending: false,
             cow_tracker: None,
+            dr: None,
+            dr_checkpoint_running: false,
         })
     }
 
@@ -290,11 +296,13 @@ impl Vmm {
                 self.api = None;
                 return Ok(exit);
             }
+            let timeout = if self.dr.is_some() { 10 } else { 500 };
             self.events
-                .run_with_timeout(500)
+                .run_with_timeout(timeout)
                 .map_err(RuntimeError::EventLoop)?;
             self.serve_api();
             self.poll_snapshot();
+            self.poll_dr();
         }
     }
 }

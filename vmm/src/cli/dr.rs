@@ -300,7 +300,9 @@ fn status_text(target: &str, status: &ReceiverStatus) -> String {
         }
     );
     for vm in &status.vms {
-        let age = status.receiver_unix_ms.saturating_sub(vm.last_created_unix_ms);
+        let age = status
+            .receiver_unix_ms
+            .saturating_sub(vm.last_created_unix_ms);
         out.push_str(&format!(
             "vm {}:  {} checkpoints, last {} (RPO {:.1} s)\n",
             vm.vm,
@@ -416,9 +418,12 @@ fn export_newest(
         .collect();
     candidates.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
     for point in candidates {
-        let missing = point
-            .chunk_ids()
-            .find(|id| !repo.store().contains(&chunk_object_name(id)).unwrap_or(false));
+        let missing = point.chunk_ids().find(|id| {
+            !repo
+                .store()
+                .contains(&chunk_object_name(id))
+                .unwrap_or(false)
+        });
         if let Some(id) = missing {
             tracing::warn!(point = %point.id, chunk = %id, "checkpoint incomplete; trying an older one");
             continue;

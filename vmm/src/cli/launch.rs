@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use super::{RestoreArgs, RunArgs};
-use crate::api::ApiServer;
+use crate::api::{ApiServer, DrParams};
 use crate::builder::{build_cold, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::restore::from_dir::restore_from_dir;
@@ -30,6 +30,7 @@ fn run_vm(
     built: BuiltVm,
     api: Option<ApiServer>,
     restored_from: Option<String>,
+    dr: Option<(DrParams, Option<std::path::PathBuf>)>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -47,6 +48,19 @@ fn run_vm(
     super::signals::install(std::os::fd::AsRawFd::as_raw_fd(vmm.built.exit.eventfd()));
     if let Some(api) = api {
         vmm.attach_api(api);
+    }
+    if let Some((params, staging)) = dr {
+        let r = vmm.start_dr(&params, staging.as_deref());
+        if r.status() >= 300 {
+            let msg = r
+                .body()
+                .and_then(|b| b.get("error"))
+                .and_then(|e| e.as_str())
+                .unwrap_or("unknown error")
+                .to_string();
+            eprintln!("arkvm: error: cannot start continuous protection: {msg}");
+            return ExitCode::from(1);
+        }
     }
     match vmm.run() {
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
@@ -84,6 +98,34 @@ pub fn run(args: RunArgs) -> ExitCode {
         vcpus,
         disks,
     };
+    let dr = match &args.dr.dr_target {
+        None => None,
+        Some(target) => {
+            let interval = match crate::dr_checkpoints::parse_interval(&args.dr.dr_interval) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("arkvm: error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let key = match args.dr.key.as_deref().map(std::path::absolute).transpose() {
+                Ok(Some(k)) => k,
+                Ok(None) => {
+                    eprintln!("arkvm: error: --dr-target needs --key FILE");
+                    return ExitCode::from(1);
+                }
+                Err(e) => return fail(&e),
+            };
+            Some((
+                DrParams {
+                    target: target.clone(),
+                    interval_ms: interval.as_millis() as u64,
+                    key,
+                },
+                args.dr.dr_staging.clone(),
+            ))
+        }
+    };
     let api = match bind_api(&args.api_socket) {
         Ok(a) => a,
         Err(code) => return code,
@@ -92,7 +134,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
-    run_vm(config, built, api, None)
+    run_vm(config, built, api, None, dr)
 }
 
 /// `arkvm restore`.
@@ -148,7 +190,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
             return fail(&e);
         }
     };
-    let code = run_vm(state.config.clone(), built, api, Some(label));
+    let code = run_vm(state.config.clone(), built, api, Some(label), None);
     if let Some(t) = &exported {
         let _ = std::fs::remove_dir_all(t);
     }

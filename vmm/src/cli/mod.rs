@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod control;
+pub mod dr;
 pub mod launch;
 pub mod signals;
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Manage a backup repository.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Disaster recovery: receive checkpoints on a second host, query it, recover from it.
+    #[command(subcommand)]
+    Dr(dr::DrCommand),
 }
 
 #[derive(clap::Args)]
@@ -68,6 +72,25 @@ pub struct RunArgs {
     /// The VM's name: backups in a repository are grouped and made incremental by it.
     #[arg(long, default_value = "vm")]
     pub name: String,
+    #[command(flatten)]
+    pub dr: DrRunArgs,
+}
+
+/// Continuous protection from the start (the same as `PUT /dr` through the API).
+#[derive(clap::Args)]
+pub struct DrRunArgs {
+    /// Send a checkpoint every --dr-interval to the `arkvm dr serve` receiver at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", requires = "key")]
+    pub dr_target: Option<String>,
+    /// Time between checkpoints (e.g. 500ms, 1s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub dr_interval: String,
+    /// Pre-shared key file of the DR link (the receiver's repository key).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Local staging repository for checkpoints (default under ~/.cache/arkvm/dr-staging).
+    #[arg(long, value_name = "DIR")]
+    pub dr_staging: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
