@@ -9,7 +9,13 @@ fn marker_guest_boots_and_exits_zero() {
     require_kvm();
     let kernel = tiny_guest("marker");
     let (status, out, err) = run_to_end(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ],
         Duration::from_secs(30),
     );
     assert!(status.success(), "status {status:?}, stderr: {err:?}");
@@ -35,7 +41,10 @@ fn memory_guest_runs_100_passes_without_torn() {
         ],
         Duration::from_secs(120),
     );
-    assert!(status.success(), "status {status:?}, stderr: {err:?}, out: {out:?}");
+    assert!(
+        status.success(),
+        "status {status:?}, stderr: {err:?}, out: {out:?}"
+    );
     assert!(!out.iter().any(|l| l.contains("TORN")), "TORN in {out:?}");
     assert!(
         out.iter().any(|l| l.contains("DONE passes=150")),
@@ -60,7 +69,10 @@ fn memory_guest_uses_memory_above_4g() {
         ],
         Duration::from_secs(120),
     );
-    assert!(status.success(), "status {status:?}, stderr: {err:?}, out: {out:?}");
+    assert!(
+        status.success(),
+        "status {status:?}, stderr: {err:?}, out: {out:?}"
+    );
     assert!(!out.iter().any(|l| l.contains("TORN")), "TORN in {out:?}");
     assert!(out.iter().any(|l| l.contains("DONE passes=2")), "{out:?}");
 }
@@ -72,7 +84,10 @@ fn expect_error(args: &[&str], needle: &str) {
     assert!(!status.success(), "{args:?} succeeded: {out:?}");
     let text = err.join("\n");
     assert!(!text.contains("panicked"), "{args:?} panicked: {text}");
-    assert!(!text.contains("backtrace"), "{args:?} printed a backtrace: {text}");
+    assert!(
+        !text.contains("backtrace"),
+        "{args:?} printed a backtrace: {text}"
+    );
     assert_eq!(err.len(), 1, "{args:?}: expected one line, got {err:?}");
     assert!(
         text.to_lowercase().contains(&needle.to_lowercase()),
@@ -93,7 +108,10 @@ fn bad_input_gives_one_line_errors() {
     let missing = missing.to_str().unwrap();
 
     expect_error(&["run", "--kernel", missing], "cannot open kernel");
-    expect_error(&["run", "--kernel", junk], "neither an ELF vmlinux nor a bzImage");
+    expect_error(
+        &["run", "--kernel", junk],
+        "neither an ELF vmlinux nor a bzImage",
+    );
     // The marker is linked at 2 MiB, so 2 MiB of memory cannot hold it.
     expect_error(
         &["run", "--kernel", marker, "--memory", "2M"],
@@ -104,12 +122,21 @@ fn bad_input_gives_one_line_errors() {
         &["run", "--kernel", marker, "--memory", "1000T"],
         "more than KVM can map",
     );
-    expect_error(&["run", "--kernel", marker, "--memory", "lots"], "invalid memory size");
+    expect_error(
+        &["run", "--kernel", marker, "--memory", "lots"],
+        "invalid memory size",
+    );
     expect_error(&["run", "--kernel", marker, "--vcpus", "0"], "--vcpus");
     expect_error(&["run", "--kernel", marker, "--vcpus", "300"], "--vcpus");
     // A directory cannot be read as an initrd.
     expect_error(
-        &["run", "--kernel", marker, "--initrd", dir.path().to_str().unwrap()],
+        &[
+            "run",
+            "--kernel",
+            marker,
+            "--initrd",
+            dir.path().to_str().unwrap(),
+        ],
         "cannot read initrd",
     );
     expect_error(
@@ -134,7 +161,9 @@ fn smp_vcpus_start_and_the_guest_runs() {
     let status = vmm.wait_exit(Duration::from_secs(30)).expect("exit");
     assert!(status.success(), "{}", vmm.dump());
     assert!(
-        vmm.stderr().iter().any(|l| l.contains("guest running with 4 vCPUs")),
+        vmm.stderr()
+            .iter()
+            .any(|l| l.contains("guest running with 4 vCPUs")),
         "{}",
         vmm.dump()
     );
@@ -145,7 +174,11 @@ fn assemble_guest(dir: &ScratchDir, name: &str, body: &str) -> std::path::PathBu
     let src = dir.path().join(format!("{name}.S"));
     let obj = dir.path().join(format!("{name}.o"));
     let elf = dir.path().join(format!("{name}.elf"));
-    std::fs::write(&src, format!(".globl _start\n.text\n.code64\n_start:\n{body}\n")).unwrap();
+    std::fs::write(
+        &src,
+        format!(".globl _start\n.text\n.code64\n_start:\n{body}\n"),
+    )
+    .unwrap();
     let ok = std::process::Command::new("as")
         .arg("-o")
         .arg(&obj)

@@ -38,13 +38,15 @@ fn linux_boots_to_init_and_finds_its_disk() {
         CMDLINE,
     ]);
     assert!(
-        vmm.wait_line("Run /init as init process", BOOT_TIMEOUT).is_some(),
+        vmm.wait_line("Run /init as init process", BOOT_TIMEOUT)
+            .is_some(),
         "Linux did not reach /init\n{}",
         vmm.dump()
     );
     let out = vmm.stdout();
     assert!(
-        out.iter().any(|l| l.contains("virtio_blk") && l.contains("[vda]")),
+        out.iter()
+            .any(|l| l.contains("virtio_blk") && l.contains("[vda]")),
         "Linux did not find the disk\n{}",
         vmm.dump()
     );
@@ -66,7 +68,8 @@ fn linux_sees_four_processors_from_the_mp_table() {
         CMDLINE,
     ]);
     assert!(
-        vmm.wait_line("smpboot: Allowing 4 CPUs", BOOT_TIMEOUT).is_some(),
+        vmm.wait_line("smpboot: Allowing 4 CPUs", BOOT_TIMEOUT)
+            .is_some(),
         "{}",
         vmm.dump()
     );
@@ -78,7 +81,11 @@ fn linux_sees_four_processors_from_the_mp_table() {
             vmm.dump()
         );
     }
-    assert!(out.iter().any(|l| l.contains("Processors: 4")), "{}", vmm.dump());
+    assert!(
+        out.iter().any(|l| l.contains("Processors: 4")),
+        "{}",
+        vmm.dump()
+    );
 }
 
 #[test]
@@ -114,7 +121,14 @@ fn linux_snapshotted_mid_boot_continues_to_init() {
     );
     let seen_before = vmm.stdout().len();
     let status = std::process::Command::new(arkvm_tests::arkvm_bin())
-        .args(["snapshot", "--api-socket", sock, "--out", snap.to_str().unwrap(), "--paused"])
+        .args([
+            "snapshot",
+            "--api-socket",
+            sock,
+            "--out",
+            snap.to_str().unwrap(),
+            "--paused",
+        ])
         .status()
         .expect("run arkvm snapshot");
     assert!(status.success(), "snapshot failed\n{}", vmm.dump());
