@@ -166,11 +166,8 @@ fn serve_send_status_restart_and_recover() {
     assert!(work.join(&p2).join("manifest.json").exists());
     let dst = Repository::open(&dst_path, None).expect("open receiver repository");
     let newest_only = dst.read_point(&p2).expect("p2").objects[0].chunks[3];
-    std::fs::write(
-        dst_path.join(chunk_object_name(&newest_only)),
-        b"Pdamaged",
-    )
-    .expect("damage a chunk");
+    std::fs::write(dst_path.join(chunk_object_name(&newest_only)), b"Pdamaged")
+        .expect("damage a chunk");
     let out = recover();
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains(&p1), "{}", stdout(&out));
