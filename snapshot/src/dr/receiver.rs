@@ -133,6 +133,8 @@ pub struct Receiver {
     config: ReceiverConfig,
     counters: Mutex<Counters>,
     active: AtomicUsize,
+    /// Checkpoints being received right now.
+    in_flight: AtomicUsize,
 }
 
 impl Receiver {
@@ -175,6 +177,7 @@ impl Receiver {
             config,
             counters: Mutex::new(Counters::default()),
             active: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -309,6 +312,7 @@ impl Receiver {
                 "the offer has an invalid point id".into(),
             ));
         }
+        let _in_flight = InFlight::enter(&self.in_flight);
         let store = self.repo.store();
         // Held until the point is created, so garbage collection keeps what this checkpoint
         // reuses and what it has received so far.
@@ -376,7 +380,13 @@ impl Receiver {
             already_present: !created,
             ..CommitReport::default()
         };
-        if self.config.keep_last > 0 {
+        // Pruning waits for every other checkpoint in flight to finish (they hold the shared
+        // lock), which would hold back this commit's answer; the next commit prunes instead.
+        let alone = self.in_flight.load(Ordering::SeqCst) == 1;
+        if self.config.keep_last > 0 && !alone {
+            tracing::debug!("another checkpoint is in flight; prune deferred");
+        }
+        if self.config.keep_last > 0 && alone {
             match self.repo.prune(&KeepPolicy {
                 keep_last: self.config.keep_last,
                 keep_daily: 0,
@@ -443,6 +453,22 @@ impl Receiver {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         counters.discarded += 1;
         counters.last_discard = Some(why.to_string());
+    }
+}
+
+/// Counts a checkpoint in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -94,36 +94,30 @@ impl DrClient {
         point_id: &str,
         info: &CheckpointInfo,
     ) -> Result<SendReport, DrError> {
+        let offer = OutgoingPoint::read(repo, point_id, info)?;
+        self.send_prepared(repo, &offer)
+    }
+
+    /// Sends a point already read from `repo`.
+    fn send_prepared(
+        &mut self,
+        repo: &Repository,
+        offer: &OutgoingPoint,
+    ) -> Result<SendReport, DrError> {
         let started = Instant::now();
-        let point = repo.read_point(point_id)?;
-        let manifest = repo.store().get(&point_object_name(point_id))?;
-        let mut seen = HashSet::new();
-        let ids: Vec<ContentHash> = point
-            .chunk_ids()
-            .filter(|id| seen.insert(**id))
-            .copied()
-            .collect();
-        if ids.len() > (MAX_FRAME_LEN - 4096) / 32 {
-            return Err(DrError::Protocol(format!(
-                "point '{point_id}' has {} chunks, more than one offer can carry",
-                ids.len()
-            )));
-        }
+        let OutgoingPoint {
+            header,
+            ids,
+            manifest,
+        } = offer;
         let before = self.link.bytes_sent();
-        let header = OfferHeader {
-            point_id: point.id.clone(),
-            vm: point.vm.clone(),
-            encrypted: repo.is_encrypted(),
-            pause_us: info.pause_us,
-        };
-        self.link
-            .send_frame(&Message::encode_offer(&header, &ids))?;
+        self.link.send_frame(&Message::encode_offer(header, ids))?;
         let need = match self.recv("receive the receiver's answer")? {
             Message::Need(need) => need,
             other => return Err(unexpected(&other)),
         };
         let mut report = SendReport {
-            point_id: point.id.clone(),
+            point_id: header.point_id.clone(),
             chunks_total: ids.len() as u64,
             ..SendReport::default()
         };
@@ -144,7 +138,7 @@ impl DrClient {
         }
         report.chunks_skipped = report.chunks_total - report.chunks_sent;
         self.link
-            .send_frame(&Message::Manifest(manifest).encode())?;
+            .send_frame(&Message::Manifest(manifest.clone()).encode())?;
         report.commit = match self.recv("receive the receiver's commit")? {
             Message::Committed(commit) => commit,
             other => return Err(unexpected(&other)),
@@ -176,6 +170,44 @@ impl DrClient {
             Message::Refused(why) => Err(DrError::Refused(why)),
             message => Ok(message),
         }
+    }
+}
+
+/// A point read from the local repository, ready to offer.
+struct OutgoingPoint {
+    header: OfferHeader,
+    /// Its distinct chunk ids, in first-use order.
+    ids: Vec<ContentHash>,
+    /// Its manifest object as stored.
+    manifest: Vec<u8>,
+}
+
+impl OutgoingPoint {
+    fn read(repo: &Repository, point_id: &str, info: &CheckpointInfo) -> Result<Self, DrError> {
+        let point = repo.read_point(point_id)?;
+        let manifest = repo.store().get(&point_object_name(point_id))?;
+        let mut seen = HashSet::new();
+        let ids: Vec<ContentHash> = point
+            .chunk_ids()
+            .filter(|id| seen.insert(**id))
+            .copied()
+            .collect();
+        if ids.len() > (MAX_FRAME_LEN - 4096) / 32 {
+            return Err(DrError::Protocol(format!(
+                "point '{point_id}' has {} chunks, more than one offer can carry",
+                ids.len()
+            )));
+        }
+        Ok(Self {
+            header: OfferHeader {
+                point_id: point.id,
+                vm: point.vm,
+                encrypted: repo.is_encrypted(),
+                pause_us: info.pause_us,
+            },
+            ids,
+            manifest,
+        })
     }
 }
 
@@ -306,6 +338,14 @@ impl DrSender {
         point_id: &str,
         info: &CheckpointInfo,
     ) -> Result<SendReport, DrError> {
+        let offer = match OutgoingPoint::read(repo, point_id, info) {
+            Ok(offer) => offer,
+            Err(e) => {
+                self.stats.checkpoints_failed += 1;
+                self.stats.last_error = Some(error_chain(&e));
+                return Err(e);
+            }
+        };
         let mut backoff = self.config.initial_backoff;
         let attempts = self.config.attempts.max(1);
         let mut attempt = 0;
@@ -313,7 +353,7 @@ impl DrSender {
             attempt += 1;
             // A kept connection may have died while idle: its failure does not count as a try.
             let reused = self.client.is_some();
-            match self.try_send(repo, point_id, info) {
+            match self.try_send(repo, &offer) {
                 Ok(report) => {
                     self.stats.checkpoints_sent += 1;
                     self.stats.last_success_unix_ms = Some(now_unix_ms());
@@ -354,10 +394,9 @@ impl DrSender {
     fn try_send(
         &mut self,
         repo: &Repository,
-        point_id: &str,
-        info: &CheckpointInfo,
+        offer: &OutgoingPoint,
     ) -> Result<SendReport, DrError> {
-        self.client()?.send_point(repo, point_id, info)
+        self.client()?.send_prepared(repo, offer)
     }
 
     fn client(&mut self) -> Result<&mut DrClient, DrError> {

@@ -420,3 +420,89 @@ fn encrypted_repositories_travel_sealed_and_must_match() {
     assert!(plain_site.point_ids().is_empty());
     drop(sealed_site.dir);
 }
+
+#[test]
+fn two_vms_send_at_once_and_both_commit() {
+    let src_dir = TestDir::new("dr-two-src");
+    let src = Repository::init(src_dir.path(), None).unwrap();
+    let site = Site::start("dr-two-dst", None, link_key(1), 1);
+    let a1 = make_point(&src, "vma", &memory(&[1, 2, 3]), 1);
+    let b1 = make_point(&src, "vmb", &memory(&[4, 5, 6]), 1);
+    let a2 = make_point(&src, "vma", &memory(&[1, 2, 30]), 2);
+    let b2 = make_point(&src, "vmb", &memory(&[4, 5, 60]), 2);
+    let addr = site.addr();
+    let (a_ids, b_ids) = ([a1.id, a2.id.clone()], [b1.id, b2.id.clone()]);
+    std::thread::scope(|s| {
+        let (src, addr) = (&src, &addr);
+        let a = s.spawn(move || {
+            for id in &a_ids {
+                send(src, id, addr, &link_key(1)).unwrap();
+            }
+        });
+        let b = s.spawn(move || {
+            for id in &b_ids {
+                send(src, id, addr, &link_key(1)).unwrap();
+            }
+        });
+        a.join().unwrap();
+        b.join().unwrap();
+    });
+    // Both newest points are there; the older ones are pruned now or at the next commit.
+    let ids = site.point_ids();
+    assert!(ids.contains(&a2.id) && ids.contains(&b2.id), "{ids:?}");
+    let c = make_point(&src, "vmc", &memory(&[7]), 1);
+    send(&src, &c.id, &site.addr(), &link_key(1)).unwrap();
+    let mut expected = vec![a2.id.clone(), b2.id.clone(), c.id.clone()];
+    expected.sort();
+    assert_eq!(site.point_ids(), expected);
+    assert!(site
+        .receiver
+        .repository()
+        .verify(|_| {})
+        .unwrap()
+        .is_clean());
+}
+
+#[test]
+fn the_retrying_sender_gives_up_on_a_dead_receiver() {
+    let src_dir = TestDir::new("dr-dead-src");
+    let src = Repository::init(src_dir.path(), None).unwrap();
+    let p1 = make_point(&src, "vm1", &memory(&[1]), 1);
+    // A port nobody listens on.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut sender = DrSender::with_link_key(
+        &addr,
+        link_key(1),
+        SenderConfig {
+            timeout: Duration::from_secs(2),
+            attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+        },
+    );
+    let err = sender
+        .send(&src, &p1.id, &CheckpointInfo::default())
+        .unwrap_err();
+    assert!(matches!(err, DrError::Connect { .. }), "{err:?}");
+    let stats = sender.stats();
+    assert_eq!(
+        (
+            stats.failed_attempts,
+            stats.checkpoints_failed,
+            stats.checkpoints_sent
+        ),
+        (3, 1, 0)
+    );
+    assert!(stats.last_error.is_some());
+    // A local repository failure is not retried.
+    let err = sender
+        .send(&src, "no-such-point", &CheckpointInfo::default())
+        .unwrap_err();
+    assert!(matches!(err, DrError::Repo(_)), "{err:?}");
+    assert_eq!(sender.stats().failed_attempts, 3);
+    assert_eq!(sender.stats().checkpoints_failed, 2);
+}
