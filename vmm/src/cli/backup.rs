@@ -79,7 +79,13 @@ fn time_text(ms: u64) -> String {
 }
 
 fn mib(n: u64) -> String {
-    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    if n >= 1 << 30 {
+        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
+    } else if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
 }
 
 fn init(args: RepoArgs) -> ExitCode {
