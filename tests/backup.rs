@@ -1,0 +1,360 @@
+//! Backups into a repository (issue 6), end to end through the `arkvm` CLI: five incremental
+//! backups and five restores of the memory guest, disks, dedup, verify, prune with garbage
+//! collection, kill -9 during a backup and a prune, two VMs at once, and encryption at rest.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use arkvm_tests::{require_kvm, run_to_end, tiny_guest, wait_for_path, ScratchDir, Vmm};
+use snapshot::repo::Repository;
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The tests of this file boot guests; one at a time on this 2-core machine.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+/// Runs `arkvm ARGS` to completion.
+fn ark(args: &[String]) -> (ExitStatus, Vec<String>, Vec<String>) {
+    run_to_end(args, CMD_TIMEOUT)
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|x| x.to_string()).collect()
+}
+
+/// `--key FILE` when `key` is given.
+fn key_args(key: Option<&Path>) -> Vec<String> {
+    key.map(|k| vec!["--key".to_string(), s(k)]).unwrap_or_default()
+}
+
+fn init_repo(repo: &Path, key: Option<&Path>) {
+    let mut a = args(&["backup", "init", "--repo", &s(repo)]);
+    a.extend(key_args(key));
+    let (st, out, err) = ark(&a);
+    assert!(st.success(), "backup init failed: {out:?} {err:?}");
+}
+
+fn json_line(out: &[String]) -> serde_json::Value {
+    let line = out
+        .iter()
+        .rev()
+        .find(|l| l.trim_start().starts_with(['{', '[']))
+        .unwrap_or_else(|| panic!("no JSON in {out:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+fn snapshot_args(sock: &Path, repo: &Path, key: Option<&Path>) -> Vec<String> {
+    let mut a = args(&[
+        "snapshot",
+        "--api-socket",
+        &s(sock),
+        "--repo",
+        &s(repo),
+        "--json",
+    ]);
+    a.extend(key_args(key));
+    a
+}
+
+/// Takes a backup point of the VM at `sock`; returns the final report.
+fn backup(sock: &Path, repo: &Path, key: Option<&Path>) -> serde_json::Value {
+    let (st, out, err) = ark(&snapshot_args(sock, repo, key));
+    assert!(st.success(), "snapshot --repo failed: {out:?} {err:?}");
+    let v = json_line(&out);
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(v["id"].as_str().is_some_and(|i| !i.is_empty()), "{v}");
+    v
+}
+
+/// `backup list --json`, panicking if it fails.
+fn list(repo: &Path, key: Option<&Path>) -> Vec<serde_json::Value> {
+    let mut a = args(&["backup", "list", "--repo", &s(repo), "--json"]);
+    a.extend(key_args(key));
+    let (st, out, err) = ark(&a);
+    assert!(st.success(), "backup list failed: {out:?} {err:?}");
+    json_line(&out)
+        .as_array()
+        .expect("list --json is an array")
+        .clone()
+}
+
+/// `backup verify --json`: exit code and report.
+fn verify(repo: &Path, key: Option<&Path>) -> (i32, serde_json::Value) {
+    let mut a = args(&["backup", "verify", "--repo", &s(repo), "--json"]);
+    a.extend(key_args(key));
+    let (st, out, err) = ark(&a);
+    let code = st.code().unwrap_or(-1);
+    assert!(
+        out.iter().any(|l| l.starts_with('{')),
+        "verify printed no JSON (exit {code}): {out:?} {err:?}"
+    );
+    (code, json_line(&out))
+}
+
+fn assert_clean(repo: &Path, key: Option<&Path>, points: usize) {
+    let (code, v) = verify(repo, key);
+    assert_eq!(code, 0, "verify is not clean: {v}");
+    assert_eq!(v["clean"], true, "{v}");
+    assert_eq!(v["points_checked"], points as u64, "{v}");
+}
+
+/// The names of every chunk file under REPO/chunks.
+fn chunk_files(repo: &Path) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    for d in std::fs::read_dir(repo.join("chunks")).expect("read chunks dir") {
+        let d = d.expect("dir entry").path();
+        for f in std::fs::read_dir(&d).expect("read chunk subdir") {
+            let name = f.expect("dir entry").file_name();
+            set.insert(name.to_string_lossy().into_owned());
+        }
+    }
+    set
+}
+
+fn chunk_path(repo: &Path, id: &str) -> PathBuf {
+    repo.join("chunks").join(&id[..4]).join(id)
+}
+
+fn point_path(repo: &Path, id: &str) -> PathBuf {
+    repo.join("points").join(format!("{id}.json"))
+}
+
+/// Every chunk id a plain point manifest lists (read as JSON, not through the library).
+fn point_refs(repo: &Path, id: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(point_path(repo, id)).expect("read point manifest");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("point manifest is JSON");
+    let mut set = BTreeSet::new();
+    for o in v["objects"].as_array().expect("objects") {
+        for c in o["chunks"].as_array().expect("chunks") {
+            set.insert(c.as_str().expect("chunk id").to_string());
+        }
+    }
+    set
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).expect("read file to damage");
+    assert!(at < b.len(), "{} is too short", path.display());
+    b[at] ^= 0x01;
+    std::fs::write(path, b).expect("write damaged file");
+}
+
+/// Starts `arkvm run` with a control socket and a VM name.
+fn start_vm(guest: &str, memory: &str, name: &str, sock: &Path, extra: &[&str]) -> Vmm {
+    let kernel = tiny_guest(guest);
+    let mut a = args(&[
+        "run",
+        "--kernel",
+        &s(&kernel),
+        "--memory",
+        memory,
+        "--name",
+        name,
+        "--api-socket",
+        &s(sock),
+        "--log-level",
+        "info",
+    ]);
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let vm = Vmm::spawn(&a);
+    assert!(
+        wait_for_path(sock, Duration::from_secs(20)),
+        "no control socket\n{}",
+        vm.dump()
+    );
+    vm
+}
+
+fn memory_vm(memory: &str, name: &str, sock: &Path, hot_pct: u32) -> Vmm {
+    let cmdline = format!("arkvm.hot_pct={hot_pct}");
+    start_vm("memory", memory, name, sock, &["--cmdline", &cmdline])
+}
+
+/// Starts `arkvm restore --repo REPO --id ID [--key] EXTRA...`.
+fn restore(repo: &Path, id: &str, key: Option<&Path>, extra: &[String]) -> Vmm {
+    let mut a = args(&["restore", "--repo", &s(repo), "--id", id]);
+    a.extend(key_args(key));
+    a.extend(extra.iter().cloned());
+    Vmm::spawn(&a)
+}
+
+/// Parses `PASS <n> GEN <g>` into g.
+fn pass_gen(line: &str) -> Option<u64> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w.as_slice() {
+        ["PASS", _, "GEN", g] => g.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses `DISKGEN <g> LAST <n>` into (g, n).
+fn diskgen(line: &str) -> Option<(u64, u64)> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w.as_slice() {
+        ["DISKGEN", g, "LAST", n] => Some((g.parse().ok()?, n.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// The first line from `from` on that `parse` accepts: (index, value).
+fn wait_parsed<T>(vm: &Vmm, from: usize, parse: impl Fn(&str) -> Option<T>) -> (usize, T) {
+    let (i, l) = vm
+        .wait_line_from(from, LINE_TIMEOUT, |l| parse(l).is_some())
+        .unwrap_or_else(|| panic!("no progress line from line {from} on\n{}", vm.dump()));
+    (i, parse(&l).expect("accepted line parses"))
+}
+
+/// The last value `parse` accepts among the lines so far.
+fn last_parsed<T>(vm: &Vmm, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    vm.stdout().iter().rev().find_map(|l| parse(l))
+}
+
+fn assert_not_broken(vm: &Vmm) {
+    if let Some(l) = vm
+        .stdout()
+        .iter()
+        .find(|l| l.contains("TORN") || l.contains("GUEST FAULT") || l.contains("GUEST PANIC"))
+    {
+        panic!("guest broke: {l}\n{}", vm.dump());
+    }
+}
+
+/// A backup bracketed by the guest's progress lines: the point's instant lies after the last
+/// line before the request and before the second line after the backup finished.
+struct Window<T> {
+    before: T,
+    after: T,
+    id: String,
+}
+
+fn bracketed_backup<T: Copy>(
+    vm: &Vmm,
+    sock: &Path,
+    repo: &Path,
+    key: Option<&Path>,
+    parse: impl Fn(&str) -> Option<T> + Copy,
+) -> Window<T> {
+    wait_parsed(vm, vm.stdout().len(), parse);
+    let before = last_parsed(vm, parse).expect("a progress line");
+    let report = backup(sock, repo, key);
+    let (i, _) = wait_parsed(vm, vm.stdout().len(), parse);
+    let (_, after) = wait_parsed(vm, i + 1, parse);
+    assert_not_broken(vm);
+    Window {
+        before,
+        after,
+        id: report["id"].as_str().expect("id").to_string(),
+    }
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("point {id} is not listed: {rows:?}"))
+}
+
+fn num(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    100.0 * a as f64 / b.max(1) as f64
+}
+
+#[test]
+fn five_backups_five_restores() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-five");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let sock = dir.path().join("vm.sock");
+    let mut vm = memory_vm("256M", "five", &sock, 1);
+
+    let mut windows = Vec::new();
+    for _ in 0..5 {
+        windows.push(bracketed_backup(&vm, &sock, &repo, None, pass_gen));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let increments = vm
+        .stderr()
+        .iter()
+        .filter(|l| l.contains("incremental backup:"))
+        .count();
+    assert_eq!(increments, 4, "backups 2..5 must be incremental\n{}", vm.dump());
+    vm.kill();
+
+    let rows = list(&repo, None);
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let first = row(&rows, &windows[0].id);
+    assert!(first["parent"].is_null(), "{first}");
+    let full_hashed = num(first, "bytes_hashed");
+    assert!(full_hashed >= 256 << 20, "first backup read everything: {first}");
+    for k in 1..5 {
+        let r = row(&rows, &windows[k].id);
+        assert_eq!(r["vm"], "five", "{r}");
+        assert_eq!(r["parent"], windows[k - 1].id.as_str(), "{r}");
+        let (hashed, stored) = (num(r, "bytes_hashed"), num(r, "bytes_stored"));
+        let (new, total) = (num(r, "chunks_new"), num(r, "chunks_total"));
+        eprintln!(
+            "backup {}: hashed {hashed} B = {:.2}% of the full's {full_hashed} B; stored {stored} \
+             B = {:.4}% of it ({:.1}% of the full's {} stored B); {new} of {total} chunks new \
+             ({:.2}%), {} reused",
+            k + 1,
+            pct(hashed, full_hashed),
+            pct(stored, full_hashed),
+            pct(stored, num(first, "bytes_stored")),
+            num(first, "bytes_stored"),
+            pct(new, total),
+            num(r, "chunks_reused"),
+        );
+        assert!(
+            pct(hashed, full_hashed) < 5.0,
+            "incremental {} read {hashed} of {full_hashed} bytes: {r}",
+            k + 1
+        );
+        assert!(
+            pct(new, total) < 5.0 && pct(stored, full_hashed) < 5.0,
+            "incremental {} stored too much: {r}",
+            k + 1
+        );
+        assert!(num(r, "chunks_reused") >= total * 95 / 100, "{r}");
+    }
+
+    let mut prev_first: Option<u64> = None;
+    for (k, w) in windows.iter().enumerate() {
+        let mut r = restore(&repo, &w.id, None, &[]);
+        let (i, g) = wait_parsed(&r, 0, pass_gen);
+        assert!(
+            g > w.before && g <= w.after,
+            "point {} restored at GEN {g}, outside its window ({}, {}]\n{}",
+            k + 1,
+            w.before,
+            w.after,
+            r.dump()
+        );
+        if let Some(p) = prev_first {
+            assert!(g > p, "point {} starts at GEN {g}, not after point {k}'s {p}", k + 1);
+        }
+        prev_first = Some(g);
+        let (_, g2) = wait_parsed(&r, i + 1, pass_gen);
+        let (_, g3) = wait_parsed(&r, i + 2, pass_gen);
+        assert!(g < g2 && g2 < g3, "restored GEN not increasing\n{}", r.dump());
+        assert_not_broken(&r);
+        eprintln!("point {} restored: first GEN {g} in ({}, {}]", k + 1, w.before, w.after);
+        r.kill();
+    }
+}
