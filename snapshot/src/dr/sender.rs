@@ -109,6 +109,7 @@ impl DrClient {
             header,
             ids,
             manifest,
+            ..
         } = offer;
         let before = self.link.bytes_sent();
         self.link.send_frame(&Message::encode_offer(header, ids))?;
@@ -176,6 +177,8 @@ impl DrClient {
 /// A point read from the local repository, ready to offer.
 struct OutgoingPoint {
     header: OfferHeader,
+    /// When the point was created.
+    created_unix_ms: u64,
     /// Its distinct chunk ids, in first-use order.
     ids: Vec<ContentHash>,
     /// Its manifest object as stored.
@@ -199,6 +202,7 @@ impl OutgoingPoint {
             )));
         }
         Ok(Self {
+            created_unix_ms: point.created_unix_ms,
             header: OfferHeader {
                 point_id: point.id,
                 vm: point.vm,
@@ -295,6 +299,19 @@ pub struct SenderStats {
     pub last_report: Option<SendReport>,
     /// The last failure.
     pub last_error: Option<String>,
+    /// When the newest point the receiver committed was created (this host's clock).
+    pub last_point_created_unix_ms: Option<u64>,
+    /// Intervals the caller skipped because a send was still running
+    /// ([`DrSender::skip_interval`]).
+    pub intervals_skipped: u64,
+}
+
+impl SenderStats {
+    /// The recovery point lag at `now_unix_ms`: how old the newest committed point is.
+    pub fn rpo_ms(&self, now_unix_ms: u64) -> Option<u64> {
+        self.last_point_created_unix_ms
+            .map(|created| now_unix_ms.saturating_sub(created))
+    }
 }
 
 /// Sends checkpoints to one receiver over a kept-open connection, reconnecting with
@@ -330,6 +347,12 @@ impl DrSender {
         &self.stats
     }
 
+    /// Counts an interval the caller skipped (the link was too slow to start another
+    /// checkpoint); shows in [`SenderStats::intervals_skipped`].
+    pub fn skip_interval(&mut self) {
+        self.stats.intervals_skipped += 1;
+    }
+
     /// Sends point `point_id` of `repo`, retrying up to the configured number of tries.
     /// A failure of the local repository is not retried.
     pub fn send(
@@ -358,6 +381,7 @@ impl DrSender {
                     self.stats.checkpoints_sent += 1;
                     self.stats.last_success_unix_ms = Some(now_unix_ms());
                     self.stats.last_report = Some(report.clone());
+                    self.stats.last_point_created_unix_ms = Some(offer.created_unix_ms);
                     return Ok(report);
                 }
                 Err(e) => {

@@ -386,6 +386,13 @@ fn the_retrying_sender_reconnects_and_resumes() {
     assert!(report.chunks_sent < report.chunks_total, "{report:?}");
     assert_eq!(sender.stats().failed_attempts, 1);
     assert_eq!(sender.stats().checkpoints_sent, 1);
+    assert_eq!(
+        sender.stats().last_point_created_unix_ms,
+        Some(p1.created_unix_ms)
+    );
+    assert_eq!(sender.stats().rpo_ms(p1.created_unix_ms + 1500), Some(1500));
+    sender.skip_interval();
+    assert_eq!(sender.stats().intervals_skipped, 1);
     // The kept connection carries the next checkpoint and a status request.
     let p2 = make_point(&src, "vm1", &memory(&[1, 2, 3, 4, 5, 60]), 2);
     assert_eq!(
@@ -505,4 +512,46 @@ fn the_retrying_sender_gives_up_on_a_dead_receiver() {
     assert!(matches!(err, DrError::Repo(_)), "{err:?}");
     assert_eq!(sender.stats().failed_attempts, 3);
     assert_eq!(sender.stats().checkpoints_failed, 2);
+}
+
+/// Throughput over loopback: `cargo test --release -p snapshot dr_throughput -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "a measurement; run in release"]
+fn dr_throughput() {
+    const MIB: u32 = 256;
+    let started = std::time::Instant::now();
+    let link = LinkKey::from_repo_key(&RepoKey::generate());
+    let derive = started.elapsed();
+    let src_dir = TestDir::new("dr-bench-src");
+    let src = Repository::init(src_dir.path(), None).unwrap();
+    let site = Site::start("dr-bench-dst", None, link.clone(), 2);
+    let seeds: Vec<u32> = (0..MIB).collect();
+    let full = make_point(&src, "vm1", &memory(&seeds), 1);
+    let mut changed = seeds.clone();
+    for i in [10, 100, 200] {
+        changed[i] += 1000;
+    }
+    let incremental = make_point(&src, "vm1", &memory(&changed), 2);
+    let mut sender = DrSender::with_link_key(&site.addr(), link, SenderConfig::default());
+    let t = std::time::Instant::now();
+    let a = sender
+        .send(&src, &full.id, &CheckpointInfo::default())
+        .unwrap();
+    let full_time = t.elapsed();
+    let t = std::time::Instant::now();
+    let b = sender
+        .send(&src, &incremental.id, &CheckpointInfo::default())
+        .unwrap();
+    let incremental_time = t.elapsed();
+    println!(
+        "link key derivation {derive:?}; full {MIB} MiB: {} bytes in {full_time:?} ({:.0} MiB/s); \
+         incremental (3 chunks): {} bytes in {incremental_time:?}",
+        a.bytes_sent,
+        MIB as f64 / full_time.as_secs_f64(),
+        b.bytes_sent
+    );
+    assert_eq!(a.chunks_sent, MIB as u64 + 1);
+    assert_eq!(b.chunks_sent, 4);
+    assert!(b.bytes_sent * 20 < a.bytes_sent);
 }
