@@ -358,3 +358,131 @@ fn five_backups_five_restores() {
         r.kill();
     }
 }
+
+/// The status page of the memory image of point `id`: (magic ok, DISK_LAST, ring size B).
+fn point_disk_status(repo: &Repository, id: &str) -> (u64, u64) {
+    let point = repo.read_point(id).expect("read point");
+    let memory = point.object("memory").expect("point has memory");
+    // The status page is at guest-physical 0x3FF000: chunk 3 (1 MiB chunks), offset 0xFF000.
+    assert_eq!(memory.chunk_size, 1 << 20);
+    let chunk = repo.read_chunk(&memory.chunks[3]).expect("read chunk 3");
+    let page = &chunk[0xFF000..0xFF000 + 0x30];
+    let q = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes"));
+    assert_eq!(&page[..8], b"ARKVMST1", "status page magic in point {id}");
+    (q(0x18), q(0x28))
+}
+
+/// Checks a `numbered` ring disk image: blocks 0..B hold (g, i) with the newer generation in a
+/// prefix, blocks past B are zero. Returns the number `g*B+i` of the newest write on it.
+fn ring_last(disk: &[u8], b: u64, what: &str) -> u64 {
+    let q = |o: usize| u64::from_le_bytes(disk[o..o + 8].try_into().expect("8 bytes"));
+    let gens: Vec<u64> = (0..b as usize)
+        .map(|i| {
+            assert_eq!(q(i * 4096 + 8), i as u64, "{what}: block {i} holds another index");
+            q(i * 4096)
+        })
+        .collect();
+    let top = gens[0];
+    assert!(top >= 1, "{what}: the ring was never written");
+    let j = gens.iter().take_while(|g| **g == top).count();
+    for (i, g) in gens.iter().enumerate().skip(j) {
+        assert_eq!(*g, top - 1, "{what}: block {i} is at gen {g}, the ring at {top}/{j}");
+    }
+    let ring_end = b as usize * 4096;
+    if let Some(off) = disk[ring_end..].iter().position(|x| *x != 0) {
+        panic!("{what}: non-zero byte past the ring at {:#x}", ring_end + off);
+    }
+    top * b + j as u64 - 1
+}
+
+#[test]
+fn disk_backups_restore_the_disk_at_each_point() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-disk");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("create disk");
+    let sock = dir.path().join("vm.sock");
+    let disk_arg = s(&disk);
+    let mut vm = start_vm(
+        "disk",
+        "64M",
+        "disky",
+        &sock,
+        &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "arkvm.mode=numbered arkvm.blocks=256",
+        ],
+    );
+    let mut windows = Vec::new();
+    for _ in 0..4 {
+        let w = bracketed_backup(&vm, &sock, &repo, None, |l| diskgen(l).map(|(_, n)| n));
+        windows.push(w);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    vm.kill();
+
+    let rows = list(&repo, None);
+    let lib = Repository::open(&repo, None).expect("open repository");
+    for (k, w) in windows.iter().enumerate() {
+        let r = row(&rows, &w.id);
+        if k > 0 {
+            eprintln!(
+                "disk backup {}: hashed {} of {} bytes, {} of {} chunks new",
+                k + 1,
+                num(r, "bytes_hashed"),
+                num(r, "bytes_total"),
+                num(r, "chunks_new"),
+                num(r, "chunks_total")
+            );
+            // Memory (64 chunks) + disk (4) + state: a few blocks change per backup.
+            assert!(num(r, "chunks_hashed") <= 8, "not incremental: {r}");
+        }
+        let (n, b) = point_disk_status(&lib, &w.id);
+        assert_eq!(b, 256, "ring size");
+        assert!(
+            n >= w.before && n <= w.after,
+            "point {}: DISK_LAST {n} outside its window [{}, {}]",
+            k + 1,
+            w.before,
+            w.after
+        );
+        let point = lib.read_point(&w.id).expect("read point");
+        let mut image = Vec::new();
+        lib.read_object(&point, "disk-disk0", &mut image)
+            .expect("read the disk object");
+        assert_eq!(image.len(), 4 << 20);
+        let on_disk = ring_last(&image, b, &format!("point {} disk", k + 1));
+        // A write the guest has not yet seen complete may already be on the disk.
+        assert!(
+            on_disk == n || on_disk == n + 1,
+            "point {}: the disk's newest write is {on_disk}, the guest saw {n} complete",
+            k + 1
+        );
+        eprintln!("point {}: DISK_LAST {n}, disk newest {on_disk}", k + 1);
+
+        // Restore it with its disk: the guest re-checks every block it rewrites.
+        let disk_dir = dir.path().join(format!("disks{k}"));
+        let mut vm = restore(&repo, &w.id, None, &["--disk-dir".into(), s(&disk_dir)]);
+        let (i, (g, _)) = wait_parsed(&vm, 0, diskgen);
+        assert!(g >= n / b, "restored disk guest is at gen {g}, the point at {}", n / b);
+        let (i, _) = wait_parsed(&vm, i + 1, diskgen);
+        wait_parsed(&vm, i + 1, diskgen);
+        assert_not_broken(&vm);
+        vm.kill();
+        let files: Vec<_> = std::fs::read_dir(&disk_dir)
+            .expect("restored disk dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let restored = std::fs::read(&files[0]).expect("read restored disk");
+        let last = ring_last(&restored, b, &format!("point {} restored disk", k + 1));
+        assert!(last > n, "the restored guest did not write its disk");
+    }
+}
