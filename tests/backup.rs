@@ -130,17 +130,23 @@ fn point_path(repo: &Path, id: &str) -> PathBuf {
     repo.join("points").join(format!("{id}.json"))
 }
 
-/// Every chunk id a plain point manifest lists (read as JSON, not through the library).
-fn point_refs(repo: &Path, id: &str) -> BTreeSet<String> {
+/// The chunk ids a plain point manifest lists, in order, with repeats (read as JSON, not
+/// through the library).
+fn point_ref_list(repo: &Path, id: &str) -> Vec<String> {
     let text = std::fs::read_to_string(point_path(repo, id)).expect("read point manifest");
     let v: serde_json::Value = serde_json::from_str(&text).expect("point manifest is JSON");
-    let mut set = BTreeSet::new();
+    let mut refs = Vec::new();
     for o in v["objects"].as_array().expect("objects") {
         for c in o["chunks"].as_array().expect("chunks") {
-            set.insert(c.as_str().expect("chunk id").to_string());
+            refs.push(c.as_str().expect("chunk id").to_string());
         }
     }
-    set
+    refs
+}
+
+/// The distinct chunk ids a plain point manifest lists.
+fn point_refs(repo: &Path, id: &str) -> BTreeSet<String> {
+    point_ref_list(repo, id).into_iter().collect()
 }
 
 fn flip_byte(path: &Path, at: usize) {
@@ -485,4 +491,78 @@ fn disk_backups_restore_the_disk_at_each_point() {
         let last = ring_last(&restored, b, &format!("point {} restored disk", k + 1));
         assert!(last > n, "the restored guest did not write its disk");
     }
+}
+
+#[test]
+fn idle_guest_and_twin_vms_deduplicate() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-dedup");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+
+    let sock_a = dir.path().join("a.sock");
+    let mut a = memory_vm("256M", "idle-a", &sock_a, 0);
+    wait_parsed(&a, 0, pass_gen);
+    let a1 = backup(&sock_a, &repo, None);
+    std::thread::sleep(Duration::from_millis(500));
+    let a2 = backup(&sock_a, &repo, None);
+    assert_not_broken(&a);
+    a.kill();
+
+    let sock_b = dir.path().join("b.sock");
+    let mut b = memory_vm("256M", "idle-b", &sock_b, 0);
+    wait_parsed(&b, 0, pass_gen);
+    let b1 = backup(&sock_b, &repo, None);
+    b.kill();
+
+    let rows = list(&repo, None);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let ra1 = row(&rows, a1["id"].as_str().expect("id"));
+    let ra2 = row(&rows, a2["id"].as_str().expect("id"));
+    let rb1 = row(&rows, b1["id"].as_str().expect("id"));
+    let second = pct(num(ra2, "bytes_stored"), num(ra2, "bytes_total"));
+    eprintln!(
+        "idle: the second backup stored {} B = {second:.4}% of its {} B ({} of {} chunks new; \
+         the first stored {} B)",
+        num(ra2, "bytes_stored"),
+        num(ra2, "bytes_total"),
+        num(ra2, "chunks_new"),
+        num(ra2, "chunks_total"),
+        num(ra1, "bytes_stored"),
+    );
+    assert!(second < 1.0, "idle second backup stored too much: {ra2}");
+    assert!(
+        num(ra2, "chunks_new") * 100 < num(ra2, "chunks_total") * 2,
+        "idle second backup has too many new chunks: {ra2}"
+    );
+
+    let refs_a = point_refs(&repo, ra1["id"].as_str().expect("id"));
+    let list_b = point_ref_list(&repo, rb1["id"].as_str().expect("id"));
+    let shared = list_b.iter().filter(|c| refs_a.contains(*c)).count();
+    eprintln!(
+        "twins: B's first backup stored {} B vs A's first {} B ({:.1}%); {} of {} chunks new; \
+         {shared} of B's {} chunk references are A's chunks",
+        num(rb1, "bytes_stored"),
+        num(ra1, "bytes_stored"),
+        pct(num(rb1, "bytes_stored"), num(ra1, "bytes_stored")),
+        num(rb1, "chunks_new"),
+        num(rb1, "chunks_total"),
+        list_b.len()
+    );
+    assert!(rb1["parent"].is_null(), "B's first backup has no parent: {rb1}");
+    assert!(
+        num(rb1, "bytes_hashed") >= num(rb1, "bytes_total"),
+        "B's first backup must read everything: {rb1}"
+    );
+    assert!(
+        num(rb1, "chunks_new") * 100 < num(rb1, "chunks_total") * 3,
+        "B's first backup did not reuse A's chunks: {rb1}"
+    );
+    assert!(
+        shared * 100 >= list_b.len() * 95,
+        "only {shared} of B's {} chunk references are A's chunks",
+        list_b.len()
+    );
+    assert_clean(&repo, None, 3);
 }
