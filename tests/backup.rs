@@ -35,7 +35,8 @@ fn args(a: &[&str]) -> Vec<String> {
 
 /// `--key FILE` when `key` is given.
 fn key_args(key: Option<&Path>) -> Vec<String> {
-    key.map(|k| vec!["--key".to_string(), s(k)]).unwrap_or_default()
+    key.map(|k| vec!["--key".to_string(), s(k)])
+        .unwrap_or_default()
 }
 
 fn init_repo(repo: &Path, key: Option<&Path>) {
@@ -300,7 +301,12 @@ fn five_backups_five_restores() {
         .iter()
         .filter(|l| l.contains("incremental backup:"))
         .count();
-    assert_eq!(increments, 4, "backups 2..5 must be incremental\n{}", vm.dump());
+    assert_eq!(
+        increments,
+        4,
+        "backups 2..5 must be incremental\n{}",
+        vm.dump()
+    );
     vm.kill();
 
     let rows = list(&repo, None);
@@ -308,7 +314,10 @@ fn five_backups_five_restores() {
     let first = row(&rows, &windows[0].id);
     assert!(first["parent"].is_null(), "{first}");
     let full_hashed = num(first, "bytes_hashed");
-    assert!(full_hashed >= 256 << 20, "first backup read everything: {first}");
+    assert!(
+        full_hashed >= 256 << 20,
+        "first backup read everything: {first}"
+    );
     for k in 1..5 {
         let r = row(&rows, &windows[k].id);
         assert_eq!(r["vm"], "five", "{r}");
@@ -353,14 +362,27 @@ fn five_backups_five_restores() {
             r.dump()
         );
         if let Some(p) = prev_first {
-            assert!(g > p, "point {} starts at GEN {g}, not after point {k}'s {p}", k + 1);
+            assert!(
+                g > p,
+                "point {} starts at GEN {g}, not after point {k}'s {p}",
+                k + 1
+            );
         }
         prev_first = Some(g);
         let (_, g2) = wait_parsed(&r, i + 1, pass_gen);
         let (_, g3) = wait_parsed(&r, i + 2, pass_gen);
-        assert!(g < g2 && g2 < g3, "restored GEN not increasing\n{}", r.dump());
+        assert!(
+            g < g2 && g2 < g3,
+            "restored GEN not increasing\n{}",
+            r.dump()
+        );
         assert_not_broken(&r);
-        eprintln!("point {} restored: first GEN {g} in ({}, {}]", k + 1, w.before, w.after);
+        eprintln!(
+            "point {} restored: first GEN {g} in ({}, {}]",
+            k + 1,
+            w.before,
+            w.after
+        );
         r.kill();
     }
 }
@@ -384,7 +406,11 @@ fn ring_last(disk: &[u8], b: u64, what: &str) -> u64 {
     let q = |o: usize| u64::from_le_bytes(disk[o..o + 8].try_into().expect("8 bytes"));
     let gens: Vec<u64> = (0..b as usize)
         .map(|i| {
-            assert_eq!(q(i * 4096 + 8), i as u64, "{what}: block {i} holds another index");
+            assert_eq!(
+                q(i * 4096 + 8),
+                i as u64,
+                "{what}: block {i} holds another index"
+            );
             q(i * 4096)
         })
         .collect();
@@ -392,11 +418,18 @@ fn ring_last(disk: &[u8], b: u64, what: &str) -> u64 {
     assert!(top >= 1, "{what}: the ring was never written");
     let j = gens.iter().take_while(|g| **g == top).count();
     for (i, g) in gens.iter().enumerate().skip(j) {
-        assert_eq!(*g, top - 1, "{what}: block {i} is at gen {g}, the ring at {top}/{j}");
+        assert_eq!(
+            *g,
+            top - 1,
+            "{what}: block {i} is at gen {g}, the ring at {top}/{j}"
+        );
     }
     let ring_end = b as usize * 4096;
     if let Some(off) = disk[ring_end..].iter().position(|x| *x != 0) {
-        panic!("{what}: non-zero byte past the ring at {:#x}", ring_end + off);
+        panic!(
+            "{what}: non-zero byte past the ring at {:#x}",
+            ring_end + off
+        );
     }
     top * b + j as u64 - 1
 }
@@ -477,7 +510,11 @@ fn disk_backups_restore_the_disk_at_each_point() {
         let disk_dir = dir.path().join(format!("disks{k}"));
         let mut vm = restore(&repo, &w.id, None, &["--disk-dir".into(), s(&disk_dir)]);
         let (i, (g, _)) = wait_parsed(&vm, 0, diskgen);
-        assert!(g >= n / b, "restored disk guest is at gen {g}, the point at {}", n / b);
+        assert!(
+            g >= n / b,
+            "restored disk guest is at gen {g}, the point at {}",
+            n / b
+        );
         let (i, _) = wait_parsed(&vm, i + 1, diskgen);
         wait_parsed(&vm, i + 1, diskgen);
         assert_not_broken(&vm);
@@ -550,7 +587,10 @@ fn idle_guest_and_twin_vms_deduplicate() {
         num(rb1, "chunks_total"),
         list_b.len()
     );
-    assert!(rb1["parent"].is_null(), "B's first backup has no parent: {rb1}");
+    assert!(
+        rb1["parent"].is_null(),
+        "B's first backup has no parent: {rb1}"
+    );
     assert!(
         num(rb1, "bytes_hashed") >= num(rb1, "bytes_total"),
         "B's first backup must read everything: {rb1}"
@@ -565,4 +605,123 @@ fn idle_guest_and_twin_vms_deduplicate() {
         list_b.len()
     );
     assert_clean(&repo, None, 3);
+}
+
+/// Restoring `id` must fail at once with one `arkvm: error:` line that contains `needle`, and
+/// the guest must not run.
+fn assert_restore_refused(repo: &Path, id: &str, key: Option<&Path>, needle: &str) {
+    let mut a = args(&["restore", "--repo", &s(repo), "--id", id]);
+    a.extend(key_args(key));
+    let (st, out, err) = run_to_end(&a, Duration::from_secs(30));
+    assert!(!st.success(), "restore of {id} succeeded: {out:?} {err:?}");
+    assert!(
+        !out.iter().any(|l| l.starts_with("PASS")),
+        "the guest of a refused point ran: {out:?}"
+    );
+    assert_eq!(err.len(), 1, "not a one-line error: {err:?}");
+    assert!(
+        err[0].starts_with("arkvm: error:") && err[0].contains(needle),
+        "unclear error (wanted {needle:?}): {err:?}"
+    );
+}
+
+/// A restored memory guest that prints three PASS lines and nothing torn.
+fn assert_restores(repo: &Path, id: &str, key: Option<&Path>) {
+    let mut r = restore(repo, id, key, &[]);
+    let (i, _) = wait_parsed(&r, 0, pass_gen);
+    let (i, _) = wait_parsed(&r, i + 1, pass_gen);
+    wait_parsed(&r, i + 1, pass_gen);
+    assert_not_broken(&r);
+    r.kill();
+}
+
+/// Takes `n` backups of a fresh 64 MiB memory guest (hot_pct=1) named `name`; returns the ids.
+fn memory_points(dir: &Path, repo: &Path, key: Option<&Path>, name: &str, n: usize) -> Vec<String> {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut vm = memory_vm("64M", name, &sock, 1);
+    wait_parsed(&vm, 0, pass_gen);
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let r = backup(&sock, repo, key);
+        ids.push(r["id"].as_str().expect("id").to_string());
+        let from = vm.stdout().len();
+        wait_parsed(&vm, from, pass_gen);
+    }
+    assert_not_broken(&vm);
+    vm.kill();
+    ids
+}
+
+#[test]
+fn verify_finds_flipped_bytes_and_restore_refuses_them() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-verify");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let ids = memory_points(dir.path(), &repo, None, "dmg", 2);
+    assert_clean(&repo, None, 2);
+    let (p1, p2) = (&ids[0], &ids[1]);
+
+    // A chunk only the second point uses, damaged at its tag byte, in the middle, at the end.
+    let only2: Vec<String> = point_refs(&repo, p2)
+        .difference(&point_refs(&repo, p1))
+        .cloned()
+        .collect();
+    assert!(
+        !only2.is_empty(),
+        "the second point has no chunk of its own"
+    );
+    let chunk = &only2[0];
+    let path = chunk_path(&repo, chunk);
+    let len = std::fs::metadata(&path).expect("chunk file").len() as usize;
+    for at in [0, len / 2, len - 1] {
+        flip_byte(&path, at);
+        let (code, v) = verify(&repo, None);
+        assert_eq!(
+            code, 3,
+            "verify missed a flipped byte at {at} of chunk {chunk}: {v}"
+        );
+        let damaged = v["damaged_chunks"].as_array().expect("damaged_chunks");
+        assert_eq!(damaged.len(), 1, "{v}");
+        assert_eq!(damaged[0]["id"], chunk.as_str(), "{v}");
+        assert_eq!(damaged[0]["points"], serde_json::json!([p2]), "{v}");
+        let text = run_to_end(
+            &args(&["backup", "verify", "--repo", &s(&repo)]),
+            CMD_TIMEOUT,
+        );
+        assert_eq!(text.0.code(), Some(3));
+        assert!(
+            text.1
+                .iter()
+                .any(|l| l.contains(chunk.as_str()) && l.contains(p2.as_str())),
+            "verify's text does not name the chunk and its point: {:?}",
+            text.1
+        );
+        assert_restore_refused(&repo, p2, None, chunk);
+        flip_byte(&path, at);
+    }
+    assert_clean(&repo, None, 2);
+    assert_restores(&repo, p1, None);
+
+    // The first point's manifest, damaged at its first byte, in the middle and at the end.
+    let path = point_path(&repo, p1);
+    let len = std::fs::metadata(&path).expect("manifest").len() as usize;
+    for at in [0, len / 2, len - 2] {
+        flip_byte(&path, at);
+        let (code, v) = verify(&repo, None);
+        assert_eq!(
+            code, 3,
+            "verify missed a flipped byte at {at} of {p1}'s manifest: {v}"
+        );
+        let points = v["damaged_points"].as_array().expect("damaged_points");
+        assert_eq!(points.len(), 1, "{v}");
+        assert_eq!(points[0]["id"], p1.as_str(), "{v}");
+        let rows = list(&repo, None);
+        assert!(row(&rows, p1)["error"].is_string(), "{rows:?}");
+        assert_restore_refused(&repo, p1, None, p1);
+        flip_byte(&path, at);
+    }
+    assert_clean(&repo, None, 2);
+    assert_restores(&repo, p2, None);
 }
