@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arkvm_tests::{arkvm_bin, ScratchDir, Vmm};
 use snapshot::chunk::CHUNK_SIZE;
-use snapshot::repo::{chunk_object_name, Repository};
+use snapshot::repo::{chunk_object_name, RepoKey, Repository};
 use snapshot::PartKind;
 
 fn arkvm(args: &[&str]) -> Output {
@@ -119,7 +119,10 @@ fn serve_send_status_restart_and_recover() {
     write_key(&key, 0x5a);
     let src_path = tmp.path().join("primary");
     let dst_path = tmp.path().join("dr");
-    let src = Repository::init(&src_path, None).expect("init source");
+    // Encrypted with the link key, as the VMM's checkpoint staging repository is; the receiver
+    // creates its repository encrypted too.
+    let repo_key = RepoKey::load(&key).expect("load key");
+    let src = Repository::init(&src_path, Some(repo_key.clone())).expect("init source");
     let mem1 = memory(&[1, 2, 3, 4]);
     let p1 = make_point(&src, "vm1", &mem1);
     let p2 = make_point(&src, "vm1", &memory(&[1, 2, 3, 40]));
@@ -138,7 +141,18 @@ fn serve_send_status_restart_and_recover() {
     assert_eq!(status["points"], 2);
     assert_eq!(status["vms"][0]["last_point_id"], p2.as_str());
     assert_eq!(status["checkpoints_committed"], 2);
+    assert_eq!(status["encrypted"], true);
     assert!(status["rpo_ms"].as_u64().is_some(), "{status}");
+
+    // A point of an unencrypted repository cannot go into an encrypted one; the error says why.
+    let plain_path = tmp.path().join("plain");
+    let plain = Repository::init(&plain_path, None).expect("init plain source");
+    let plain_point = make_point(&plain, "vm2", &memory(&[7]));
+    let out = send(&plain_path, &plain_point, &addr, &key);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--no-encrypt-at-rest"), "{err}");
+    assert_eq!(status_json(&addr, &key)["checkpoints_discarded"], 1);
 
     // A receiver that restarts (even killed) keeps its committed checkpoints.
     server.kill();
@@ -155,6 +169,8 @@ fn serve_send_status_restart_and_recover() {
             "recover",
             "--repo",
             dst_path.to_str().expect("utf-8 path"),
+            "--key",
+            key.to_str().expect("utf-8 path"),
             "--work-dir",
             work.to_str().expect("utf-8 path"),
             "--export-only",
@@ -164,7 +180,7 @@ fn serve_send_status_restart_and_recover() {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains(&p2), "{}", stdout(&out));
     assert!(work.join(&p2).join("manifest.json").exists());
-    let dst = Repository::open(&dst_path, None).expect("open receiver repository");
+    let dst = Repository::open(&dst_path, Some(repo_key)).expect("open receiver repository");
     let newest_only = dst.read_point(&p2).expect("p2").objects[0].chunks[3];
     std::fs::write(dst_path.join(chunk_object_name(&newest_only)), b"Pdamaged")
         .expect("damage a chunk");
@@ -189,7 +205,7 @@ fn strangers_and_wrong_keys_get_nothing() {
     let dst_path = tmp.path().join("dr");
     let src = Repository::init(&src_path, None).expect("init source");
     let p1 = make_point(&src, "vm1", &memory(&[9]));
-    let (server, addr) = serve(&dst_path, &key, &[]);
+    let (server, addr) = serve(&dst_path, &key, &["--no-encrypt-at-rest"]);
 
     let out = arkvm(&[
         "dr",

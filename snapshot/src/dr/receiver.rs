@@ -298,7 +298,9 @@ impl Receiver {
     ) -> Result<Received, DrError> {
         if header.encrypted != self.repo.is_encrypted() {
             return Err(DrError::Refused(format!(
-                "the sender's repository is {}encrypted, the receiver's is {}",
+                "the sender's repository is {}encrypted at rest and the receiver's is {}; chunks \
+                 travel as stored, so both must agree (a receiver creates its repository \
+                 encrypted unless started with --no-encrypt-at-rest)",
                 if header.encrypted { "" } else { "not " },
                 if self.repo.is_encrypted() {
                     "encrypted"

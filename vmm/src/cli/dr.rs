@@ -81,9 +81,11 @@ pub struct DrServeArgs {
     /// Keep the newest N checkpoints of each VM (0 keeps all).
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub keep: usize,
-    /// When the repository is created, encrypt it at rest with the key (the sender's
-    /// repository must then be encrypted with the same key).
-    #[arg(long)]
+    /// Create the repository unencrypted. By default a new repository is encrypted at rest
+    /// with the key, as the primary's checkpoint staging repository is; chunks travel as they
+    /// are stored, so both repositories must agree. Use this to receive points of an
+    /// unencrypted repository (`arkvm dr send --repo` of a plain backup repository).
+    #[arg(long = "no-encrypt-at-rest", action = clap::ArgAction::SetFalse)]
     pub encrypt_at_rest: bool,
     /// Connections served at once.
     #[arg(long, default_value_t = 8)]
