@@ -51,7 +51,9 @@ impl Bus {
             return Err(BusError::ZeroLength(base));
         }
         let mut map = self.devices.write().expect("bus lock poisoned");
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         // The previous range must end before `base`; the next must start at or after `end`.
         if let Some((prev_base, prev)) = map.range(..=base).next_back() {
             if prev_base + prev.len > base {
@@ -92,7 +94,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                dev.lock().expect("device lock poisoned").write(offset, data);
+                dev.lock()
+                    .expect("device lock poisoned")
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -135,6 +139,9 @@ mod tests {
         assert_eq!(b[0], 9);
         assert!(!bus.read(0x20, &mut b));
         assert!(!bus.read(0x0, &mut b));
-        assert_eq!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x30, 0), Err(BusError::ZeroLength(0x30)));
+        assert_eq!(
+            bus.insert(Arc::new(Mutex::new(Echo(0))), 0x30, 0),
+            Err(BusError::ZeroLength(0x30))
+        );
     }
 }

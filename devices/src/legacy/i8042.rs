@@ -50,7 +50,10 @@ mod tests {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = I8042Device::new(evt.try_clone().unwrap());
         dev.write(0, &[CMD_RESET_CPU]);
-        assert!(evt.read().is_err(), "a write to the data port must not reset");
+        assert!(
+            evt.read().is_err(),
+            "a write to the data port must not reset"
+        );
         dev.write(4, &[0x20]);
         assert!(evt.read().is_err());
         dev.write(4, &[CMD_RESET_CPU]);
