@@ -725,3 +725,68 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
     assert_clean(&repo, None, 2);
     assert_restores(&repo, p2, None);
 }
+
+#[test]
+fn prune_collects_exactly_the_unreferenced_chunks() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-prune");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let ids = memory_points(dir.path(), &repo, None, "pr", 4);
+    let other = memory_points(dir.path(), &repo, None, "other", 1);
+    let before = chunk_files(&repo);
+    let all_refs: BTreeSet<String> = ids
+        .iter()
+        .chain(&other)
+        .flat_map(|id| point_refs(&repo, id))
+        .collect();
+    assert_eq!(before, all_refs, "chunk files before the prune");
+
+    let (st, out, err) = ark(&args(&[
+        "backup",
+        "prune",
+        "--repo",
+        &s(&repo),
+        "--keep-last",
+        "2",
+        "--json",
+    ]));
+    assert!(st.success(), "prune failed: {out:?} {err:?}");
+    let report = json_line(&out);
+    let removed: BTreeSet<&str> = report["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .map(|v| v.as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        removed,
+        [ids[0].as_str(), ids[1].as_str()].into_iter().collect(),
+        "{report}"
+    );
+
+    let kept = [&ids[2], &ids[3], &other[0]];
+    let rows = list(&repo, None);
+    let listed: BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().expect("id")).collect();
+    assert_eq!(listed, kept.iter().map(|s| s.as_str()).collect(), "{rows:?}");
+    let referenced: BTreeSet<String> = kept.iter().flat_map(|id| point_refs(&repo, id)).collect();
+    let after = chunk_files(&repo);
+    let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
+    let expected_gone: BTreeSet<String> = before.difference(&referenced).cloned().collect();
+    eprintln!(
+        "prune: {} chunks before, {} after, {} collected",
+        before.len(),
+        after.len(),
+        gone.len()
+    );
+    assert!(!expected_gone.is_empty(), "the pruned points had no chunk of their own");
+    assert_eq!(gone, expected_gone, "prune collected the wrong chunks");
+    assert_eq!(after, referenced, "chunk files after the prune");
+    assert_eq!(report["chunks_removed"], gone.len() as u64, "{report}");
+
+    assert_clean(&repo, None, 3);
+    for id in kept {
+        assert_restores(&repo, id, None);
+    }
+}
