@@ -1,6 +1,6 @@
 //! Whole-command DR tests: `arkvm dr serve` as a child process on 127.0.0.1, points sent with
 //! `arkvm dr send`, read back with `arkvm dr status` and exported with `arkvm dr recover`.
-//! (Whole-VM DR tests, with a running guest, live elsewhere.)
+//! One whole-VM test kills a protected memory guest and recovers it on the receiver.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use arkvm_tests::{arkvm_bin, ScratchDir, Vmm};
+use arkvm_tests::{arkvm_bin, require_kvm, tiny_guest, ScratchDir, Vmm};
 use snapshot::chunk::CHUNK_SIZE;
 use snapshot::repo::{chunk_object_name, RepoKey, Repository};
 use snapshot::PartKind;
@@ -235,4 +235,112 @@ fn strangers_and_wrong_keys_get_nothing() {
     let dst = Repository::open(&dst_path, None).expect("open receiver repository");
     assert!(dst.point_ids().expect("ids").is_empty());
     assert!(dst.store().list("chunks/").expect("list").is_empty());
+}
+
+/// The generation of the last `PASS <n> GEN <g>` line.
+fn last_gen(lines: &[String]) -> Option<u64> {
+    lines.iter().rev().find_map(|l| {
+        let mut words = l.split_whitespace();
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("PASS"), Some(_), Some("GEN"), Some(g)) => g.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// Polls `check` every 200 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn a_killed_primary_is_recovered_from_its_last_checkpoint() {
+    require_kvm();
+    let tmp = ScratchDir::new("dr-vm");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x77);
+    let dst = tmp.path().join("dr");
+    let (_server, addr) = serve(&dst, &key, &["--keep", "3"]);
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let mut primary = Vmm::spawn(&[
+        "run".to_string(),
+        "--kernel".into(),
+        path(&tiny_guest("memory")),
+        "--memory".into(),
+        "64M".into(),
+        "--name".into(),
+        "vm1".into(),
+        "--dr-target".into(),
+        addr.clone(),
+        "--dr-interval".into(),
+        "1s".into(),
+        "--key".into(),
+        path(&key),
+        "--dr-staging".into(),
+        path(&tmp.path().join("staging")),
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            status_json(&addr, &key)["checkpoints_committed"]
+                .as_u64()
+                .is_some_and(|n| n >= 3)
+        }),
+        "no checkpoints arrived\n{}",
+        primary.dump()
+    );
+    primary.kill();
+    let died_at = last_gen(&primary.stdout()).expect("the primary ran");
+    let status = status_json(&addr, &key);
+    let newest = status["vms"][0]["last_point_id"]
+        .as_str()
+        .expect("a committed checkpoint")
+        .to_string();
+    assert_eq!(status["vms"][0]["points"], 3, "{status}");
+
+    let recovered = Vmm::spawn(&[
+        "dr".to_string(),
+        "recover".into(),
+        "--repo".into(),
+        path(&dst),
+        "--key".into(),
+        path(&key),
+        "--api-socket".into(),
+        path(&tmp.path().join("recovered.sock")),
+    ]);
+    let line = recovered
+        .wait_line("dr: recovering checkpoint", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("recover did not start\n{}", recovered.dump()));
+    assert!(line.contains(&newest), "{line}");
+    let mut first = None;
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let gen = last_gen(&recovered.stdout());
+            if first.is_none() {
+                first = gen;
+            }
+            gen.zip(first).is_some_and(|(g, f)| g >= f + 20)
+        }),
+        "the recovered guest does not run\n{}",
+        recovered.dump()
+    );
+    let first = first.expect("a first generation");
+    assert!(
+        first <= died_at + 1,
+        "recovered at {first}, the primary died at {died_at}"
+    );
+    let lines = recovered.stdout();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("TORN") || l.contains("GUEST FAULT") || l.contains("GUEST PANIC")),
+        "{}",
+        recovered.dump()
+    );
 }
