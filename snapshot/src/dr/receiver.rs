@@ -327,31 +327,7 @@ impl Receiver {
             }
         }
         link.send_frame(&Message::Need(need).encode())?;
-        let mut received = 0u64;
-        let manifest = loop {
-            match Message::decode(&link.recv_required("receive the checkpoint")?)? {
-                Message::Chunk { id, stored } => {
-                    if !wanted.remove(&id) {
-                        return Err(DrError::Protocol(format!("chunk {id} was not asked for")));
-                    }
-                    decode_chunk(&id, &stored, self.chunk_key.as_ref()).map_err(|source| {
-                        RepoError::ChunkDamaged {
-                            id: id.to_hex(),
-                            source,
-                        }
-                    })?;
-                    store.put_if_absent(&chunk_object_name(&id), &stored)?;
-                    received += 1;
-                }
-                Message::Manifest(bytes) => break bytes,
-                other => {
-                    return Err(DrError::Protocol(format!(
-                        "a {} message inside a checkpoint",
-                        other.name()
-                    )))
-                }
-            }
-        };
+        let (manifest, received) = self.receive_chunks(link, &mut wanted)?;
         if !wanted.is_empty() {
             return Err(DrError::Protocol(format!(
                 "the manifest came before {} asked-for chunks",
@@ -407,6 +383,61 @@ impl Receiver {
             report,
             chunks: received,
             created_unix_ms: point.created_unix_ms,
+        })
+    }
+
+    /// Receives the asked-for chunks up to the manifest; returns the manifest and the number
+    /// of chunks stored. A worker thread decodes, re-hashes and stores each chunk while the
+    /// next frame is read and decrypted; the first damaged chunk ends the checkpoint.
+    fn receive_chunks(
+        &self,
+        link: &mut SecureLink,
+        wanted: &mut HashSet<ContentHash>,
+    ) -> Result<(Vec<u8>, u64), DrError> {
+        let store = self.repo.store();
+        let key = self.chunk_key.as_ref();
+        std::thread::scope(|scope| {
+            let (chunks, queue) = std::sync::mpsc::sync_channel::<(ContentHash, Vec<u8>)>(4);
+            let worker = scope.spawn(move || -> Result<u64, DrError> {
+                let mut stored_count = 0;
+                for (id, stored) in queue {
+                    decode_chunk(&id, &stored, key).map_err(|source| RepoError::ChunkDamaged {
+                        id: id.to_hex(),
+                        source,
+                    })?;
+                    store.put_if_absent(&chunk_object_name(&id), &stored)?;
+                    stored_count += 1;
+                }
+                Ok(stored_count)
+            });
+            let manifest = loop {
+                match Message::decode(&link.recv_required("receive the checkpoint")?)? {
+                    Message::Chunk { id, stored } => {
+                        if !wanted.remove(&id) {
+                            return Err(DrError::Protocol(format!("chunk {id} was not asked for")));
+                        }
+                        if chunks.send((id, stored)).is_err() {
+                            // The worker stopped on an error; it is returned below.
+                            break None;
+                        }
+                    }
+                    Message::Manifest(bytes) => break Some(bytes),
+                    other => {
+                        return Err(DrError::Protocol(format!(
+                            "a {} message inside a checkpoint",
+                            other.name()
+                        )))
+                    }
+                }
+            };
+            drop(chunks);
+            let received = worker
+                .join()
+                .map_err(|_| DrError::Protocol("the chunk store worker panicked".into()))??;
+            let manifest = manifest.ok_or_else(|| {
+                DrError::Protocol("the chunk store worker stopped without an error".into())
+            })?;
+            Ok((manifest, received))
         })
     }
 
