@@ -297,6 +297,11 @@ fn a_killed_primary_is_recovered_from_its_last_checkpoint() {
     );
     primary.kill();
     let died_at = last_gen(&primary.stdout()).expect("the primary ran");
+    // Pruning runs after each commit's answer: wait for it to settle.
+    assert!(wait_until(Duration::from_secs(30), || status_json(
+        &addr, &key
+    )["vms"][0]["points"]
+        == 3));
     let status = status_json(&addr, &key);
     let newest = status["vms"][0]["last_point_id"]
         .as_str()

@@ -122,6 +122,8 @@ struct Received {
     report: CommitReport,
     chunks: u64,
     created_unix_ms: u64,
+    /// Whether to prune once the sender has its answer.
+    prune: bool,
 }
 
 /// The receiving end of the DR link, over one repository.
@@ -256,6 +258,7 @@ impl Receiver {
                             report,
                             chunks,
                             created_unix_ms,
+                            prune,
                         }) => {
                             self.record_commit(CheckpointRecord {
                                 point_id: header.point_id.clone(),
@@ -269,6 +272,9 @@ impl Receiver {
                                 pause_us: header.pause_us,
                             });
                             link.send_frame(&Message::Committed(report).encode())?;
+                            if prune {
+                                self.prune();
+                            }
                         }
                         Err(e) => {
                             let why = error_chain(&e);
@@ -358,32 +364,40 @@ impl Receiver {
             already_present: !created,
             ..CommitReport::default()
         };
-        // Pruning waits for every other checkpoint in flight to finish (they hold the shared
-        // lock), which would hold back this commit's answer; the next commit prunes instead.
-        let alone = self.in_flight.load(Ordering::SeqCst) == 1;
-        if self.config.keep_last > 0 && !alone {
-            tracing::debug!("another checkpoint is in flight; prune deferred");
-        }
-        if self.config.keep_last > 0 && alone {
-            match self.repo.prune(&KeepPolicy {
-                keep_last: self.config.keep_last,
-                keep_daily: 0,
-            }) {
-                Ok(pruned) => report.points_pruned = pruned.removed.len() as u64,
-                Err(e) => tracing::warn!(error = %error_chain(&e), "prune after commit failed"),
-            }
-        }
-        report.points_kept = self
+        // What keeping the last K will leave; the prune itself runs after the answer, so that
+        // it does not delay the primary. It waits for every other checkpoint in flight (they
+        // hold the shared lock), so while there is one, the next commit prunes instead.
+        let count = self
             .repo
             .points()?
             .iter()
             .filter(|(_, p)| p.as_ref().is_ok_and(|p| p.vm == point.vm))
             .count() as u64;
+        let keep = self.config.keep_last as u64;
+        let prune = keep > 0 && self.in_flight.load(Ordering::SeqCst) == 1;
+        report.points_kept = if prune { count.min(keep) } else { count };
+        report.points_pruned = count - report.points_kept;
+        if keep > 0 && !prune {
+            tracing::debug!("another checkpoint is in flight; prune deferred");
+        }
         Ok(Received {
             report,
             chunks: received,
             created_unix_ms: point.created_unix_ms,
+            prune,
         })
+    }
+
+    /// Removes what the retention no longer keeps, and collects unused chunks.
+    fn prune(&self) {
+        let policy = KeepPolicy {
+            keep_last: self.config.keep_last,
+            keep_daily: 0,
+        };
+        match self.repo.prune(&policy) {
+            Ok(pruned) => tracing::debug!(removed = pruned.removed.len(), "pruned"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "prune after commit failed"),
+        }
     }
 
     /// Receives the asked-for chunks up to the manifest; returns the manifest and the number

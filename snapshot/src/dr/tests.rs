@@ -82,6 +82,17 @@ impl Site {
         self.receiver.repository().point_ids().unwrap()
     }
 
+    /// Waits until the receiver holds exactly `ids` (pruning runs after its answer).
+    fn wait_points(&self, ids: &[String]) {
+        for _ in 0..250 {
+            if self.point_ids() == ids {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(self.point_ids(), ids);
+    }
+
     fn chunk_count(&self) -> usize {
         self.receiver
             .repository()
@@ -339,7 +350,7 @@ fn the_receiver_keeps_the_last_k_points_per_vm() {
     send(&src, &other.id, &site.addr(), &link_key(1)).unwrap();
     let mut expected = vec![ids[2].clone(), ids[3].clone(), other.id.clone()];
     expected.sort();
-    assert_eq!(site.point_ids(), expected);
+    site.wait_points(&expected);
     // Chunks only the pruned points used are gone: 2 + 2 (vm1, sharing chunk 100) + 2 (vm2)
     // memory and state chunks... counted exactly from the kept manifests.
     let dst = site.receiver.repository();
@@ -353,7 +364,13 @@ fn the_receiver_keeps_the_last_k_points_per_vm() {
                 .collect::<Vec<_>>()
         })
         .collect();
+    // The shared lock waits for the collection to finish.
+    let lock = dst
+        .store()
+        .lock(crate::repo::LockMode::Shared, true)
+        .unwrap();
     assert_eq!(site.chunk_count(), used.len());
+    drop(lock);
     assert!(dst.verify(|_| {}).unwrap().is_clean());
 }
 
@@ -461,7 +478,7 @@ fn two_vms_send_at_once_and_both_commit() {
     send(&src, &c.id, &site.addr(), &link_key(1)).unwrap();
     let mut expected = vec![a2.id.clone(), b2.id.clone(), c.id.clone()];
     expected.sort();
-    assert_eq!(site.point_ids(), expected);
+    site.wait_points(&expected);
     assert!(site
         .receiver
         .repository()
