@@ -29,7 +29,7 @@ pub enum LazyMemoryError {
     #[error("cannot read memory chunk {0} from the snapshot")]
     Read(usize, #[source] std::io::Error),
     /// A chunk's content does not match its hash.
-    #[error("memory chunk {0} of the snapshot is damaged: {1}")]
+    #[error("{1}")]
     Damaged(usize, String),
     /// Filling guest memory failed.
     #[error("cannot fill guest memory for chunk {0}")]
@@ -55,7 +55,7 @@ pub struct MemorySource {
     pub file: File,
     pub chunk_size: u64,
     pub regions: Vec<RegionSource>,
-    /// Chunks known (from the verified manifest) to be all zeroes: filled without reading.
+    /// Chunks known (from the verified manifest) to be all zeroes: mapped as zero pages.
     pub zero_chunks: Vec<bool>,
     pub verify: Box<ChunkVerifier>,
 }
@@ -130,19 +130,21 @@ impl Shared {
             .chunk_location(index)
             .expect("chunk index comes from the region table");
         let len_us = len as usize;
+        // Every chunk is read and checked, all-zero ones too (a zero chunk is a hole in the
+        // file, cheap to read, and a byte written into it must not go unnoticed).
+        buf.resize(len_us, 0);
+        self.source
+            .file
+            .read_exact_at(&mut buf[..len_us], file_off)
+            .map_err(|e| LazyMemoryError::Read(index, e))?;
+        (self.source.verify)(index, &buf[..len_us])
+            .map_err(|why| LazyMemoryError::Damaged(index, why))?;
         if self.source.zero_chunks.get(index).copied().unwrap_or(false) {
             // SAFETY: [host, host+len) is inside a registered guest memory region that stays
             // mapped while the loader runs; nothing else populates it (the chunk lock is held).
             unsafe { self.uffd.zeropage(host as *mut _, len_us, true) }
                 .map_err(|e| LazyMemoryError::Fill(index, e))?;
         } else {
-            buf.resize(len_us, 0);
-            self.source
-                .file
-                .read_exact_at(&mut buf[..len_us], file_off)
-                .map_err(|e| LazyMemoryError::Read(index, e))?;
-            (self.source.verify)(index, &buf[..len_us])
-                .map_err(|why| LazyMemoryError::Damaged(index, why))?;
             let mut done = 0usize;
             while done < len_us {
                 // SAFETY: the source is our own buffer of `len` bytes; the destination is inside
@@ -171,9 +173,8 @@ impl Shared {
 }
 
 fn fail(exit: &ExitSignal, e: &LazyMemoryError) {
-    exit.report(GuestExit::VcpuFailure {
-        vcpu: 0,
-        detail: format!("restore failed: {}", crate::error_chain(e)),
+    exit.report(GuestExit::RestoreFailed {
+        detail: crate::error_chain(e),
     });
 }
 

@@ -60,6 +60,8 @@ pub enum GuestExit {
     FailEntry { vcpu: u8, reason: u64 },
     /// The vCPU thread hit a host-side error.
     VcpuFailure { vcpu: u8, detail: String },
+    /// Guest memory could not be loaded from the snapshot being restored.
+    RestoreFailed { detail: String },
 }
 
 impl GuestExit {
@@ -88,6 +90,7 @@ impl std::fmt::Display for GuestExit {
                 )
             }
             Self::VcpuFailure { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
+            Self::RestoreFailed { detail } => write!(f, "restore failed: {detail}"),
         }
     }
 }
@@ -431,14 +434,25 @@ impl VcpuHandle {
         Ok(r)
     }
 
-    /// Asks the thread to finish and joins it.
+    /// Asks the thread to finish and joins it. A thread that does not answer (blocked in the
+    /// kernel, say on guest memory that will never arrive) is left behind rather than waited
+    /// for forever; the process is ending.
     pub fn finish(&mut self) {
-        if self.send(VcpuEvent::Finish).is_ok() {
-            let _ = self.recv();
-        }
+        let answered = self.send(VcpuEvent::Finish).is_ok()
+            && matches!(
+                self.responses.recv_timeout(Duration::from_secs(2)),
+                Ok(VcpuResponse::Finished)
+            );
         if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("vCPU {} thread panicked", self.index);
+            if answered {
+                if thread.join().is_err() {
+                    tracing::error!("vCPU {} thread panicked", self.index);
+                }
+            } else {
+                tracing::warn!(
+                    "vCPU {} did not stop; leaving its thread behind",
+                    self.index
+                );
             }
         }
     }
