@@ -18,7 +18,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${ARKVM_CACHE:-$HOME/.cache/arkvm}/linux
-patch_file=$here/0001-skip-int3-selftest.patch
+int3_patch=$here/0001-skip-int3-selftest.patch
+fwait_patch=$here/0002-skip-fwait-in-fpu-drop.patch
 fragment=$here/arkvm.config
 init_script=$here/init.sh
 mini_init_source=$here/mini-init.S
@@ -100,7 +101,7 @@ ensure_packages() {
 input_hash() {
     {
         echo "arkvm linux guest inputs v1"
-        for f in "$0" "$patch_file" "$fragment" "$init_script" "$mini_init_source"; do
+        for f in "$0" "$int3_patch" "$fwait_patch" "$fragment" "$init_script" "$mini_init_source"; do
             echo "== $(basename "$f")"
             cat "$f"
         done
@@ -137,17 +138,23 @@ unpack_source() {
 }
 
 apply_patch() {
-    log "stage: patch (skip int3_selftest)"
+    log "stage: patch (skip int3_selftest; no fwait in fpu__drop)"
     local file=$src/arch/x86/kernel/alternative.c
-    if (cd "$src" && patch -p1 --dry-run --forward --silent <"$patch_file" >/dev/null); then
-        (cd "$src" && patch -p1 --forward --silent --no-backup-if-mismatch <"$patch_file")
+    if (cd "$src" && patch -p1 --dry-run --forward --silent <"$int3_patch" >/dev/null); then
+        (cd "$src" && patch -p1 --forward --silent --no-backup-if-mismatch <"$int3_patch")
     else
         # The packaged source moved under the patch: comment the call out by hand instead.
-        log "warning: $(basename "$patch_file") does not apply here; commenting the call out with sed"
+        log "warning: $(basename "$int3_patch") does not apply here; commenting the call out with sed"
         sed -i -E 's|^([[:space:]]*)int3_selftest\(\);|\1/* int3_selftest(); arkvm: skipped */|' "$file"
     fi
     grep -qE '^[[:space:]]*int3_selftest\(\);' "$file" && die "int3_selftest() is still called in $file"
     grep -qE '^[[:space:]]*/\* int3_selftest\(\);' "$file" || die "the int3_selftest() call was not found in $file"
+
+    file=$src/arch/x86/kernel/fpu/core.c
+    (cd "$src" && patch -p1 --forward --silent --no-backup-if-mismatch <"$fwait_patch") ||
+        die "$(basename "$fwait_patch") does not apply to $file"
+    grep -q '1: fwait' "$file" && die "fpu__drop() in $file still executes fwait"
+    return 0
 }
 
 configure_kernel() {
@@ -268,7 +275,8 @@ build_disk() {
     rm -f "$part" "$disk"
     truncate -s 63M "$part"
     E2FSPROGS_FAKE_TIME=$build_epoch mkfs.ext4 -q -F -b 4096 -L arkvm-root -U "$disk_uuid" \
-        -E "hash_seed=$disk_uuid,root_owner=0:0" -d "$root" "$part" ||
+        -E "hash_seed=$disk_uuid,root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0" \
+        -d "$root" "$part" ||
         die "mkfs.ext4 failed"
     e2fsck -fn "$part" >/dev/null 2>&1 || die "the new ext4 file system does not check clean"
     [ "$(debugfs -R 'cat /hello' "$part" 2>/dev/null)" = "$(cat "$work/hello")" ] ||
@@ -280,6 +288,32 @@ build_disk() {
     dd if="$part" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
     sfdisk -d "$disk" | grep -q 'start= *2048, size= *129024, type=83' ||
         die "the partition table of $disk is not what was written"
+}
+
+# The key of the kernel alone: the stages that make vmlinux (their code, as bash prints it), their
+# settings, the patch, the fragment and the toolchain. A build whose other inputs changed (the
+# initramfs or disk stages, init.sh) reuses a cached vmlinux with the same key instead of
+# compiling again.
+kernel_hash() {
+    {
+        echo "arkvm linux kernel inputs v1"
+        declare -f unpack_source apply_patch configure_kernel verify_config compile_kernel
+        declare -p required_options min_nr_cpus build_epoch
+        cat "$int3_patch" "$fwait_patch" "$fragment"
+        installed_versions linux-source-6.1 gcc binutils
+    } | sha256sum | cut -c1-16
+}
+
+# Prints the directory of a complete cached build whose kernel has the given key, if any.
+find_cached_kernel() {
+    local dir
+    for dir in "$cache"/*/; do
+        dir=${dir%/}
+        [ -L "$dir" ] && continue # current
+        [ -f "$dir/.complete" ] && [ -f "$dir/vmlinux" ] || continue
+        [ "$(cat "$dir/kernel.hash" 2>/dev/null)" = "$1" ] && { echo "$dir"; return 0; }
+    done
+    return 0
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -315,26 +349,40 @@ rm -rf "$cache"/build-* "$cache"/*.partial
 mkdir -p "$work" "$out"
 echo "hello from the arkvm disk" >"$work/hello"
 
-unpack_source
-apply_patch
-configure_kernel
-compile_kernel
-verify_vmlinux "$src/vmlinux"
+khash=$(kernel_hash)
+reuse=$(find_cached_kernel "$khash")
+if [ "$force" = 0 ] && [ -n "$reuse" ]; then
+    log "stage: kernel $khash is cached in $reuse; reusing its vmlinux"
+    cp "$reuse/vmlinux" "$out/vmlinux"
+    cp "$reuse/config" "$out/config"
+    cp "$reuse/System.map" "$out/System.map"
+    verify_vmlinux "$out/vmlinux"
+    log "stage: unpack usr/gen_init_cpio.c (for the initramfs)"
+    tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$work" linux-source-6.1/usr/gen_init_cpio.c
+else
+    unpack_source
+    apply_patch
+    configure_kernel
+    compile_kernel
+    verify_vmlinux "$src/vmlinux"
+    cp "$src/vmlinux" "$out/vmlinux"
+    cp "$src/.config" "$out/config"
+    cp "$src/System.map" "$out/System.map"
+fi
+echo "$khash" >"$out/kernel.hash"
 build_initramfs
 build_disk
 
 log "stage: publish"
-cp "$src/vmlinux" "$out/vmlinux"
-cp "$src/.config" "$out/config"
-cp "$src/System.map" "$out/System.map"
 {
     echo "hash: $hash"
+    echo "kernel hash: $khash"
     echo "built: $(date -u +%FT%TZ) on $(uname -n)"
     echo "command line: $cmdline"
     echo "packages:"
     installed_versions "${hashed_packages[@]}" | sed 's/^/  /'
     echo "inputs:"
-    (cd "$here" && sha256sum "$(basename "$0")" "$(basename "$patch_file")" \
+    (cd "$here" && sha256sum "$(basename "$0")" "$(basename "$int3_patch")" "$(basename "$fwait_patch")" \
         "$(basename "$fragment")" "$(basename "$init_script")" \
         "$(basename "$mini_init_source")") | sed 's/^/  /'
 } >"$out/inputs.txt"
