@@ -112,12 +112,17 @@ fn assert_clean(repo: &Path, key: Option<&Path>, points: usize) {
 
 /// The names of every chunk file under REPO/chunks.
 fn chunk_files(repo: &Path) -> BTreeSet<String> {
+    // The directories appear with the first chunk, and a running prune may remove them.
     let mut set = BTreeSet::new();
-    for d in std::fs::read_dir(repo.join("chunks")).expect("read chunks dir") {
-        let d = d.expect("dir entry").path();
-        for f in std::fs::read_dir(&d).expect("read chunk subdir") {
-            let name = f.expect("dir entry").file_name();
-            set.insert(name.to_string_lossy().into_owned());
+    let Ok(dirs) = std::fs::read_dir(repo.join("chunks")) else {
+        return set;
+    };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            set.insert(f.file_name().to_string_lossy().into_owned());
         }
     }
     set
@@ -769,7 +774,11 @@ fn prune_collects_exactly_the_unreferenced_chunks() {
     let kept = [&ids[2], &ids[3], &other[0]];
     let rows = list(&repo, None);
     let listed: BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().expect("id")).collect();
-    assert_eq!(listed, kept.iter().map(|s| s.as_str()).collect(), "{rows:?}");
+    assert_eq!(
+        listed,
+        kept.iter().map(|s| s.as_str()).collect(),
+        "{rows:?}"
+    );
     let referenced: BTreeSet<String> = kept.iter().flat_map(|id| point_refs(&repo, id)).collect();
     let after = chunk_files(&repo);
     let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
@@ -780,7 +789,10 @@ fn prune_collects_exactly_the_unreferenced_chunks() {
         after.len(),
         gone.len()
     );
-    assert!(!expected_gone.is_empty(), "the pruned points had no chunk of their own");
+    assert!(
+        !expected_gone.is_empty(),
+        "the pruned points had no chunk of their own"
+    );
     assert_eq!(gone, expected_gone, "prune collected the wrong chunks");
     assert_eq!(after, referenced, "chunk files after the prune");
     assert_eq!(report["chunks_removed"], gone.len() as u64, "{report}");
@@ -788,5 +800,224 @@ fn prune_collects_exactly_the_unreferenced_chunks() {
     assert_clean(&repo, None, 3);
     for id in kept {
         assert_restores(&repo, id, None);
+    }
+}
+
+/// The pid of the child of process `pid` that has exec'd `bin` (strace also forks
+/// short-lived probes of its own).
+fn exec_child(pid: u32, bin: &Path) -> Option<u32> {
+    let bin = std::fs::canonicalize(bin).ok()?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    text.split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .find(|c: &u32| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e == bin))
+}
+
+fn have_strace() -> bool {
+    std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `arkvm backup prune --keep-last 1` on `repo` and kills it with SIGKILL once `ready`
+/// says the prune is under way. With strace, every unlink is slowed by 200 ms so the kill
+/// lands between two deletions; without it the kill comes after `fallback_delay`. Returns
+/// whether the process died of the kill (rather than finishing first).
+fn kill_prune_midway(repo: &Path, ready: impl Fn() -> bool, fallback_delay: Duration) -> bool {
+    let prune = args(&["backup", "prune", "--repo", &s(repo), "--keep-last", "1"]);
+    let bin = arkvm_tests::arkvm_bin();
+    let mut cmd = if have_strace() {
+        let mut c = std::process::Command::new("strace");
+        c.args(["-f", "-o", "/dev/null", "-e", "trace=unlink,unlinkat"])
+            .args(["-e", "inject=unlink,unlinkat:delay_enter=200000"])
+            .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    let mut child = cmd
+        .args(&prune)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn prune");
+    let target = if have_strace() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = exec_child(child.id(), &bin) {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "strace started no arkvm");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    } else {
+        child.id()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    if have_strace() {
+        while !ready() {
+            assert!(Instant::now() < deadline, "the prune never got under way");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    } else {
+        std::thread::sleep(fallback_delay);
+    }
+    // SAFETY: kill(2) on a live child (or strace's tracee) has no memory effects.
+    let rc = unsafe { libc::kill(target as i32, libc::SIGKILL) };
+    assert!(
+        rc == 0 || !have_strace(),
+        "the traced prune is gone before the kill"
+    );
+    let st = child.wait().expect("wait for prune");
+    // Under strace the tracee's death shows as strace's status 128+9 (or 137).
+    let killed = {
+        use std::os::unix::process::ExitStatusExt;
+        st.signal() == Some(libc::SIGKILL) || st.code() == Some(137)
+    };
+    // Let strace's tracee disappear fully before the repository is read.
+    std::thread::sleep(Duration::from_millis(50));
+    killed
+}
+
+fn point_files(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("points"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_during_backup_or_prune_leaves_a_clean_repository() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-crash");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+
+    // kill -9 of the VM process while its 2 GiB full backup is being written.
+    let sock = dir.path().join("big.sock");
+    let mut vm = memory_vm("2G", "crash", &sock, 1);
+    wait_parsed(&vm, 0, pass_gen);
+    let mut client = Vmm::spawn(&snapshot_args(&sock, &repo, None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chunk_files(&repo).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup wrote no chunk\n{}",
+            client.dump()
+        );
+        assert!(
+            !client.has_exited(),
+            "the backup ended early\n{}",
+            client.dump()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !client.has_exited() && point_files(&repo) == 0,
+        "the 2 GiB backup finished before the kill\n{}",
+        client.dump()
+    );
+    vm.kill();
+    let status = client
+        .wait_exit(Duration::from_secs(30))
+        .expect("the snapshot client ends when its VM dies");
+    assert!(
+        !status.success(),
+        "snapshot reported success\n{}",
+        client.dump()
+    );
+    let orphans = chunk_files(&repo).len();
+    eprintln!("killed a 2 GiB backup: {orphans} chunks were written, no point");
+    assert_eq!(list(&repo, None), Vec::<serde_json::Value>::new());
+    assert_eq!(point_files(&repo), 0, "a partial point manifest was left");
+    assert_clean(&repo, None, 0);
+
+    // A new process of the same VM: a full backup, an incremental one; after one more restart
+    // the tracking is lost, so the next backup reads everything and says so.
+    let sock = dir.path().join("a.sock");
+    let mut vm = memory_vm("256M", "crash", &sock, 1);
+    wait_parsed(&vm, 0, pass_gen);
+    let p1 = backup(&sock, &repo, None);
+    let p2 = backup(&sock, &repo, None);
+    vm.kill();
+    let sock = dir.path().join("b.sock");
+    let mut vm = memory_vm("256M", "crash", &sock, 1);
+    wait_parsed(&vm, 0, pass_gen);
+    let p3 = backup(&sock, &repo, None);
+    assert!(
+        vm.stderr().iter().any(|l| l.contains("no change tracking")),
+        "a backup after a restart does not say it reads everything\n{}",
+        vm.dump()
+    );
+    vm.kill();
+    let rows = list(&repo, None);
+    let read = |p: &serde_json::Value| {
+        let r = row(&rows, p["id"].as_str().expect("id"));
+        pct(num(r, "bytes_hashed"), num(r, "bytes_total"))
+    };
+    assert!(read(&p1) >= 100.0 && read(&p3) >= 100.0, "{rows:?}");
+    assert!(read(&p2) < 5.0, "{rows:?}");
+    assert_clean(&repo, None, 3);
+
+    // kill -9 of prune --keep-last 1: once it deleted a manifest, then once it deleted a chunk.
+    let template = dir.path().join("template");
+    std::fs::rename(&repo, &template).expect("keep the repository as a template");
+    let copy = |to: &Path| {
+        let st = std::process::Command::new("cp")
+            .args(["-a", &s(&template), &s(to)])
+            .status()
+            .expect("cp");
+        assert!(st.success());
+    };
+    let chunks0 = chunk_files(&template).len();
+    let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
+        ("after a manifest", Box::new(|r: &Path| point_files(r) < 3)),
+        (
+            "after a chunk",
+            Box::new(move |r: &Path| chunk_files(r).len() < chunks0),
+        ),
+    ];
+    for (n, (what, ready)) in scenarios.iter().enumerate() {
+        let r = dir.path().join(format!("prune{n}"));
+        copy(&r);
+        let killed = kill_prune_midway(&r, || ready(&r), Duration::from_millis(2 + 3 * n as u64));
+        let points = point_files(&r);
+        let chunks = chunk_files(&r).len();
+        eprintln!(
+            "prune killed {what} (strace: {}): died of the kill: {killed}; {points} of 3 points \
+             and {chunks} of {chunks0} chunks left",
+            have_strace()
+        );
+        if have_strace() {
+            assert!(killed, "prune finished before the kill");
+        }
+        let rows = list(&r, None);
+        assert!(
+            rows.iter().all(|row| row["error"].is_null()),
+            "a damaged point is listed after the kill: {rows:?}"
+        );
+        assert_eq!(rows.len(), points, "{rows:?}");
+        assert_clean(&r, None, points);
+        let newest = rows
+            .iter()
+            .map(|row| row["id"].as_str().expect("id"))
+            .max()
+            .expect("a point is left");
+        assert_restores(&r, newest, None);
+        // Finishing the prune leaves exactly the newest point and its chunks.
+        let (st, out, err) = ark(&args(&[
+            "backup",
+            "prune",
+            "--repo",
+            &s(&r),
+            "--keep-last",
+            "1",
+        ]));
+        assert!(st.success(), "prune after the kill failed: {out:?} {err:?}");
+        assert_eq!(point_files(&r), 1);
+        assert_eq!(chunk_files(&r), point_refs(&r, newest));
+        assert_clean(&r, None, 1);
     }
 }
