@@ -1021,3 +1021,125 @@ fn kill_during_backup_or_prune_leaves_a_clean_repository() {
         assert_clean(&r, None, 1);
     }
 }
+
+/// Runs the commands `cmds` at the same time; returns each one's status and output.
+fn run_together(cmds: Vec<Vec<String>>) -> Vec<(bool, Vec<String>, String)> {
+    let mut procs: Vec<Vmm> = cmds.iter().map(|a| Vmm::spawn(a)).collect();
+    procs
+        .iter_mut()
+        .map(|p| {
+            let st = p
+                .wait_exit(CMD_TIMEOUT)
+                .unwrap_or_else(|| panic!("did not finish\n{}", p.dump()));
+            (st.success(), p.stdout(), p.dump())
+        })
+        .collect()
+}
+
+/// The timestamp of the first stderr line of `vm` that contains `needle`.
+fn log_time(vm: &Vmm, needle: &str) -> String {
+    let err = vm.stderr();
+    let line = err
+        .iter()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no log line with {needle:?}\n{}", vm.dump()));
+    line.split_whitespace()
+        .next()
+        .expect("timestamp")
+        .to_string()
+}
+
+#[test]
+fn two_vms_back_up_at_once_beside_a_prune() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-conc");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let (sock1, sock2) = (dir.path().join("c1.sock"), dir.path().join("c2.sock"));
+    let mut vm1 = memory_vm("256M", "c1", &sock1, 1);
+    let mut vm2 = memory_vm("256M", "c2", &sock2, 1);
+    wait_parsed(&vm1, 0, pass_gen);
+    wait_parsed(&vm2, 0, pass_gen);
+
+    let mut last = Vec::new();
+    for round in 0..3 {
+        let mut cmds = vec![
+            snapshot_args(&sock1, &repo, None),
+            snapshot_args(&sock2, &repo, None),
+        ];
+        if round == 2 {
+            cmds.push(args(&[
+                "backup",
+                "prune",
+                "--repo",
+                &s(&repo),
+                "--keep-last",
+                "1",
+            ]));
+        }
+        let results = run_together(cmds);
+        for (ok, _, dump) in &results {
+            assert!(ok, "round {round}: a concurrent command failed\n{dump}");
+        }
+        last = results[..2]
+            .iter()
+            .map(|(_, out, _)| json_line(out)["id"].as_str().expect("id").to_string())
+            .collect();
+        if round == 0 {
+            // The two full backups overlapped in time (log timestamps sort as text).
+            let (a1, c1) = (
+                log_time(&vm1, "cow snapshot armed"),
+                log_time(&vm1, "committed"),
+            );
+            let (a2, c2) = (
+                log_time(&vm2, "cow snapshot armed"),
+                log_time(&vm2, "committed"),
+            );
+            eprintln!("c1 backup {a1}..{c1}, c2 backup {a2}..{c2}");
+            assert!(a1 < c2 && a2 < c1, "the two backups did not overlap");
+        }
+        if round == 1 {
+            let rows = list(&repo, None);
+            assert_eq!(rows.len(), 4, "{rows:?}");
+            for (vm, id) in ["c1", "c2"].iter().zip(&last) {
+                let r = row(&rows, id);
+                assert_eq!(r["vm"], *vm, "{r}");
+                let parent = r["parent"].as_str().expect("incremental has a parent");
+                assert_eq!(row(&rows, parent)["vm"], *vm, "parent of another VM: {r}");
+                assert!(
+                    pct(num(r, "bytes_hashed"), num(r, "bytes_total")) < 5.0,
+                    "{r}"
+                );
+            }
+            assert_clean(&repo, None, 4);
+        }
+    }
+    assert_not_broken(&vm1);
+    assert_not_broken(&vm2);
+    vm1.kill();
+    vm2.kill();
+
+    let rows = list(&repo, None);
+    for (vm, id) in ["c1", "c2"].iter().zip(&last) {
+        row(&rows, id);
+        let n = rows.iter().filter(|r| r["vm"] == *vm).count();
+        assert!(
+            (1..=2).contains(&n),
+            "{vm} has {n} points after prune: {rows:?}"
+        );
+    }
+    assert_clean(&repo, None, rows.len());
+    let referenced: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|r| point_refs(&repo, r["id"].as_str().expect("id")))
+        .collect();
+    assert_eq!(
+        chunk_files(&repo),
+        referenced,
+        "chunks after prune beside backups"
+    );
+    for id in &last {
+        assert_restores(&repo, id, None);
+    }
+}
