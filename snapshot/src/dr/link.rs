@@ -14,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Mutex;
 
 use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
@@ -51,14 +52,25 @@ impl LinkKey {
     /// [`RepoKey`] exposes one pseudo-random function of its secret: the keyed blake3 it names
     /// chunks with. It is applied here to an input longer than any chunk may be (a label padded
     /// past [`MAX_CHUNK_SIZE`]), so the result can never be the name of a stored chunk, and is
-    /// then split with `blake3::derive_key`. This costs one hash of 64 MiB of zeros (some tens
-    /// of milliseconds); derive once and keep the `LinkKey`.
+    /// then split with `blake3::derive_key`. That costs one hash of 64 MiB of zeros (tens of
+    /// milliseconds), so the result is cached in this process, per key.
     pub fn from_repo_key(key: &RepoKey) -> Self {
+        static CACHE: Mutex<Vec<([u8; 32], LinkKey)>> = Mutex::new(Vec::new());
+        // Only an in-memory lookup tag: it reveals nothing about the link key.
+        let tag = *key.chunk_id(b"arkvm dr link key cache tag").as_bytes();
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, link)) = cache.iter().find(|(t, _)| *t == tag) {
+            return link.clone();
+        }
         let mut input = Vec::with_capacity(MAX_CHUNK_SIZE as usize + 64);
         input.extend_from_slice(b"arkvm dr link root v1 (padded past the largest chunk)");
         input.resize(MAX_CHUNK_SIZE as usize + 64, 0);
-        let root = key.chunk_id(&input);
-        Self::from_secret(*root.as_bytes())
+        let link = Self::from_secret(*key.chunk_id(&input).as_bytes());
+        if cache.len() >= 16 {
+            cache.remove(0);
+        }
+        cache.push((tag, link.clone()));
+        link
     }
 
     /// Builds the link key from a 32-byte secret.
@@ -401,6 +413,12 @@ mod tests {
         );
         assert_eq!(ka.auth, ka2.auth);
         assert_ne!(ka.auth, kb.auth);
+        // The cached keys are the derived ones.
+        let mut input = b"arkvm dr link root v1 (padded past the largest chunk)".to_vec();
+        input.resize(MAX_CHUNK_SIZE as usize + 64, 0);
+        let fresh = LinkKey::from_secret(*b.chunk_id(&input).as_bytes());
+        assert_eq!((kb.auth, kb.session), (fresh.auth, fresh.session));
+        assert_eq!(LinkKey::from_repo_key(&b).auth, fresh.auth);
         assert_ne!(ka.auth, ka.session);
         // The link secret is no chunk id of the label.
         assert_ne!(

@@ -221,7 +221,7 @@ fn unexpected(message: &Message) -> DrError {
 
 /// Sends point `point_id` of `repo` to the receiver at `addr` over a new connection;
 /// `timeout` bounds the connect and every read and write. Derives the link key from `key`
-/// each call (see [`LinkKey::from_repo_key`]); [`DrSender`] derives it once.
+/// from `key` (cached per process, see [`LinkKey::from_repo_key`]).
 pub fn send_point(
     repo: &Repository,
     point_id: &str,
