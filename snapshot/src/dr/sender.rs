@@ -220,8 +220,8 @@ fn unexpected(message: &Message) -> DrError {
 }
 
 /// Sends point `point_id` of `repo` to the receiver at `addr` over a new connection;
-/// `timeout` bounds the connect and every read and write. Derives the link key from `key`
-/// from `key` (cached per process, see [`LinkKey::from_repo_key`]).
+/// `timeout` bounds the connect and every read and write. The link key is derived from
+/// `key` (cached per process, see [`LinkKey::from_repo_key`]).
 pub fn send_point(
     repo: &Repository,
     point_id: &str,
