@@ -216,8 +216,8 @@ verify_vmlinux() {
         die "$vmlinux is not an x86-64 ELF"
     entry=$(awk '/Entry point address/ { print $4 }' <<<"$header")
     # arkvm enters at e_entry as a physical address: it must fall inside a segment's p_paddr range.
-    local type offset vaddr paddr filesz rest inside=0
-    while read -r type offset vaddr paddr filesz rest; do
+    local type paddr filesz inside=0
+    while read -r type _ _ paddr filesz _; do
         [ "$type" = LOAD ] || continue
         if ((entry >= paddr && entry < paddr + filesz)); then inside=1; fi
     done < <(readelf -lW "$vmlinux")
@@ -310,7 +310,7 @@ find_cached_kernel() {
     for dir in "$cache"/*/; do
         dir=${dir%/}
         [ -L "$dir" ] && continue # current
-        [ -f "$dir/.complete" ] && [ -f "$dir/vmlinux" ] || continue
+        if [ ! -f "$dir/.complete" ] || [ ! -f "$dir/vmlinux" ]; then continue; fi
         [ "$(cat "$dir/kernel.hash" 2>/dev/null)" = "$1" ] && { echo "$dir"; return 0; }
     done
     return 0
