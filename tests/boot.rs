@@ -233,3 +233,38 @@ fn unemulated_instruction_exits_nonzero_with_its_bytes() {
         "{line}"
     );
 }
+
+#[test]
+fn smp_vcpu_threads_pause_and_resume_through_the_state_machine() {
+    require_kvm();
+    let dir = ScratchDir::new("smp-pause");
+    let sock = dir.path().join("vm.sock");
+    let vmm = arkvm_tests::start_memory_guest(&sock, "128M", 4, "");
+    assert!(
+        vmm.wait_line("PASS", Duration::from_secs(30)).is_some(),
+        "{}",
+        vmm.dump()
+    );
+    let (code, info) = arkvm_tests::api_json(&sock, "GET", "/vm", None);
+    assert_eq!(code, 200);
+    assert_eq!(info["config"]["vcpus"], 4);
+    assert_eq!(info["state"], "running");
+    // A pause answers only once every one of the four vCPU threads has answered Paused.
+    let (code, _) = arkvm_tests::api_json(&sock, "PUT", "/vm/pause", None);
+    assert_eq!(code, 204, "{}", vmm.dump());
+    let (_, info) = arkvm_tests::api_json(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "paused");
+    let lines = vmm.stdout().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vmm.stdout().len(), lines, "the guest ran while paused");
+    let (code, _) = arkvm_tests::api_json(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(code, 204);
+    assert!(
+        vmm.wait_line_from(lines, Duration::from_secs(30), |l| l.starts_with("PASS"))
+            .is_some(),
+        "the guest did not resume\n{}",
+        vmm.dump()
+    );
+    let (code, _) = arkvm_tests::api_json(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+}
