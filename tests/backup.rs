@@ -880,6 +880,9 @@ fn kill_prune_midway(repo: &Path, ready: impl Fn() -> bool, fallback_delay: Dura
     killed
 }
 
+/// Tells from a repository's files that a prune is under way.
+type ReadyCheck = Box<dyn Fn(&Path) -> bool>;
+
 fn point_files(repo: &Path) -> usize {
     std::fs::read_dir(repo.join("points"))
         .map(|d| d.count())
@@ -972,7 +975,7 @@ fn kill_during_backup_or_prune_leaves_a_clean_repository() {
         assert!(st.success());
     };
     let chunks0 = chunk_files(&template).len();
-    let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
+    let scenarios: [(&str, ReadyCheck); 2] = [
         ("after a manifest", Box::new(|r: &Path| point_files(r) < 3)),
         (
             "after a chunk",
@@ -1142,4 +1145,100 @@ fn two_vms_back_up_at_once_beside_a_prune() {
     for id in &last {
         assert_restores(&repo, id, None);
     }
+}
+
+/// `arkvm ARGS` must fail with one `arkvm: error:` line containing `needle`.
+fn assert_refused(a: &[String], needle: &str) {
+    let (st, out, err) = ark(a);
+    assert!(!st.success(), "{a:?} succeeded: {out:?}");
+    assert_eq!(err.len(), 1, "{a:?}: not a one-line error: {err:?}");
+    assert!(
+        err[0].starts_with("arkvm: error:") && err[0].contains(needle),
+        "{a:?}: unclear error (wanted {needle:?}): {err:?}"
+    );
+}
+
+#[test]
+fn encrypted_repository_needs_its_key() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-enc");
+    let repo = dir.path().join("repo");
+    let key = dir.path().join("repo.key");
+    init_repo(&repo, Some(&key));
+    assert!(
+        key.exists(),
+        "backup init --key did not create the key file"
+    );
+    let ids = memory_points(dir.path(), &repo, Some(&key), "enc", 2);
+    assert_eq!(list(&repo, Some(&key)).len(), 2);
+    assert_clean(&repo, Some(&key), 2);
+    for c in chunk_files(&repo) {
+        let b = std::fs::read(chunk_path(&repo, &c)).expect("read chunk");
+        assert_eq!(b.first(), Some(&b'E'), "chunk {c} is not sealed");
+    }
+
+    let r = s(&repo);
+    let wrong = dir.path().join("wrong.key");
+    init_repo(&dir.path().join("other"), Some(&wrong));
+    for (extra, needle) in [
+        (vec![], "key is required"),
+        (key_args(Some(&wrong)), "not this repository's key"),
+    ] {
+        let with = |mut a: Vec<String>| {
+            a.extend(extra.iter().cloned());
+            a
+        };
+        assert_refused(&with(args(&["backup", "list", "--repo", &r])), needle);
+        assert_refused(&with(args(&["backup", "verify", "--repo", &r])), needle);
+        assert_refused(
+            &with(args(&["restore", "--repo", &r, "--id", &ids[1]])),
+            needle,
+        );
+    }
+
+    // Without the key nothing can be altered unnoticed: a flipped manifest byte, a flipped
+    // chunk byte, and one chunk's sealed bytes moved under another chunk's name.
+    let manifest = point_path(&repo, &ids[0]);
+    let len = std::fs::metadata(&manifest).expect("manifest").len() as usize;
+    flip_byte(&manifest, len / 2);
+    let (code, v) = verify(&repo, Some(&key));
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(v["damaged_points"][0]["id"], ids[0].as_str(), "{v}");
+    assert_restore_refused(&repo, &ids[0], Some(&key), &ids[0]);
+    flip_byte(&manifest, len / 2);
+
+    let only2: Vec<String> = point_refs_with_key(&repo, &key, &ids[1])
+        .difference(&point_refs_with_key(&repo, &key, &ids[0]))
+        .cloned()
+        .collect();
+    let victim = chunk_path(&repo, &only2[0]);
+    let original = std::fs::read(&victim).expect("read chunk");
+    let len = original.len();
+    flip_byte(&victim, len / 2);
+    let (code, v) = verify(&repo, Some(&key));
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(v["damaged_chunks"][0]["id"], only2[0].as_str(), "{v}");
+    assert_restore_refused(&repo, &ids[1], Some(&key), &only2[0]);
+    let other = chunk_files(&repo)
+        .into_iter()
+        .find(|c| *c != only2[0])
+        .expect("another chunk");
+    std::fs::copy(chunk_path(&repo, &other), &victim).expect("swap a chunk in");
+    let (code, v) = verify(&repo, Some(&key));
+    assert_eq!(
+        code, 3,
+        "a chunk moved under another name went unnoticed: {v}"
+    );
+    std::fs::write(&victim, original).expect("put the chunk back");
+    assert_clean(&repo, Some(&key), 2);
+    assert_restores(&repo, &ids[1], Some(&key));
+}
+
+/// The distinct chunk ids of a point of an encrypted repository (through the library).
+fn point_refs_with_key(repo: &Path, key: &Path, id: &str) -> BTreeSet<String> {
+    let k = snapshot::repo::RepoKey::load(key).expect("load key");
+    let lib = Repository::open(repo, Some(k)).expect("open repository");
+    let point = lib.read_point(id).expect("read point");
+    point.chunk_ids().map(|c| c.to_hex()).collect()
 }
