@@ -229,14 +229,14 @@ fn last_diskgen(vm: &Vmm, from: usize) -> Option<(usize, u64)> {
         .iter()
         .enumerate()
         .skip(from)
-        .filter_map(|(i, l)| {
+        .rev()
+        .find_map(|(i, l)| {
             let mut w = l.split_whitespace();
             (w.next() == Some("DISKGEN")).then_some(())?;
             w.next()?;
             (w.next() == Some("LAST")).then_some(())?;
             Some((i, w.next()?.parse().ok()?))
         })
-        .last()
 }
 
 fn wait_diskgen(vm: &Vmm, from: usize, timeout: Duration) -> (usize, u64) {
