@@ -119,6 +119,92 @@ fn five_backups_five_restores() {
     }
 }
 
+/// Where the memory guest of `point` stands, read from the point's memory in the repository:
+/// every page of the region holds one generation in both of its qwords, pages `[0, p)` hold
+/// `g` and the rest `g - 1`. Returns `(g, p)`; panics on any other picture (a torn image).
+fn memory_picture(repo: &Repository, id: &str) -> (u64, usize) {
+    let point = repo.read_point(id).expect("read point");
+    let mut mem = Vec::new();
+    repo.read_object(&point, "memory", &mut mem)
+        .expect("read the memory object");
+    let q = |o: usize| u64::from_le_bytes(mem[o..o + 8].try_into().expect("8 bytes"));
+    let gens: Vec<u64> = (0x40_0000..mem.len())
+        .step_by(4096)
+        .map(|a| {
+            let (lo, hi) = (q(a), q(a + 4088));
+            assert_eq!(lo, hi, "point {id}: page {a:#x} is torn ({lo} and {hi})");
+            lo
+        })
+        .collect();
+    let g = gens[0];
+    let p = gens.iter().take_while(|x| **x == g).count();
+    if let Some(i) = gens[p..].iter().position(|x| *x + 1 != g) {
+        panic!(
+            "point {id}: page {:#x} holds gen {}, but the pages before it {g}/{}",
+            0x40_0000 + (p + i) * 4096,
+            gens[p + i],
+            g - 1
+        );
+    }
+    (g, p)
+}
+
+#[test]
+fn rotating_writes_between_backups_are_captured_exactly() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-rotate");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    // Every page in turn, one page per millisecond: 0.5 s rewrites ~0.8% of 252 MiB, always
+    // new pages, and some of them while the previous backup is still being copied.
+    let sock = dir.path().join("vm.sock");
+    let cmdline = "arkvm.hot_pct=100 arkvm.rate_pages=1";
+    let mut vm = start_vm("memory", "256M", "rot", &sock, &["--cmdline", cmdline]);
+    vm.wait_line("MEMGUEST hot_pages", LINE_TIMEOUT)
+        .unwrap_or_else(|| panic!("memory guest did not start\n{}", vm.dump()));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        ids.push(
+            backup(&sock, &repo, None)["id"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    assert_not_broken(&vm);
+    vm.kill();
+
+    let rows = list(&repo, None);
+    let lib = Repository::open(&repo, None).expect("open repository");
+    let mut prev = (0, 0);
+    for (k, id) in ids.iter().enumerate() {
+        let (g, p) = memory_picture(&lib, id);
+        let r = row(&rows, id);
+        eprintln!(
+            "rotating point {}: gen {g} up to page {p}; hashed {:.2}% of {} B, {} chunks new",
+            k + 1,
+            pct(num(r, "bytes_hashed"), num(r, "bytes_total")),
+            num(r, "bytes_total"),
+            num(r, "chunks_new")
+        );
+        assert!(
+            (g, p) > prev,
+            "point {} is not after point {k}: {:?} {prev:?}",
+            k + 1,
+            (g, p)
+        );
+        if k > 0 {
+            assert!(
+                pct(num(r, "bytes_hashed"), num(r, "bytes_total")) < 5.0,
+                "{r}"
+            );
+        }
+        prev = (g, p);
+    }
+}
+
 /// The disk of the disk test: a ring of 16 MiB (16 repository chunks, of which the guest
 /// rewrites a few between two backups) and 4 MiB that stay zero.
 const DISK_BYTES: u64 = 20 << 20;
