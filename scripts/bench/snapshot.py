@@ -83,7 +83,7 @@ def bench_guest(s, size, mib, modes, cmdline):
             "torn": B.torn(vm)}
 
 
-def print_result(size, what, r):
+def print_result(size, what, r, dd_best):
     print(f"\n### {size}, {what}\n")
     for c in r["commands"]:
         B.show_command(c)
@@ -111,10 +111,10 @@ def print_result(size, what, r):
         rows.append([row["mode"], str(row["pause_us"]), str(row["total_ms"]),
                      f"{row['bytes_written'] / 2**20:.0f}",
                      B.fmt(tput / 1e6 if tput else None, 0), B.fmt(row["dd"] / 1e6, 0),
-                     B.fmt(tput / row["dd"] if tput else None, 2, "x"),
+                     B.fmt(tput / dd_best if tput else None, 2, "x"),
                      B.fmt(row["rate_before"], 1), B.fmt(during, 1),
                      B.fmt(ratio, 2, "x") + (f" {extra}" if extra else "")])
-    B.table(["mode", "pause us", "total ms", "MiB written", "MB/s", "dd MB/s", "vs dd",
+    B.table(["mode", "pause us", "total ms", "MiB written", "MB/s", "dd MB/s", "vs best dd",
              "passes/s before", "passes/s during", "during/before, pages"], rows)
 
 
@@ -125,10 +125,14 @@ def main():
         B.heading("snapshot: vCPU pause, throughput vs dd, guest pass rate (memory guest)")
         B.print_facts(B.machine_facts(s.dir))
         for size, mib in sizes:
-            r = B.retry(bench_guest, s, size, mib, ALL_MODES, None)
-            print_result(size, "every page rewritten every pass", r)
-            r = B.retry(bench_guest, s, size, mib, [("cow", [])], HOT)
-            print_result(size, "10% of the pages rewritten (" + HOT + ")", r)
+            full = B.retry(bench_guest, s, size, mib, ALL_MODES, None)
+            hot = B.retry(bench_guest, s, size, mib, [("cow", [])], HOT)
+            # The physical limit seen in this run: the best of this size's dd runs (a single
+            # dd on this shared disk varied from about 70 to 1600 MB/s).
+            dd_best = max(row["dd"] for row in full["rows"] + hot["rows"] if "dd" in row)
+            print_result(size, "every page rewritten every pass", full, dd_best)
+            print_result(size, "10% of the pages rewritten (" + HOT + ")", hot, dd_best)
+            B.note(f"best dd of {size} in this run: {dd_best / 1e6:.0f} MB/s")
         print()
         B.note("pause us / total ms / MiB written: arkvm's JSON report (precopy writes re-copied "
                "pages again); MB/s = MiB written / total ms; dd MB/s: the dd command above for "
