@@ -286,6 +286,9 @@ impl Vmm {
         self.resume()?;
         tracing::info!("guest running with {} vCPUs", self.built.vcpus.len());
         loop {
+            if crate::cli::signals::terminated() && self.built.exit.reason().is_none() {
+                self.built.exit.report(GuestExit::Requested);
+            }
             if let Some(exit) = self.built.exit.reason() {
                 tracing::info!("guest stopped: {exit}");
                 self.stop_snapshot();

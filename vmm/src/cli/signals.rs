@@ -17,9 +17,14 @@ extern "C" fn on_terminate(_: libc::c_int) {
     }
 }
 
-/// Routes SIGINT and SIGTERM to the event fd `fd`.
-pub fn install(fd: i32) {
+/// Routes SIGINT and SIGTERM to the event fd `fd` from now on.
+pub fn set_wake_fd(fd: i32) {
     WAKE_FD.store(fd, Ordering::SeqCst);
+}
+
+/// Installs the handlers. Call first thing, before anything (a control socket) needs cleaning
+/// up: a signal that arrives before the event loop runs is remembered and honoured there.
+pub fn install() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only touches atomics and calls write(2), both async-signal-safe.
         unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
