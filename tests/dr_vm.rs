@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use arkvm_tests::{
-    api_json, arkvm_bin, broken_line, one_at_a_time, parse_pass, require_kvm, tiny_guest,
-    wait_for_path, ScratchDir, Vmm,
+    api_json, arkvm_bin, broken_line, one_at_a_time, require_kvm, tiny_guest, wait_for_path,
+    ScratchDir, Vmm,
 };
 
 const INTERVAL_MS: u64 = 1000;
@@ -89,6 +89,16 @@ impl NetPair {
             &self.veth_a,
             if up { "up" } else { "down" },
         ]);
+    }
+
+    /// Shrinks the primary namespace's TCP send buffers to 4 KiB (for connections made later).
+    fn small_send_buffers(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "sysctl", "-w"])
+            .arg("net.ipv4.tcp_wmem=4096 4096 4096")
+            .output()
+            .expect("run sysctl");
+        assert!(out.status.success(), "sysctl: {out:?}");
     }
 
     /// Limits what the primary sends to `rate` (tc syntax, e.g. `100kbit`), or lifts the limit.
@@ -440,4 +450,451 @@ fn continuous_protection_survives_kill_9_within_two_intervals() {
         "recovered {lag} GENs ({lag_ms:.0} ms at {rate:.0} GEN/s) behind the primary's last \
          GEN {died_at}; two intervals allow {allowed}"
     );
+}
+
+#[test]
+fn a_primary_killed_mid_transfer_is_recovered_from_the_previous_checkpoint() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let net = NetPair::new();
+    let tmp = ScratchDir::new("drvm-mid");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x32);
+    let rx = Receiver::start(
+        &tmp.path().join("dr"),
+        &key,
+        Some(&net.b),
+        NetPair::ADDR_B,
+        &["--keep", "0"],
+    );
+    let sock = tmp.path().join("primary.sock");
+    let mut primary = Primary {
+        ns: Some(&net.a),
+        kernel: "memory",
+        memory: "256M",
+        cmdline: "console=ttyS0",
+        sock: &sock,
+        addr: &rx.addr,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &[],
+    }
+    .start();
+    assert!(
+        wait_until(Duration::from_secs(60), || u(
+            &dr_status(&sock),
+            "checkpoints_committed"
+        ) >= 2),
+        "no checkpoints arrived\n{}\n{}",
+        primary.dump(),
+        rx.vmm.dump()
+    );
+    // Every checkpoint of this guest changes all its memory (about 40 KB compressed and
+    // deduplicated): at 16 kbit/s one takes about 20 s to send. With 4 KiB socket buffers on
+    // the primary's side, most of it is still in the primary when it dies, not in the kernel
+    // (which would deliver it all after the kill). Wait until one has been on the wire for
+    // three intervals, then kill the primary.
+    net.small_send_buffers();
+    net.throttle(Some("16kbit"));
+    let throttled = dr_status(&sock);
+    assert!(
+        wait_until(Duration::from_secs(30), || u(
+            &dr_status(&sock),
+            "intervals_skipped"
+        ) >= u(
+            &throttled,
+            "intervals_skipped"
+        ) + 3),
+        "the throttled link skipped no intervals: {}",
+        dr_status(&sock)
+    );
+    let at_kill = dr_status(&sock);
+    let died_at = kill_primary(&mut primary);
+    // Let what the dead primary left in its socket drain, so the receiver sees the cut.
+    net.throttle(None);
+    assert!(
+        wait_until(Duration::from_secs(90), || u(
+            &rx.status(),
+            "checkpoints_discarded"
+        ) >= 1),
+        "the receiver never saw a checkpoint cut off: {}\n{}",
+        rx.status(),
+        rx.vmm.dump()
+    );
+    let status = rx.status();
+    eprintln!("mid-transfer: primary {at_kill}\nreceiver {status}");
+    let committed = u(&status, "checkpoints_committed");
+    assert_eq!(
+        status["points"].as_u64(),
+        Some(committed),
+        "every committed checkpoint is a point, and no other: {status}"
+    );
+    assert!(committed >= 2, "{status}");
+    // Only whole points: the repository verifies, and lists as many points as were committed.
+    assert_eq!(
+        rx.point_files().len() as u64,
+        committed,
+        "{:?}",
+        rx.point_files()
+    );
+    let out = arkvm_in(
+        None,
+        &[
+            "backup",
+            "verify",
+            "--repo",
+            &path(&rx.repo),
+            "--key",
+            &path(&key),
+        ],
+    );
+    assert!(out.status.success(), "verify: {out:?}");
+    let newest = status["vms"][0]["last_point_id"]
+        .as_str()
+        .expect("a point")
+        .to_string();
+    let rec = rx.recover(&tmp.path().join("rec.sock"), None, &[]);
+    assert_eq!(recovered_id(&rec), newest);
+    let resumed = check_recovered(&rec, 10);
+    assert!(
+        resumed <= died_at,
+        "resumed at {resumed}, died at {died_at}"
+    );
+}
+
+#[test]
+fn a_link_cut_for_5s_grows_the_lag_and_checkpoints_resume() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let net = NetPair::new();
+    let tmp = ScratchDir::new("drvm-cut");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x33);
+    let rx = Receiver::start(
+        &tmp.path().join("dr"),
+        &key,
+        Some(&net.b),
+        NetPair::ADDR_B,
+        &["--keep", "3"],
+    );
+    let sock = tmp.path().join("primary.sock");
+    let primary = Primary {
+        ns: Some(&net.a),
+        kernel: "memory",
+        memory: "256M",
+        cmdline: "console=ttyS0",
+        sock: &sock,
+        addr: &rx.addr,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &[],
+    }
+    .start();
+    assert!(
+        wait_until(Duration::from_secs(60), || u(
+            &dr_status(&sock),
+            "checkpoints_committed"
+        ) >= 3),
+        "no checkpoints arrived\n{}",
+        primary.dump()
+    );
+    // The lag in steady state.
+    let mut steady = 0;
+    for _ in 0..20 {
+        steady = steady.max(u(&dr_status(&sock), "rpo_ms"));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let before = dr_status(&sock);
+    net.link(false);
+    let cut_at = Instant::now();
+    let mut during = Vec::new();
+    while cut_at.elapsed() < Duration::from_secs(5) {
+        during.push(dr_status(&sock));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    net.link(true);
+    let up_at = Instant::now();
+    let end = during.last().expect("samples").clone();
+    let max_rpo = during.iter().map(|s| u(s, "rpo_ms")).max().unwrap_or(0);
+    let showed_trouble = during
+        .iter()
+        .any(|s| s["state"] == "retrying" || !s["last_error"].is_null())
+        || u(&end, "checkpoints_failed") > u(&before, "checkpoints_failed")
+        || u(&end, "intervals_skipped") > u(&before, "intervals_skipped");
+    // Recovery: a checkpoint taken after the link came back is committed, and the lag is back
+    // near the interval.
+    let mut after = dr_status(&sock);
+    let recovered = wait_until(Duration::from_secs(40), || {
+        after = dr_status(&sock);
+        let taken = after["last_checkpoint"]["taken_at_unix_ms"]
+            .as_u64()
+            .unwrap_or(0);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let up_ms = now_ms - up_at.elapsed().as_millis() as u64;
+        taken >= up_ms && u(&after, "rpo_ms") <= steady.max(INTERVAL_MS) + 1000
+    });
+    eprintln!(
+        "link cut: steady rpo {steady} ms, max during the cut {max_rpo} ms, back to {} ms \
+         {:.1} s after the link came up\nbefore {before}\nend of cut {end}\nafter {after}",
+        u(&after, "rpo_ms"),
+        up_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        max_rpo >= steady + 3000,
+        "the lag did not grow during the 5 s cut: steady {steady} ms, max {max_rpo} ms"
+    );
+    assert!(
+        showed_trouble,
+        "status showed nothing wrong during the cut: {end}"
+    );
+    assert!(
+        recovered,
+        "checkpoints did not resume with the lag near the interval: {after}\n{}",
+        primary.dump()
+    );
+    assert_eq!(after["state"], "running", "{after}");
+    assert!(rx.status()["points"].as_u64().unwrap_or(0) >= 3);
+}
+
+#[test]
+fn a_receiver_with_another_key_rejects_the_sender() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let tmp = ScratchDir::new("drvm-key");
+    let key = tmp.path().join("dr.key");
+    let other = tmp.path().join("other.key");
+    write_key(&key, 0x34);
+    write_key(&other, 0x35);
+    let rx = Receiver::start(&tmp.path().join("dr"), &other, None, "127.0.0.1", &[]);
+    let sock = tmp.path().join("primary.sock");
+    let primary = Primary {
+        ns: None,
+        kernel: "memory",
+        memory: "64M",
+        cmdline: "console=ttyS0",
+        sock: &sock,
+        addr: &rx.addr,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &[],
+    }
+    .start();
+    let mut s = dr_status(&sock);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            s = dr_status(&sock);
+            u(&s, "checkpoints_failed") >= 3
+        }),
+        "the sender did not fail: {s}\n{}",
+        primary.dump()
+    );
+    eprintln!("wrong key: {s}");
+    assert_eq!(u(&s, "checkpoints_committed"), 0, "{s}");
+    assert!(s["last_checkpoint"].is_null(), "{s}");
+    assert_eq!(s["state"], "retrying", "{s}");
+    let err = s["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("authentication"), "last_error: {err:?}");
+    let status = rx.status();
+    assert_eq!(status["points"], 0, "{status}");
+    assert_eq!(status["checkpoints_committed"], 0, "{status}");
+    assert!(rx.point_files().is_empty(), "{:?}", rx.point_files());
+    let chunks = std::fs::read_dir(rx.repo.join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(chunks, 0, "a sender without the key stored chunks");
+}
+
+/// A TCP relay from a local port to `to` that flips one byte of the primary's stream at
+/// offset `flip_at` of the first connection only.
+fn corrupting_relay(to: String, flip_at: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+    let addr = listener.local_addr().expect("relay address").to_string();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(client) = conn else { continue };
+            let Ok(server) = TcpStream::connect(&to) else {
+                continue;
+            };
+            let flip = (n == 0).then_some(flip_at);
+            let (c2, s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || pipe(c2, s2, flip));
+            std::thread::spawn(move || pipe(server, client, None));
+        }
+    });
+    addr
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, mut flip: Option<usize>) {
+    let mut buf = [0u8; 16384];
+    let mut offset = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(at) = flip {
+            if at >= offset && at < offset + n {
+                buf[at - offset] ^= 0x40;
+                flip = None;
+            }
+        }
+        offset += n;
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn a_corrupted_frame_discards_the_checkpoint_and_the_next_one_commits() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let tmp = ScratchDir::new("drvm-flip");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x36);
+    let rx = Receiver::start(&tmp.path().join("dr"), &key, None, "127.0.0.1", &[]);
+    // Past the 104-byte handshake, inside the first checkpoint's frames.
+    let relay = corrupting_relay(rx.addr.clone(), 3000);
+    let sock = tmp.path().join("primary.sock");
+    let primary = Primary {
+        ns: None,
+        kernel: "memory",
+        memory: "64M",
+        cmdline: "console=ttyS0",
+        sock: &sock,
+        addr: &relay,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &[],
+    }
+    .start();
+    let mut s = dr_status(&sock);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            s = dr_status(&sock);
+            u(&s, "checkpoints_committed") >= 2
+        }),
+        "no checkpoint committed after the corrupted one: {s}\n{}",
+        primary.dump()
+    );
+    let status = rx.status();
+    eprintln!("corrupted frame: primary {s}\nreceiver {status}");
+    assert_eq!(status["checkpoints_discarded"], 1, "{status}");
+    assert!(
+        !status["last_discard"].is_null(),
+        "the receiver says why it discarded: {status}"
+    );
+    assert!(u(&s, "checkpoints_failed") >= 1, "{s}");
+    assert_eq!(
+        rx.point_files().len() as u64,
+        u(&status, "checkpoints_committed"),
+        "{:?}",
+        rx.point_files()
+    );
+}
+
+#[test]
+fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let tmp = ScratchDir::new("drvm-disk");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x37);
+    let disk = tmp.path().join("disk0.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("create the disk");
+    let rx = Receiver::start(
+        &tmp.path().join("dr"),
+        &key,
+        None,
+        "127.0.0.1",
+        &["--keep", "3"],
+    );
+    let sock = tmp.path().join("primary.sock");
+    let mut primary = Primary {
+        ns: None,
+        kernel: "disk",
+        memory: "128M",
+        cmdline: "console=ttyS0 arkvm.mode=numbered arkvm.blocks=1024",
+        sock: &sock,
+        addr: &rx.addr,
+        key: &key,
+        staging: &tmp.path().join("staging"),
+        extra: &["--disk".to_string(), path(&disk)],
+    }
+    .start();
+    let diskgen = |l: &str| -> Option<u64> {
+        let mut w = l.split_whitespace();
+        (w.next()? == "DISKGEN").then_some(())?;
+        w.next()?.parse().ok()
+    };
+    let last_diskgen = |v: &Vmm| v.stdout().iter().rev().find_map(|l| diskgen(l));
+    let mut s = dr_status(&sock);
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            s = dr_status(&sock);
+            u(&s, "checkpoints_committed") >= 5 && last_diskgen(&primary).is_some_and(|g| g >= 3)
+        }),
+        "no checkpoints or no disk progress: {s}\n{}",
+        primary.dump()
+    );
+    primary.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let died_at = last_diskgen(&primary).expect("DISKGEN lines");
+    if let Some(l) = broken_line(&primary.stdout(), 0) {
+        panic!("the primary broke: {l}\n{}", primary.dump());
+    }
+    let disk_dir = tmp.path().join("recovered-disks");
+    let rec = rx.recover(
+        &tmp.path().join("rec.sock"),
+        None,
+        &["--disk-dir".to_string(), path(&disk_dir)],
+    );
+    recovered_id(&rec);
+    let first = rec
+        .wait_line_from(0, Duration::from_secs(120), |l| diskgen(l).is_some())
+        .and_then(|(_, l)| diskgen(&l))
+        .unwrap_or_else(|| panic!("the recovered disk guest prints nothing\n{}", rec.dump()));
+    // Two more generations: a disk missing a write, or holding one the memory does not
+    // know, is found within one.
+    let more = rec.wait_line_from(0, Duration::from_secs(120), |l| {
+        diskgen(l).is_some_and(|g| g >= first + 2)
+    });
+    eprintln!(
+        "disk: primary died at DISKGEN {died_at}, recovered from {first}; {}",
+        dr_status_line(&s)
+    );
+    if let Some(l) = broken_line(&rec.stdout(), 0) {
+        panic!("the recovered guest broke: {l}\n{}", rec.dump());
+    }
+    assert!(
+        more.is_some(),
+        "the recovered guest stopped\n{}",
+        rec.dump()
+    );
+    assert!(
+        first > 1 && first <= died_at + 1,
+        "recovered at DISKGEN {first}, the primary died at {died_at}"
+    );
+    assert!(
+        std::fs::read_dir(&disk_dir).expect("disk dir").count() >= 1,
+        "no disk was restored into --disk-dir"
+    );
+}
+
+fn dr_status_line(s: &serde_json::Value) -> String {
+    format!(
+        "{} checkpoints, last {} bytes, pause {} us",
+        u(s, "checkpoints_committed"),
+        u(&s["last_checkpoint"], "bytes_sent"),
+        u(&s["last_checkpoint"], "pause_us")
+    )
 }
