@@ -6,6 +6,7 @@ taken in the same run, because the machines these run on are shared and noisy.
 
 import atexit
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -76,6 +77,7 @@ class Scratch:
         if not os.path.exists(src):
             die(f"{src} is missing: run `cargo build --release --bins` in {ROOT}")
         self.arkvm = os.path.join(self.dir, "arkvm")
+        self.arkvm_mtime = os.stat(src).st_mtime
         shutil.copy2(src, self.arkvm)
         self.arkvm_source = src
 
@@ -326,6 +328,16 @@ def note(msg):
     sys.stdout.flush()
 
 
+def binary_facts(path, source, mtime):
+    """Which build ran: the copy's blake2 prefix and the source binary's mtime at copy time."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    mtime = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+    return f"{source} (built {mtime.strftime('%Y-%m-%d %H:%M:%S UTC')}, blake2b-64 {h.hexdigest()})"
+
+
 def machine_facts(scratch_dir):
     cpu = "?"
     try:
@@ -357,7 +369,10 @@ def machine_facts(scratch_dir):
     }
 
 
-def print_facts(facts):
+def print_facts(facts, scratch=None):
+    if scratch is not None:
+        facts = dict(facts, arkvm=binary_facts(scratch.arkvm, scratch.arkvm_source,
+                                                scratch.arkvm_mtime))
     for k, v in facts.items():
         print(f"  {k}: {v}")
     sys.stdout.flush()

@@ -158,7 +158,7 @@ def main():
     size = mib << 20
     with B.Scratch("disk") as s:
         B.heading(f"disk: virtio-blk from the tiny disk guest vs the host, {mib} MiB image")
-        B.print_facts(B.machine_facts(s.dir))
+        B.print_facts(B.machine_facts(s.dir), s)
         img = s.path("disk.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={img}", "bs=1M", f"count={mib}",
                         "conv=fsync"], check=True, stdout=subprocess.DEVNULL,

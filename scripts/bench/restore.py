@@ -141,7 +141,7 @@ def main():
     snaps, reps = (1, 2) if quick else (3, 2)
     with B.Scratch("restore") as s:
         B.heading("restore: new process to first guest progress (memory guest)")
-        B.print_facts(B.machine_facts(s.dir))
+        B.print_facts(B.machine_facts(s.dir), s)
         for what, cmdline in (WORKLOADS[:1] if quick else WORKLOADS):
             bench_workload(s, what, cmdline, snaps, reps)
         print()

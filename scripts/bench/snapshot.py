@@ -123,7 +123,7 @@ def main():
     sizes = SIZES_QUICK if quick else SIZES_FULL
     with B.Scratch("snapshot") as s:
         B.heading("snapshot: vCPU pause, throughput vs dd, guest pass rate (memory guest)")
-        B.print_facts(B.machine_facts(s.dir))
+        B.print_facts(B.machine_facts(s.dir), s)
         for size, mib in sizes:
             full = B.retry(bench_guest, s, size, mib, ALL_MODES, None)
             hot = B.retry(bench_guest, s, size, mib, [("cow", [])], HOT)

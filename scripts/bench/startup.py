@@ -46,7 +46,7 @@ def main():
     reps = 3 if quick else 11
     with B.Scratch("startup") as s:
         B.heading("start-up: process start to first serial byte (marker guest)")
-        B.print_facts(B.machine_facts(s.dir))
+        B.print_facts(B.machine_facts(s.dir), s)
         kernel = B.guest("marker")
         one_boot(s.arkvm, kernel, "256M")  # warm the page cache for binary and guest
         res = {m: [] for m in SIZES}
