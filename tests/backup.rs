@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arkvm_tests::{require_kvm, run_to_end, ScratchDir, Vmm};
+use arkvm_tests::{require_kvm, run_to_end, wait_for_path, ScratchDir, Vmm};
 use snapshot::repo::Repository;
 use support::*;
 
@@ -201,6 +201,47 @@ fn rotating_writes_between_backups_are_captured_exactly() {
                 "{r}"
             );
         }
+        prev = (g, p);
+    }
+
+    // The last point restored (keeping its VM name) goes on being backed up: first in full,
+    // since the new process has no tracking, then incrementally; each picture comes later.
+    let sock = dir.path().join("restored.sock");
+    let mut vm = restore(&repo, &ids[4], None, &["--api-socket".into(), s(&sock)]);
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(20)),
+        "{}",
+        vm.dump()
+    );
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        more.push(
+            backup(&sock, &repo, None)["id"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        vm.stderr().iter().any(|l| l.contains("no change tracking")),
+        "the restored VM's first backup does not say it reads everything\n{}",
+        vm.dump()
+    );
+    assert_not_broken(&vm);
+    vm.kill();
+    let rows = list(&repo, None);
+    for (k, id) in more.iter().enumerate() {
+        let r = row(&rows, id);
+        assert_eq!(r["vm"], "rot", "{r}");
+        let read = pct(num(r, "bytes_hashed"), num(r, "bytes_total"));
+        assert!(if k == 0 { read >= 100.0 } else { read < 5.0 }, "{r}");
+        let (g, p) = memory_picture(&lib, id);
+        assert!(
+            (g, p) > prev,
+            "backup {} of the restored VM is not later",
+            k + 1
+        );
         prev = (g, p);
     }
 }
@@ -451,6 +492,19 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
         assert_restore_refused(&repo, p2, None, chunk);
         flip_byte(&path, at);
     }
+    // The same chunk missing.
+    let saved = std::fs::read(&path).expect("read chunk");
+    std::fs::remove_file(&path).expect("remove chunk");
+    let (code, v) = verify(&repo, None);
+    assert_eq!(code, 3, "verify missed a missing chunk: {v}");
+    assert_eq!(v["damaged_chunks"][0]["id"], chunk.as_str(), "{v}");
+    assert_eq!(
+        v["damaged_chunks"][0]["points"],
+        serde_json::json!([p2]),
+        "{v}"
+    );
+    assert_restore_refused(&repo, p2, None, chunk);
+    std::fs::write(&path, saved).expect("put the chunk back");
     assert_clean(&repo, None, 2);
     assert_restores(&repo, p1, None);
 
@@ -854,4 +908,25 @@ fn encrypted_repository_needs_its_key() {
     std::fs::write(&victim, original).expect("put the chunk back");
     assert_clean(&repo, Some(&key), 2);
     assert_restores(&repo, &ids[1], Some(&key));
+}
+
+#[test]
+fn backup_commands_into_a_closed_pipe_do_not_panic() {
+    // `arkvm backup list --repo R | head -1` and the like: the reader goes away early.
+    let dir = ScratchDir::new("bk-pipe");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let r = s(&repo);
+    for a in [
+        args(&["backup", "list", "--repo", &r]),
+        args(&["backup", "list", "--repo", &r, "--json"]),
+        args(&["backup", "verify", "--repo", &r]),
+    ] {
+        let (st, err) = run_into_closed_pipe(&a);
+        assert!(
+            !err.contains("panicked") && st.code() != Some(101),
+            "arkvm {} | true: exit {st:?}, stderr:\n{err}",
+            a.join(" ")
+        );
+    }
 }

@@ -514,3 +514,32 @@ pub fn point_refs_with_key(repo: &Path, key: &Path, id: &str) -> BTreeSet<String
     let point = lib.read_point(id).expect("read point");
     point.chunk_ids().map(|c| c.to_hex()).collect()
 }
+
+/// Runs `arkvm ARGS` with its stdout a pipe whose reading end is already closed (as in
+/// `arkvm ... | true`); returns the exit status and stderr.
+pub fn run_into_closed_pipe(a: &[String]) -> (ExitStatus, String) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two new descriptors into the array it is given.
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
+    // SAFETY: fds[0] and fds[1] are fresh descriptors that nothing else owns.
+    let (read_end, write_end) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read_end);
+    let out = std::process::Command::new(arkvm_tests::arkvm_bin())
+        .args(a)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run arkvm");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
