@@ -543,3 +543,33 @@ pub fn run_into_closed_pipe(a: &[String]) -> (ExitStatus, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Where the memory guest of `point` stands, read from the point's memory in the repository:
+/// every page of the region holds one generation in both of its qwords, pages `[0, p)` hold
+/// `g` and the rest `g - 1`. Returns `(g, p)`; panics on any other picture (a torn image).
+pub fn memory_picture(repo: &Repository, id: &str) -> (u64, usize) {
+    let point = repo.read_point(id).expect("read point");
+    let mut mem = Vec::new();
+    repo.read_object(&point, "memory", &mut mem)
+        .expect("read the memory object");
+    let q = |o: usize| u64::from_le_bytes(mem[o..o + 8].try_into().expect("8 bytes"));
+    let gens: Vec<u64> = (0x40_0000..mem.len())
+        .step_by(4096)
+        .map(|a| {
+            let (lo, hi) = (q(a), q(a + 4088));
+            assert_eq!(lo, hi, "point {id}: page {a:#x} is torn ({lo} and {hi})");
+            lo
+        })
+        .collect();
+    let g = gens[0];
+    let p = gens.iter().take_while(|x| **x == g).count();
+    if let Some(i) = gens[p..].iter().position(|x| *x + 1 != g) {
+        panic!(
+            "point {id}: page {:#x} holds gen {}, but the pages before it {g}/{}",
+            0x40_0000 + (p + i) * 4096,
+            gens[p + i],
+            g - 1
+        );
+    }
+    (g, p)
+}
