@@ -19,8 +19,18 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// Client commands end quietly when their output pipe closes (`arkvm backup list | head`), like
+/// other Unix tools; a running VM instead ignores a closed stdout.
+fn default_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE touches no Rust state.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+        default_sigpipe();
+    }
     init_logging(&cli.log_level);
     match cli.command {
         Command::Run(args) => launch::run(args),
