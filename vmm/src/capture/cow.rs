@@ -2,8 +2,9 @@
 //! makes the next backup incremental.
 //!
 //! The first live snapshot write-protects every guest page (unpopulated pages too, through
-//! `UFFD_FEATURE_WP_UNPOPULATED`) and the protection then stays: every first write to a chunk
-//! (1 MiB) faults once to the fault thread, which
+//! `UFFD_FEATURE_WP_UNPOPULATED`) and the protection then stays: every first write to a unit
+//! (2 MiB: two snapshot chunks, one transparent huge page, so that lifting and restoring the
+//! protection never splits a huge page) faults once to the fault thread, which
 //! 1. marks the chunk as written since the last snapshot instant (the next backup reads only
 //!    those chunks),
 //! 2. if a snapshot is copying and has not copied this chunk yet, copies it first,
@@ -70,9 +71,10 @@ struct Shared {
     layout: Vec<MemoryRegionState>,
     regions: Vec<Region>,
     chunk_size: u64,
-    /// Per chunk: copied into the active snapshot (or nothing to copy).
+    chunk_count: u64,
+    /// Per unit: copied into the active snapshot (or nothing to copy).
     copied: Vec<Mutex<bool>>,
-    /// Per chunk: written since the last snapshot instant (its protection is lifted).
+    /// Per unit: written since the last snapshot instant (its protection is lifted).
     written: Vec<AtomicBool>,
     active: Mutex<Option<ActiveCopy>>,
     stop: AtomicBool,
@@ -87,9 +89,28 @@ pub struct CowTracker {
     fault_thread: Option<JoinHandle<()>>,
 }
 
+/// Snapshot chunks per protection unit.
+const CHUNKS_PER_UNIT: u64 = 2;
+
 impl Shared {
-    fn host_range(&self, index: u64) -> Option<(u64, u64)> {
-        let (guest, len) = chunk_guest_range(&self.layout, self.chunk_size, index)?;
+    /// The snapshot chunks of unit `unit`.
+    fn unit_chunks(&self, unit: u64) -> std::ops::Range<u64> {
+        let first = unit * CHUNKS_PER_UNIT;
+        first..(first + CHUNKS_PER_UNIT).min(self.chunk_count)
+    }
+
+    /// Guest address and length of unit `unit` (its chunks are contiguous in one region).
+    fn unit_guest_range(&self, unit: u64) -> Option<(u64, u64)> {
+        let chunks = self.unit_chunks(unit);
+        let (guest, _) = chunk_guest_range(&self.layout, self.chunk_size, chunks.start)?;
+        let len = chunks
+            .map(|c| chunk_guest_range(&self.layout, self.chunk_size, c).map_or(0, |(_, l)| l))
+            .sum();
+        Some((guest, len))
+    }
+
+    fn host_range(&self, unit: u64) -> Option<(u64, u64)> {
+        let (guest, len) = self.unit_guest_range(unit)?;
         let r = self
             .regions
             .iter()
@@ -97,13 +118,14 @@ impl Shared {
         Some((r.host + (guest - r.guest), len))
     }
 
-    fn chunk_of_host(&self, host: u64) -> Option<u64> {
+    fn unit_of_host(&self, host: u64) -> Option<u64> {
         let r = self
             .regions
             .iter()
             .find(|r| host >= r.host && host < r.host + r.len)?;
         let guest = r.guest + (host - r.host);
         super::memory_copy::chunk_of_guest_addr(&self.layout, self.chunk_size, guest)
+            .map(|c| c / CHUNKS_PER_UNIT)
     }
 
     fn active(&self) -> Option<(Arc<MemoryOut>, Progress)> {
@@ -114,9 +136,9 @@ impl Shared {
             .map(|a| (a.part.clone(), a.progress.clone()))
     }
 
-    /// Copies chunk `index` into the active snapshot unless done. Returns whether it copied.
-    fn copy_chunk(&self, index: u64, buf: &mut Vec<u8>) -> Result<bool, CaptureError> {
-        let mut copied = self.copied[index as usize]
+    /// Copies unit `unit` into the active snapshot unless done. Returns whether it copied.
+    fn copy_unit(&self, unit: u64, buf: &mut Vec<u8>) -> Result<bool, CaptureError> {
+        let mut copied = self.copied[unit as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if *copied {
@@ -126,8 +148,7 @@ impl Shared {
             *copied = true;
             return Ok(false);
         };
-        let (guest, len) = chunk_guest_range(&self.layout, self.chunk_size, index)
-            .expect("chunk index within memory");
+        let (guest, len) = self.unit_guest_range(unit).expect("unit within memory");
         buf.resize(len as usize, 0);
         self.mem
             .read_slice(buf, GuestAddress(guest))
@@ -137,7 +158,11 @@ impl Shared {
             })?;
         // The lock stays held until the bytes are in the part, so that `end` can wait for
         // every copy in flight.
-        part.put(index, buf)?;
+        for (i, chunk) in self.unit_chunks(unit).enumerate() {
+            let start = i * self.chunk_size as usize;
+            let end = (start + self.chunk_size as usize).min(buf.len());
+            part.put(chunk, &buf[start..end])?;
+        }
         *copied = true;
         drop(copied);
         progress.update(|s| s.bytes_written += len);
@@ -145,16 +170,16 @@ impl Shared {
     }
 
     fn handle_fault(&self, page: u64, buf: &mut Vec<u8>) {
-        let Some(index) = self.chunk_of_host(page) else {
+        let Some(index) = self.unit_of_host(page) else {
             let _ = self
                 .uffd
                 .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true);
             return;
         };
         self.written[index as usize].store(true, Ordering::Release);
-        match self.copy_chunk(index, buf) {
+        match self.copy_unit(index, buf) {
             Ok(true) => {
-                let pages = self.chunk_size / PAGE_SIZE;
+                let pages = self.unit_guest_range(index).map_or(0, |(_, l)| l) / PAGE_SIZE;
                 self.pages_early.fetch_add(pages, Ordering::Relaxed);
                 if let Some((_, progress)) = self.active() {
                     progress.update(|s| s.pages_copied_early += pages);
@@ -167,12 +192,12 @@ impl Shared {
                 err.get_or_insert_with(|| crate::error_chain(&e));
             }
         }
-        let (host, len) = self.host_range(index).expect("chunk lies in a region");
+        let (host, len) = self.host_range(index).expect("unit lies in a region");
         if let Err(e) = self
             .uffd
             .remove_write_protection(host as *mut _, len as usize, true)
         {
-            tracing::error!("cannot lift write-protection of chunk {index}: {e}");
+            tracing::error!("cannot lift write-protection of unit {index}: {e}");
         }
     }
 
@@ -249,15 +274,17 @@ impl CowTracker {
             }
         }
         let total: u64 = layout.iter().map(|r| r.len).sum();
-        let chunks = total.div_ceil(chunk_size) as usize;
+        let chunk_count = total.div_ceil(chunk_size);
+        let units = chunk_count.div_ceil(CHUNKS_PER_UNIT) as usize;
         let shared = Arc::new(Shared {
             uffd,
             mem: mem.clone(),
             layout: layout.to_vec(),
             regions,
             chunk_size,
-            copied: (0..chunks).map(|_| Mutex::new(true)).collect(),
-            written: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            chunk_count,
+            copied: (0..units).map(|_| Mutex::new(true)).collect(),
+            written: (0..units).map(|_| AtomicBool::new(false)).collect(),
             active: Mutex::new(None),
             stop: AtomicBool::new(false),
             pages_early: AtomicU64::new(0),
@@ -278,8 +305,10 @@ impl CowTracker {
     /// `part`. Chunks marked in `clean` are taken from the parent point instead of copied.
     pub fn begin(&self, part: Arc<MemoryOut>, progress: Progress, clean: Option<&[bool]>) {
         let s = &self.shared;
-        for (index, c) in s.copied.iter().enumerate() {
-            *c.lock().unwrap_or_else(|p| p.into_inner()) = clean.is_some_and(|cl| cl[index]);
+        for (unit, c) in s.copied.iter().enumerate() {
+            let unit_clean =
+                clean.is_some_and(|cl| s.unit_chunks(unit as u64).all(|chunk| cl[chunk as usize]));
+            *c.lock().unwrap_or_else(|p| p.into_inner()) = unit_clean;
         }
         *s.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *s.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(ActiveCopy { part, progress });
@@ -289,17 +318,18 @@ impl CowTracker {
     /// previous instant, and protects them again so their next write is seen.
     pub fn take_written(&self) -> Result<Vec<bool>, CowError> {
         let s = &self.shared;
-        let mut written = Vec::with_capacity(s.written.len());
-        for (index, w) in s.written.iter().enumerate() {
-            let was = w.swap(false, Ordering::AcqRel);
-            if was {
-                if let Some((host, len)) = s.host_range(index as u64) {
+        let mut written = vec![false; s.chunk_count as usize];
+        for (unit, w) in s.written.iter().enumerate() {
+            if w.swap(false, Ordering::AcqRel) {
+                if let Some((host, len)) = s.host_range(unit as u64) {
                     s.uffd
                         .write_protect(host as *mut _, len as usize)
                         .map_err(CowError::Protect)?;
                 }
+                for chunk in s.unit_chunks(unit as u64) {
+                    written[chunk as usize] = true;
+                }
             }
-            written.push(was);
         }
         Ok(written)
     }
@@ -313,8 +343,14 @@ impl CowTracker {
     ) -> Result<(), CaptureError> {
         let result = (|| {
             if let (Some(clean), Some((part, _))) = (clean, self.shared.active()) {
-                for (index, _) in clean.iter().enumerate().filter(|(_, c)| **c) {
-                    part.reuse(index as u64)?;
+                // Only chunks whose whole unit is clean are skipped; the others are copied.
+                for unit in 0..self.shared.copied.len() as u64 {
+                    let chunks = self.shared.unit_chunks(unit);
+                    if chunks.clone().all(|c| clean[c as usize]) {
+                        for c in chunks {
+                            part.reuse(c)?;
+                        }
+                    }
                 }
             }
             let mut buf = Vec::new();
@@ -325,7 +361,7 @@ impl CowTracker {
                 if let Some(e) = self.take_error() {
                     return Err(CaptureError::CowFault(e));
                 }
-                self.shared.copy_chunk(index, &mut buf)?;
+                self.shared.copy_unit(index, &mut buf)?;
             }
             match self.take_error() {
                 Some(e) => Err(CaptureError::CowFault(e)),
