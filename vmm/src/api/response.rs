@@ -201,6 +201,10 @@ pub struct SnapshotStatus {
     pub pages_recopied: u64,
     /// precopy: copy rounds so far; `null` for cow and paused snapshots.
     pub precopy_rounds: Option<u32>,
+    /// precopy: whether the dirty set shrank below the final-pause threshold within the round
+    /// limit; `false` means the final pause copied a large remainder. `null` for other modes.
+    #[serde(default)]
+    pub precopy_converged: Option<bool>,
     /// Why the snapshot failed; `null` unless `state` is `failed`.
     pub error: Option<String>,
 }
@@ -285,6 +289,7 @@ mod tests {
             pages_copied_early: 0,
             pages_recopied: 3,
             precopy_rounds: Some(2),
+            precopy_converged: Some(true),
             error: None,
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -99,6 +99,7 @@ impl FakeVmm {
                     pages_copied_early: 1,
                     pages_recopied: 0,
                     precopy_rounds: None,
+                    precopy_converged: None,
                     error: None,
                 });
                 ApiResponse::snapshot_started(&SnapshotStarted {

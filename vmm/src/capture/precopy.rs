@@ -150,6 +150,7 @@ pub fn start_precopy(
                 p.update(|s| s.bytes_written += n);
             }
         }
+        p.update(|s| s.precopy_converged = Some(converged));
         if !converged {
             tracing::warn!(
                 "precopy did not converge in {MAX_ROUNDS} rounds; the final pause copies the rest"

@@ -28,6 +28,7 @@ impl Progress {
                 pages_copied_early: 0,
                 pages_recopied: 0,
                 precopy_rounds: None,
+                precopy_converged: None,
                 error: None,
             })),
             started: Instant::now(),

@@ -181,6 +181,12 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
             s.pages_copied_early,
             s.pages_recopied
         );
+        if s.precopy_converged == Some(false) {
+            println!(
+                "precopy did not converge in {} rounds: the guest dirtied memory faster than it was copied, so the final pause copied the rest",
+                s.precopy_rounds.unwrap_or(0)
+            );
+        }
     }
     if s.state == SnapshotState::Done {
         ExitCode::SUCCESS
