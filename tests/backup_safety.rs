@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arkvm_tests::{require_kvm, run_to_end, ScratchDir, Vmm};
+use arkvm_tests::{require_kvm, ScratchDir, Vmm};
 
 use super::support::*;
 
@@ -45,10 +45,7 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
         assert_eq!(damaged.len(), 1, "{v}");
         assert_eq!(damaged[0]["id"], chunk.as_str(), "{v}");
         assert_eq!(damaged[0]["points"], serde_json::json!([p2]), "{v}");
-        let text = run_to_end(
-            &args(&["backup", "verify", "--repo", &s(&repo)]),
-            CMD_TIMEOUT,
-        );
+        let text = ark(&args(&["backup", "verify", "--repo", &s(&repo)]));
         assert_eq!(text.0.code(), Some(3));
         assert!(
             text.1
@@ -168,6 +165,30 @@ fn prune_collects_exactly_the_unreferenced_chunks() {
     for id in kept {
         assert_restores(&repo, id, None);
     }
+
+    // --keep-daily 1: every point is from today, so each VM keeps its newest.
+    let (st, out, err) = ark(&args(&[
+        "backup",
+        "prune",
+        "--repo",
+        &s(&repo),
+        "--keep-daily",
+        "1",
+    ]));
+    assert!(st.success(), "prune --keep-daily failed: {out:?} {err:?}");
+    let rows = list(&repo, None);
+    let listed: BTreeSet<&str> = rows.iter().map(|r| r["id"].as_str().expect("id")).collect();
+    assert_eq!(
+        listed,
+        [ids[3].as_str(), other[0].as_str()].into_iter().collect()
+    );
+    let referenced: BTreeSet<String> = listed.iter().flat_map(|id| point_refs(&repo, id)).collect();
+    assert_eq!(
+        chunk_files(&repo),
+        referenced,
+        "chunk files after --keep-daily 1"
+    );
+    assert_clean(&repo, None, 2);
 }
 
 #[test]
@@ -335,10 +356,29 @@ fn two_vms_back_up_at_once_beside_a_prune() {
                 "1",
             ]));
         }
-        let results = run_together(cmds);
+        // In the first two rounds a garbage collection runs over and over beside the backups
+        // (--keep-last 5 removes no point here): it must never take a chunk that an unfinished
+        // backup has stored or found already stored.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (results, collections) = std::thread::scope(|scope| {
+            let gc = scope.spawn(|| {
+                let mut n = 0;
+                let a = args(&["backup", "prune", "--repo", &s(&repo), "--keep-last", "5"]);
+                while round < 2 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (st, out, err) = ark(&a);
+                    assert!(st.success(), "gc beside backups failed: {out:?} {err:?}");
+                    n += 1;
+                }
+                n
+            });
+            let results = run_together(cmds);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (results, gc.join().expect("gc loop"))
+        });
         for (ok, _, dump) in &results {
             assert!(ok, "round {round}: a concurrent command failed\n{dump}");
         }
+        eprintln!("round {round}: {collections} garbage collections ran beside the backups");
         last = results[..2]
             .iter()
             .map(|(_, out, _)| json_line(out)["id"].as_str().expect("id").to_string())
@@ -414,7 +454,24 @@ fn encrypted_repository_needs_its_key() {
         "backup init --key did not create the key file"
     );
     let ids = memory_points(dir.path(), &repo, Some(&key), "enc", 2);
-    assert_eq!(list(&repo, Some(&key)).len(), 2);
+    let rows = list(&repo, Some(&key));
+    assert_eq!(rows.len(), 2);
+    let second = row(&rows, &ids[1]);
+    eprintln!(
+        "encrypted incremental: hashed {:.2}%, {} of {} chunks new",
+        pct(num(second, "bytes_hashed"), num(second, "bytes_total")),
+        num(second, "chunks_new"),
+        num(second, "chunks_total")
+    );
+    // 64 MiB: 65 chunks, of which the hot pages, the status page and the state change.
+    assert!(
+        num(second, "chunks_hashed") * 10 < num(second, "chunks_total"),
+        "encrypted backups are not incremental: {second}"
+    );
+    assert!(
+        num(second, "chunks_new") * 10 < num(second, "chunks_total"),
+        "encrypted backups do not deduplicate: {second}"
+    );
     assert_clean(&repo, Some(&key), 2);
     for c in chunk_files(&repo) {
         let b = std::fs::read(chunk_path(&repo, &c)).expect("read chunk");

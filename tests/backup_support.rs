@@ -7,7 +7,7 @@ use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use arkvm_tests::{run_to_end, tiny_guest, wait_for_path, Vmm};
+use arkvm_tests::{tiny_guest, wait_for_path, Vmm};
 use snapshot::repo::Repository;
 
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -24,8 +24,45 @@ pub fn s(p: &Path) -> String {
 }
 
 /// Runs `arkvm ARGS` to completion.
+///
+/// Both output streams are read to their end before this returns (a client command's last
+/// stderr line is often all it says).
 pub fn ark(args: &[String]) -> (ExitStatus, Vec<String>, Vec<String>) {
-    run_to_end(args, CMD_TIMEOUT)
+    use std::io::Read;
+    let mut child = std::process::Command::new(arkvm_tests::arkvm_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn arkvm");
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().expect("stdout")));
+    let err = reader(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for arkvm") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("arkvm {args:?} did not finish within {CMD_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = out.join().expect("stdout reader");
+    let err = err.join().expect("stderr reader");
+    (status, out, err)
 }
 
 pub fn args(a: &[&str]) -> Vec<String> {
@@ -337,7 +374,7 @@ pub fn ring_last(disk: &[u8], b: u64, what: &str) -> u64 {
 pub fn assert_restore_refused(repo: &Path, id: &str, key: Option<&Path>, needle: &str) {
     let mut a = args(&["restore", "--repo", &s(repo), "--id", id]);
     a.extend(key_args(key));
-    let (st, out, err) = run_to_end(&a, Duration::from_secs(30));
+    let (st, out, err) = ark(&a);
     assert!(!st.success(), "restore of {id} succeeded: {out:?} {err:?}");
     assert!(
         !out.iter().any(|l| l.starts_with("PASS")),
