@@ -528,7 +528,8 @@ pub struct SnapshotWindow {
 /// progress first, and for two more lines after the snapshot.
 pub fn snapshot_memory_guest(vmm: &Vmm, sock: &Path, out: &Path, extra: &[&str]) -> SnapshotWindow {
     let start = vmm.line_count();
-    vmm.wait_pass(start, 0, Duration::from_secs(30))
+    // The first pass of a large guest is slow here: every page is touched for the first time.
+    vmm.wait_pass(start, 0, Duration::from_secs(180))
         .unwrap_or_else(|| {
             panic!(
                 "guest makes no progress before the snapshot\n{}",
@@ -539,10 +540,10 @@ pub fn snapshot_memory_guest(vmm: &Vmm, sock: &Path, out: &Path, extra: &[&str])
     let report = cli_snapshot(sock, out, extra);
     let done = vmm.line_count();
     let first = vmm
-        .wait_pass(done, 0, Duration::from_secs(30))
+        .wait_pass(done, 0, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("guest stopped after the snapshot\n{}", vmm.dump()));
     let (_, gen_after) = vmm
-        .wait_pass(first.0 + 1, 0, Duration::from_secs(30))
+        .wait_pass(first.0 + 1, 0, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("guest stopped after the snapshot\n{}", vmm.dump()));
     if let Some(l) = broken_line(&vmm.stdout(), 0) {
         panic!("original guest broke: {l}\n{}", vmm.dump());
