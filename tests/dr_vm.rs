@@ -237,8 +237,8 @@ impl Receiver {
         v
     }
 
-    /// Starts `arkvm dr recover` of this repository (newest point, or `id`).
-    fn recover(&self, sock: &Path, id: Option<&str>, extra: &[String]) -> Vmm {
+    /// Starts `arkvm dr recover` of this repository's newest complete point.
+    fn recover(&self, sock: &Path, extra: &[String]) -> Vmm {
         let mut args = vec![
             "dr".to_string(),
             "recover".into(),
@@ -249,59 +249,60 @@ impl Receiver {
             "--api-socket".into(),
             path(sock),
         ];
-        if let Some(id) = id {
-            args.extend(["--id".to_string(), id.to_string()]);
-        }
         args.extend(extra.iter().cloned());
         Vmm::spawn(&args)
     }
 }
 
-/// `arkvm run` of `kernel` with continuous protection to `addr`.
-struct Primary<'a> {
-    ns: Option<&'a str>,
-    kernel: &'a str,
-    memory: &'a str,
-    cmdline: &'a str,
-    sock: &'a Path,
-    addr: &'a str,
-    key: &'a Path,
-    staging: &'a Path,
-    extra: &'a [String],
+/// Starts `arkvm run` with continuous protection to `addr` every [`INTERVAL_MS`], its control
+/// socket at `TMP/primary.sock`, in namespace `ns` if given. `guest` is the guest's name,
+/// memory size and command line, then any further `run` options.
+fn start_primary(tmp: &Path, ns: Option<&str>, addr: &str, key: &Path, guest: &[&str]) -> Vmm {
+    let sock = tmp.join("primary.sock");
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        path(&tiny_guest(guest[0])),
+        "--memory".into(),
+        guest[1].into(),
+        "--cmdline".into(),
+        guest[2].into(),
+        "--name".into(),
+        "vm1".into(),
+        "--api-socket".into(),
+        path(&sock),
+        "--dr-target".into(),
+        addr.into(),
+        "--dr-interval".into(),
+        format!("{INTERVAL_MS}ms"),
+        "--key".into(),
+        path(key),
+        "--dr-staging".into(),
+        path(&tmp.join("staging")),
+    ];
+    args.extend(guest[3..].iter().map(|s| s.to_string()));
+    let vmm = spawn_in(ns, &args);
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(30)),
+        "no control socket\n{}",
+        vmm.dump()
+    );
+    vmm
 }
 
-impl Primary<'_> {
-    fn start(&self) -> Vmm {
-        let mut args = vec![
-            "run".to_string(),
-            "--kernel".into(),
-            path(&tiny_guest(self.kernel)),
-            "--memory".into(),
-            self.memory.into(),
-            "--name".into(),
-            "vm1".into(),
-            "--cmdline".into(),
-            self.cmdline.into(),
-            "--api-socket".into(),
-            path(self.sock),
-            "--dr-target".into(),
-            self.addr.into(),
-            "--dr-interval".into(),
-            format!("{INTERVAL_MS}ms"),
-            "--key".into(),
-            path(self.key),
-            "--dr-staging".into(),
-            path(self.staging),
-        ];
-        args.extend(self.extra.iter().cloned());
-        let vmm = spawn_in(self.ns, &args);
-        assert!(
-            wait_for_path(self.sock, Duration::from_secs(30)),
-            "no control socket\n{}",
-            vmm.dump()
-        );
-        vmm
-    }
+/// Waits until the primary has committed `n` checkpoints; returns its status.
+fn wait_committed(sock: &Path, n: u64, primary: &Vmm) -> serde_json::Value {
+    let mut s = dr_status(sock);
+    let ok = wait_until(Duration::from_secs(90), || {
+        s = dr_status(sock);
+        u(&s, "checkpoints_committed") >= n
+    });
+    assert!(
+        ok,
+        "{n} checkpoints did not arrive: {s}\n{}",
+        primary.dump()
+    );
+    s
 }
 
 /// `GET /dr` on the primary's control socket.
@@ -325,12 +326,6 @@ fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
-}
-
-/// The guest's generation rate in GEN/s between two samples `(when, gen)`.
-fn gen_rate(first: (Instant, u64), last: (Instant, u64)) -> f64 {
-    let secs = last.0.duration_since(first.0).as_secs_f64();
-    (last.1 - first.1) as f64 / secs.max(1e-3)
 }
 
 /// Checks a recovered memory guest: its first GEN, then `more` increasing lines, never torn.
@@ -387,18 +382,13 @@ fn continuous_protection_survives_kill_9_within_two_intervals() {
         &["--keep", "5"],
     );
     let sock = tmp.path().join("primary.sock");
-    let mut primary = Primary {
-        ns: None,
-        kernel: "memory",
-        memory: "256M",
-        cmdline: "console=ttyS0",
-        sock: &sock,
-        addr: &rx.addr,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &[],
-    }
-    .start();
+    let mut primary = start_primary(
+        tmp.path(),
+        None,
+        &rx.addr,
+        &key,
+        &["memory", "256M", "console=ttyS0"],
+    );
     primary
         .wait_pass(0, 1, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("the primary guest does not run\n{}", primary.dump()));
@@ -417,7 +407,8 @@ fn continuous_protection_survives_kill_9_within_two_intervals() {
     let before_kill = dr_status(&sock);
     let last = (Instant::now(), primary.last_gen());
     let died_at = kill_primary(&mut primary);
-    let rate = gen_rate(first, last);
+    // The guest's GEN rate while protected.
+    let rate = (last.1 - first.1) as f64 / last.0.duration_since(first.0).as_secs_f64();
     let committed = u(&before_kill, "checkpoints_committed");
     eprintln!(
         "continuous: {committed} checkpoints in {run:?}, max rpo {max_rpo} ms, GEN rate \
@@ -433,7 +424,7 @@ fn continuous_protection_survives_kill_9_within_two_intervals() {
         .as_str()
         .expect("a committed checkpoint")
         .to_string();
-    let rec = rx.recover(&tmp.path().join("rec.sock"), None, &[]);
+    let rec = rx.recover(&tmp.path().join("rec.sock"), &[]);
     assert_eq!(recovered_id(&rec), newest);
     let resumed = check_recovered(&rec, 10);
     assert!(
@@ -468,27 +459,14 @@ fn a_primary_killed_mid_transfer_is_recovered_from_the_previous_checkpoint() {
         &["--keep", "0"],
     );
     let sock = tmp.path().join("primary.sock");
-    let mut primary = Primary {
-        ns: Some(&net.a),
-        kernel: "memory",
-        memory: "256M",
-        cmdline: "console=ttyS0",
-        sock: &sock,
-        addr: &rx.addr,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &[],
-    }
-    .start();
-    assert!(
-        wait_until(Duration::from_secs(60), || u(
-            &dr_status(&sock),
-            "checkpoints_committed"
-        ) >= 2),
-        "no checkpoints arrived\n{}\n{}",
-        primary.dump(),
-        rx.vmm.dump()
+    let mut primary = start_primary(
+        tmp.path(),
+        Some(&net.a),
+        &rx.addr,
+        &key,
+        &["memory", "256M", "console=ttyS0"],
     );
+    wait_committed(&sock, 2, &primary);
     // Every checkpoint of this guest changes all its memory (about 40 KB compressed and
     // deduplicated): at 16 kbit/s one takes about 20 s to send. With 4 KiB socket buffers on
     // the primary's side, most of it is still in the primary when it dies, not in the kernel
@@ -553,7 +531,7 @@ fn a_primary_killed_mid_transfer_is_recovered_from_the_previous_checkpoint() {
         .as_str()
         .expect("a point")
         .to_string();
-    let rec = rx.recover(&tmp.path().join("rec.sock"), None, &[]);
+    let rec = rx.recover(&tmp.path().join("rec.sock"), &[]);
     assert_eq!(recovered_id(&rec), newest);
     let resumed = check_recovered(&rec, 10);
     assert!(
@@ -578,26 +556,14 @@ fn a_link_cut_for_5s_grows_the_lag_and_checkpoints_resume() {
         &["--keep", "3"],
     );
     let sock = tmp.path().join("primary.sock");
-    let primary = Primary {
-        ns: Some(&net.a),
-        kernel: "memory",
-        memory: "256M",
-        cmdline: "console=ttyS0",
-        sock: &sock,
-        addr: &rx.addr,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &[],
-    }
-    .start();
-    assert!(
-        wait_until(Duration::from_secs(60), || u(
-            &dr_status(&sock),
-            "checkpoints_committed"
-        ) >= 3),
-        "no checkpoints arrived\n{}",
-        primary.dump()
+    let primary = start_primary(
+        tmp.path(),
+        Some(&net.a),
+        &rx.addr,
+        &key,
+        &["memory", "256M", "console=ttyS0"],
     );
+    wait_committed(&sock, 3, &primary);
     // The lag in steady state.
     let mut steady = 0;
     for _ in 0..20 {
@@ -670,18 +636,13 @@ fn a_receiver_with_another_key_rejects_the_sender() {
     write_key(&other, 0x35);
     let rx = Receiver::start(&tmp.path().join("dr"), &other, None, "127.0.0.1", &[]);
     let sock = tmp.path().join("primary.sock");
-    let primary = Primary {
-        ns: None,
-        kernel: "memory",
-        memory: "64M",
-        cmdline: "console=ttyS0",
-        sock: &sock,
-        addr: &rx.addr,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &[],
-    }
-    .start();
+    let primary = start_primary(
+        tmp.path(),
+        None,
+        &rx.addr,
+        &key,
+        &["memory", "64M", "console=ttyS0"],
+    );
     let mut s = dr_status(&sock);
     assert!(
         wait_until(Duration::from_secs(60), || {
@@ -763,27 +724,15 @@ fn a_corrupted_frame_discards_the_checkpoint_and_the_next_one_commits() {
     // Past the 104-byte handshake, inside the first checkpoint's frames.
     let relay = corrupting_relay(rx.addr.clone(), 3000);
     let sock = tmp.path().join("primary.sock");
-    let primary = Primary {
-        ns: None,
-        kernel: "memory",
-        memory: "64M",
-        cmdline: "console=ttyS0",
-        sock: &sock,
-        addr: &relay,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &[],
-    }
-    .start();
-    let mut s = dr_status(&sock);
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            s = dr_status(&sock);
-            u(&s, "checkpoints_committed") >= 2
-        }),
-        "no checkpoint committed after the corrupted one: {s}\n{}",
-        primary.dump()
+    let primary = start_primary(
+        tmp.path(),
+        None,
+        &relay,
+        &key,
+        &["memory", "64M", "console=ttyS0"],
     );
+    // A checkpoint committed after the corrupted one.
+    let s = wait_committed(&sock, 2, &primary);
     let status = rx.status();
     eprintln!("corrupted frame: primary {s}\nreceiver {status}");
     assert_eq!(status["checkpoints_discarded"], 1, "{status}");
@@ -819,18 +768,19 @@ fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
         &["--keep", "3"],
     );
     let sock = tmp.path().join("primary.sock");
-    let mut primary = Primary {
-        ns: None,
-        kernel: "disk",
-        memory: "128M",
-        cmdline: "console=ttyS0 arkvm.mode=numbered arkvm.blocks=1024",
-        sock: &sock,
-        addr: &rx.addr,
-        key: &key,
-        staging: &tmp.path().join("staging"),
-        extra: &["--disk".to_string(), path(&disk)],
-    }
-    .start();
+    let mut primary = start_primary(
+        tmp.path(),
+        None,
+        &rx.addr,
+        &key,
+        &[
+            "disk",
+            "128M",
+            "console=ttyS0 arkvm.mode=numbered arkvm.blocks=1024",
+            "--disk",
+            &path(&disk),
+        ],
+    );
     let diskgen = |l: &str| -> Option<u64> {
         let mut w = l.split_whitespace();
         (w.next()? == "DISKGEN").then_some(())?;
@@ -855,7 +805,6 @@ fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
     let disk_dir = tmp.path().join("recovered-disks");
     let rec = rx.recover(
         &tmp.path().join("rec.sock"),
-        None,
         &["--disk-dir".to_string(), path(&disk_dir)],
     );
     recovered_id(&rec);
@@ -868,10 +817,7 @@ fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
     let more = rec.wait_line_from(0, Duration::from_secs(120), |l| {
         diskgen(l).is_some_and(|g| g >= first + 2)
     });
-    eprintln!(
-        "disk: primary died at DISKGEN {died_at}, recovered from {first}; {}",
-        dr_status_line(&s)
-    );
+    eprintln!("disk: primary died at DISKGEN {died_at}, recovered from {first}; {s}");
     if let Some(l) = broken_line(&rec.stdout(), 0) {
         panic!("the recovered guest broke: {l}\n{}", rec.dump());
     }
@@ -888,13 +834,4 @@ fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
         std::fs::read_dir(&disk_dir).expect("disk dir").count() >= 1,
         "no disk was restored into --disk-dir"
     );
-}
-
-fn dr_status_line(s: &serde_json::Value) -> String {
-    format!(
-        "{} checkpoints, last {} bytes, pause {} us",
-        u(s, "checkpoints_committed"),
-        u(&s["last_checkpoint"], "bytes_sent"),
-        u(&s["last_checkpoint"], "pause_us")
-    )
 }
