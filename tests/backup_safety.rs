@@ -11,6 +11,20 @@ use arkvm_tests::{require_kvm, ScratchDir, Vmm};
 
 use super::support::*;
 
+/// 24 byte positions over a file of `len` bytes: the first, the last, and 22 spread between
+/// them by a fixed pseudo-random sequence.
+fn spread_positions(len: usize) -> Vec<usize> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = vec![0, len - 1];
+    for _ in 0..22 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push((x % len as u64) as usize);
+    }
+    v
+}
+
 #[test]
 fn verify_finds_flipped_bytes_and_restore_refuses_them() {
     require_kvm();
@@ -22,7 +36,7 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
     assert_clean(&repo, None, 2);
     let (p1, p2) = (&ids[0], &ids[1]);
 
-    // A chunk only the second point uses, damaged at its tag byte, in the middle, at the end.
+    // A chunk only the second point uses, damaged at 24 places in turn (tag byte, last byte).
     let only2: Vec<String> = point_refs(&repo, p2)
         .difference(&point_refs(&repo, p1))
         .cloned()
@@ -34,7 +48,7 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
     let chunk = &only2[0];
     let path = chunk_path(&repo, chunk);
     let len = std::fs::metadata(&path).expect("chunk file").len() as usize;
-    for at in [0, len / 2, len - 1] {
+    for at in spread_positions(len) {
         flip_byte(&path, at);
         let (code, v) = verify(&repo, None);
         assert_eq!(
@@ -73,10 +87,10 @@ fn verify_finds_flipped_bytes_and_restore_refuses_them() {
     assert_clean(&repo, None, 2);
     assert_restores(&repo, p1, None);
 
-    // The first point's manifest, damaged at its first byte, in the middle and at the end.
+    // The first point's manifest, damaged at 24 places in turn (first and last byte).
     let path = point_path(&repo, p1);
     let len = std::fs::metadata(&path).expect("manifest").len() as usize;
-    for at in [0, len / 2, len - 2] {
+    for at in spread_positions(len) {
         flip_byte(&path, at);
         let (code, v) = verify(&repo, None);
         assert_eq!(
