@@ -337,6 +337,13 @@ fn kill_during_backup_or_prune_leaves_a_clean_repository() {
         assert!(st.success(), "prune after the kill failed: {out:?} {err:?}");
         assert_eq!(point_files(&r), 1);
         assert_eq!(chunk_files(&r), point_refs(&r, newest));
+        let leftovers: Vec<_> = std::fs::read_dir(r.join(".tmp"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            leftovers.is_empty(),
+            "in-flight files left after gc: {leftovers:?}"
+        );
         assert_clean(&r, None, 1);
     }
 }
