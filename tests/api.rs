@@ -443,3 +443,54 @@ fn socket_path_reappears_for_a_restored_vm() {
         "restored socket left"
     );
 }
+
+#[test]
+fn cli_status_into_a_closed_pipe_or_full_stdout_does_not_panic() {
+    // `arkvm status ... | head -1` closes the pipe early; the CLI must not print a panic.
+    require_kvm();
+    let _serial = one_at_a_time();
+    let dir = ScratchDir::new("api-pipe");
+    let sock = dir.path().join("vm.sock");
+    let vm = start_memory_guest(&sock, "64M", 1, "");
+    vm.wait_pass(0, 0, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("guest does not run\n{}", vm.dump()));
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(arkvm_tests::arkvm_bin())
+            .args(["status", "--api-socket", sock.to_str().expect("utf-8")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn arkvm status");
+        // Close the read end before arkvm writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for arkvm status");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked"),
+            "arkvm status panics on a closed stdout: {err}"
+        );
+    }
+    // A full device: the write fails at once; the CLI says so in one line, without a panic.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = std::process::Command::new(arkvm_tests::arkvm_bin())
+        .args(["status", "--api-socket", sock.to_str().expect("utf-8")])
+        .stdin(std::process::Stdio::null())
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run arkvm status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked"),
+        "arkvm status panics when stdout fails: {err}"
+    );
+    assert!(
+        !out.status.success(),
+        "a failed write to stdout went unnoticed"
+    );
+    assert_alive(&vm, &sock, "status into a closed pipe");
+}
