@@ -576,3 +576,60 @@ fn backup_commands_into_a_closed_pipe_do_not_panic() {
         );
     }
 }
+
+/// The entries of `dir` (names), empty if it does not exist.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn restore_from_a_repository_leaves_no_copy_behind_when_killed() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-leak");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let ids = memory_points(dir.path(), &repo, None, "leak", 1);
+    // The restore runs with its own TMPDIR, so whatever it puts there can be seen.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("create tmp");
+    let mut child = std::process::Command::new(arkvm_tests::arkvm_bin())
+        .args(["restore", "--repo", &s(&repo), "--id", &ids[0]])
+        .env("TMPDIR", &tmp)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn restore");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("PASS") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let running = rx.recv_timeout(LINE_TIMEOUT).is_ok();
+    let during = entries(&tmp);
+    let _ = child.kill();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = entries(&tmp);
+    eprintln!("restore's TMPDIR while running: {during:?}; after kill -9: {after:?}");
+    assert!(running, "the restored guest did not run");
+    assert!(
+        after.is_empty(),
+        "kill -9 of `arkvm restore --repo` left a full copy of the point behind: {after:?}"
+    );
+}

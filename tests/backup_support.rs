@@ -230,11 +230,53 @@ pub fn memory_vm(memory: &str, name: &str, sock: &Path, hot_pct: u32) -> Vmm {
 }
 
 /// Starts `arkvm restore --repo REPO --id ID [--key] EXTRA...`.
-pub fn restore(repo: &Path, id: &str, key: Option<&Path>, extra: &[String]) -> Vmm {
+pub fn restore(repo: &Path, id: &str, key: Option<&Path>, extra: &[String]) -> Restored {
     let mut a = args(&["restore", "--repo", &s(repo), "--id", id]);
     a.extend(key_args(key));
     a.extend(extra.iter().cloned());
-    Vmm::spawn(&a)
+    Restored(Vmm::spawn(&a))
+}
+
+/// A VM restored from a repository. `arkvm restore --repo` copies the point to
+/// `$TMPDIR/arkvm-restore-<pid>-<id>` and removes the copy only when the VM ends by itself
+/// (tests/backup_safety.rs shows that a kill leaves it), so dropping this kills the VM and
+/// removes that copy.
+pub struct Restored(pub Vmm);
+
+impl std::ops::Deref for Restored {
+    type Target = Vmm;
+    fn deref(&self) -> &Vmm {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Restored {
+    fn deref_mut(&mut self) -> &mut Vmm {
+        &mut self.0
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let pid = self.0.pid();
+        self.0.kill();
+        remove_restore_copies(pid);
+    }
+}
+
+/// Removes what `arkvm restore --repo` process `pid` left in the temp directory.
+pub fn remove_restore_copies(pid: u32) {
+    let tmp = std::env::temp_dir();
+    let prefixes = [
+        format!("arkvm-restore-{pid}-"),
+        format!(".arkvm-restore-{pid}-"),
+    ];
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Parses `PASS <n> GEN <g>` into g.
