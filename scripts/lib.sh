@@ -15,7 +15,7 @@ require_kvm() {
 
 # Host packages the build needs: a C toolchain and libclang (userfaultfd's bindings are
 # generated with bindgen), iproute2 for the DR tests' network namespaces, curl for the demo.
-HOST_PACKAGES="build-essential libclang-dev pkg-config iproute2 curl"
+HOST_PACKAGES="build-essential libclang-dev pkg-config iproute2 curl strace"
 
 ensure_packages() {
     local missing=()

@@ -192,9 +192,13 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
             return fail(&e);
         }
     };
-    let code = run_vm(state.config.clone(), built, api, Some(label), None);
+    // Everything needed from an exported point is open or copied by now (the memory file stays
+    // readable through its open descriptor), so the copy goes at once: even a SIGKILL leaves
+    // nothing behind.
     if let Some(t) = &exported {
-        let _ = std::fs::remove_dir_all(t);
+        if let Err(e) = std::fs::remove_dir_all(t) {
+            tracing::warn!("cannot remove the exported point {}: {e}", t.display());
+        }
     }
-    code
+    run_vm(state.config.clone(), built, api, Some(label), None)
 }
