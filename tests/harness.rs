@@ -87,6 +87,7 @@ struct Output {
     stdout: Vec<String>,
     stderr: Vec<String>,
     stdout_closed: bool,
+    stderr_closed: bool,
 }
 
 /// A running `arkvm` process.
@@ -118,11 +119,14 @@ fn pump<R: Read + Send + 'static>(r: R, out: Arc<(Mutex<Output>, Condvar)>, is_s
                 }
             }
         }
+        let (lock, cv) = &*out;
+        let mut o = lock.lock().expect("output lock");
         if is_stdout {
-            let (lock, cv) = &*out;
-            lock.lock().expect("output lock").stdout_closed = true;
-            cv.notify_all();
+            o.stdout_closed = true;
+        } else {
+            o.stderr_closed = true;
         }
+        cv.notify_all();
     });
 }
 
@@ -214,14 +218,27 @@ impl Vmm {
         loop {
             if let Ok(Some(s)) = child.try_wait() {
                 self.status = Some(s);
-                // Let the pumps drain what the process wrote last.
-                let _ = self.wait_line_from(usize::MAX, Duration::from_secs(2), |_| false);
+                self.wait_streams_closed(Duration::from_secs(5));
                 return Some(s);
             }
             if Instant::now() >= deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until both output pumps have read everything the process wrote.
+    fn wait_streams_closed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.out;
+        let mut o = lock.lock().expect("output lock");
+        while !(o.stdout_closed && o.stderr_closed) {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            o = cv.wait_timeout(o, deadline - now).expect("output lock").0;
         }
     }
 
