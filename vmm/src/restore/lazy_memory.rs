@@ -130,16 +130,20 @@ impl Shared {
             .chunk_location(index)
             .expect("chunk index comes from the region table");
         let len_us = len as usize;
-        // Every chunk is read and checked, all-zero ones too (a zero chunk is a hole in the
-        // file, cheap to read, and a byte written into it must not go unnoticed).
-        buf.resize(len_us, 0);
-        self.source
-            .file
-            .read_exact_at(&mut buf[..len_us], file_off)
-            .map_err(|e| LazyMemoryError::Read(index, e))?;
-        (self.source.verify)(index, &buf[..len_us])
-            .map_err(|why| LazyMemoryError::Damaged(index, why))?;
-        if self.source.zero_chunks.get(index).copied().unwrap_or(false) {
+        let zero = self.source.zero_chunks.get(index).copied().unwrap_or(false);
+        // Every chunk is checked. A zero chunk is a hole in the file: if the file still has no
+        // data there it is zero without reading; if a byte was written into it, it is read and
+        // checked like any other chunk.
+        if !(zero && is_hole(&self.source.file, file_off, len)) {
+            buf.resize(len_us, 0);
+            self.source
+                .file
+                .read_exact_at(&mut buf[..len_us], file_off)
+                .map_err(|e| LazyMemoryError::Read(index, e))?;
+            (self.source.verify)(index, &buf[..len_us])
+                .map_err(|why| LazyMemoryError::Damaged(index, why))?;
+        }
+        if zero {
             // SAFETY: [host, host+len) is inside a registered guest memory region that stays
             // mapped while the loader runs; nothing else populates it (the chunk lock is held).
             unsafe { self.uffd.zeropage(host as *mut _, len_us, true) }
@@ -170,6 +174,18 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Whether `[off, off + len)` of `file` holds no data at all (a hole, which reads as zeroes).
+fn is_hole(file: &File, off: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a valid descriptor we own; SEEK_DATA only reports an offset.
+    let next = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `off`, the rest of the file is a hole.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= off + len
 }
 
 fn fail(exit: &ExitSignal, e: &LazyMemoryError) {
