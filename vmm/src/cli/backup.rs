@@ -92,7 +92,7 @@ fn init(args: RepoArgs) -> ExitCode {
     let key = match &args.key {
         Some(path) if !path.exists() => match RepoKey::create_file(path) {
             Ok(k) => {
-                println!(
+                crate::outln!(
                     "created key file {} (keep it safe: without it the backups cannot be read)",
                     path.display()
                 );
@@ -109,7 +109,7 @@ fn init(args: RepoArgs) -> ExitCode {
     let encrypted = key.is_some();
     match Repository::init(&args.repo, key) {
         Ok(_) => {
-            println!(
+            crate::outln!(
                 "initialized {}repository {}",
                 if encrypted { "encrypted " } else { "" },
                 args.repo.display()
@@ -143,16 +143,20 @@ fn list(args: RepoArgs) -> ExitCode {
                 Err(e) => serde_json::json!({ "id": id, "error": vmm_error(e) }),
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        crate::outln!("{}", serde_json::Value::Array(rows));
         return ExitCode::SUCCESS;
     }
-    println!(
+    crate::outln!(
         "{:<44} {:<19} {:<10} {:>12} {:>12}",
-        "ID", "TIME (UTC)", "VM", "SIZE", "NEW STORED"
+        "ID",
+        "TIME (UTC)",
+        "VM",
+        "SIZE",
+        "NEW STORED"
     );
     for (id, p) in &points {
         match p {
-            Ok(p) => println!(
+            Ok(p) => crate::outln!(
                 "{:<44} {:<19} {:<10} {:>12} {:>12}",
                 id,
                 time_text(p.created_unix_ms),
@@ -160,7 +164,7 @@ fn list(args: RepoArgs) -> ExitCode {
                 mib(p.stats.bytes_total),
                 mib(p.stats.bytes_stored)
             ),
-            Err(e) => println!("{id:<44} unreadable: {}", vmm_error(e)),
+            Err(e) => crate::outln!("{id:<44} unreadable: {}", vmm_error(e)),
         }
     }
     ExitCode::SUCCESS
@@ -204,17 +208,18 @@ fn verify(args: RepoArgs) -> ExitCode {
             "damaged_points": report.damaged_points.iter().map(|(id, why)| serde_json::json!({"id": id, "problem": why})).collect::<Vec<_>>(),
             "damaged_chunks": report.damaged_chunks.iter().map(|c| serde_json::json!({"id": c.id.to_hex(), "problem": c.problem, "points": c.points})).collect::<Vec<_>>(),
         });
-        println!("{v}");
+        crate::outln!("{v}");
     } else {
-        println!(
+        crate::outln!(
             "checked {} points and {} chunks",
-            report.points_checked, report.chunks_checked
+            report.points_checked,
+            report.chunks_checked
         );
         for (id, why) in &report.damaged_points {
-            println!("damaged point {id}: {why}");
+            crate::outln!("damaged point {id}: {why}");
         }
         for c in &report.damaged_chunks {
-            println!(
+            crate::outln!(
                 "damaged chunk {}: {} (used by {})",
                 c.id.to_hex(),
                 c.problem,
@@ -222,7 +227,7 @@ fn verify(args: RepoArgs) -> ExitCode {
             );
         }
         if report.is_clean() {
-            println!("repository is clean");
+            crate::outln!("repository is clean");
         }
     }
     if report.is_clean() {
@@ -248,13 +253,13 @@ fn prune(args: PruneArgs) -> ExitCode {
     match repo.prune(&policy) {
         Ok(r) => {
             if args.repo.json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({"removed": r.removed, "kept": r.kept,
                         "chunks_removed": r.gc.chunks_removed, "chunks_kept": r.gc.chunks_kept})
                 );
             } else {
-                println!(
+                crate::outln!(
                     "removed {} points, kept {}; collected {} unused chunks, {} remain",
                     r.removed.len(),
                     r.kept.len(),

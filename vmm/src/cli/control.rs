@@ -26,7 +26,7 @@ pub fn simple_put(socket: &std::path::Path, path: &str, done: &str) -> ExitCode 
     };
     match client.put(path, None).and_then(|r| r.into_result()) {
         Ok(_) => {
-            println!("{done}");
+            crate::outln!("{done}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
@@ -50,27 +50,27 @@ pub fn status(args: StatusArgs) -> ExitCode {
         .and_then(|r| r.parse::<SnapshotStatus>().ok());
     if args.json {
         let v = serde_json::json!({ "vm": info, "last_snapshot": snap });
-        println!("{v}");
+        crate::outln!("{v}");
         return ExitCode::SUCCESS;
     }
-    println!("state:    {:?}", info.state);
-    println!("vcpus:    {}", info.config.vcpus);
-    println!("memory:   {} MiB", info.config.memory_bytes >> 20);
+    crate::outln!("state:    {:?}", info.state);
+    crate::outln!("vcpus:    {}", info.config.vcpus);
+    crate::outln!("memory:   {} MiB", info.config.memory_bytes >> 20);
     if let Some(k) = &info.config.kernel {
-        println!("kernel:   {}", k.display());
+        crate::outln!("kernel:   {}", k.display());
     }
     if let Some(r) = &info.config.restored_from {
-        println!("restored: {r}");
+        crate::outln!("restored: {r}");
     }
     for d in &info.config.disks {
-        println!(
+        crate::outln!(
             "disk:     {}{}",
             d.path.display(),
             if d.read_only { " (read-only)" } else { "" }
         );
     }
     if let Some(s) = snap {
-        println!(
+        crate::outln!(
             "snapshot: {} {:?}{}",
             s.id,
             s.state,
@@ -132,7 +132,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
         return fail(&e);
     }
     if args.no_wait {
-        println!("snapshot started");
+        crate::outln!("snapshot started");
         return ExitCode::SUCCESS;
     }
     let bar = std::io::stdout().is_terminal().then(|| {
@@ -170,9 +170,9 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
 
 fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
     if json {
-        println!("{}", serde_json::to_string(s).expect("status serializes"));
+        crate::outln!("{}", serde_json::to_string(s).expect("status serializes"));
     } else if s.state == SnapshotState::Done {
-        println!(
+        crate::outln!(
             "snapshot {} done: {} in {} ms, vCPUs paused {} us, {} pages copied early, {} re-copied",
             s.id,
             human_bytes(s.bytes_written),
@@ -182,7 +182,7 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
             s.pages_recopied
         );
         if s.precopy_converged == Some(false) {
-            println!(
+            crate::outln!(
                 "precopy did not converge in {} rounds: the guest dirtied memory faster than it was copied, so the final pause copied the rest",
                 s.precopy_rounds.unwrap_or(0)
             );

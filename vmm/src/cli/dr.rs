@@ -195,7 +195,7 @@ pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| args.listen.clone());
     let points = receiver.repository().point_ids()?.len();
-    println!(
+    crate::outln!(
         "dr: listening on {local}, repository {} ({} checkpoints, {}, keeping {})",
         args.repo.display(),
         points,
@@ -222,7 +222,7 @@ pub fn status(args: DrStatusArgs) -> Result<(), DrCommandError> {
     if args.json {
         let mut value = serde_json::to_value(&status).expect("the status serializes");
         value["rpo_ms"] = serde_json::json!(rpo_ms(&status));
-        println!("{value}");
+        crate::outln!("{value}");
     } else {
         print!("{}", status_text(&args.target, &status));
     }
@@ -255,12 +255,12 @@ pub fn send(args: DrSendArgs) -> Result<(), DrCommandError> {
         &CheckpointInfo::default(),
     )?;
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_value(&report).expect("the report serializes")
         );
     } else {
-        println!(
+        crate::outln!(
             "sent {}: {} of {} chunks ({} skipped), {} bytes in {} ms; the receiver keeps {}",
             report.point_id,
             report.chunks_sent,
@@ -360,7 +360,7 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
         source,
     })?;
     let (point, dir) = export_newest(&repo, &args, &work_dir)?;
-    println!(
+    crate::outln!(
         "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), exported to {}",
         point.id,
         point.vm,

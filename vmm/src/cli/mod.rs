@@ -1,5 +1,18 @@
 //! The `arkvm` command line: argument definitions and the commands behind them.
 
+/// `println!` for the client commands: a failed write to stdout (a full disk, say) ends the
+/// command with a one-line error and status 1 instead of a panic.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            eprintln!("arkvm: error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 pub mod backup;
 pub mod control;
 pub mod dr;
