@@ -608,8 +608,10 @@ fn a_link_cut_for_5s_grows_the_lag_and_checkpoints_resume() {
         u(&after, "rpo_ms"),
         up_at.elapsed().as_secs_f64()
     );
+    // Nothing can commit while the link is down, so the lag reaches the cut's length (less
+    // the last sample's slack) whatever it was when the cut began.
     assert!(
-        max_rpo >= steady + 3000,
+        max_rpo >= 4500 && max_rpo > steady,
         "the lag did not grow during the 5 s cut: steady {steady} ms, max {max_rpo} ms"
     );
     assert!(
