@@ -176,6 +176,9 @@ impl Shared {
     }
 }
 
+/// `MADV_COLLAPSE` (Linux 6.1): back a range with transparent huge pages now.
+const MADV_COLLAPSE: libc::c_int = 25;
+
 /// Whether `[off, off + len)` of `file` holds no data at all (a hole, which reads as zeroes).
 fn is_hole(file: &File, off: u64, len: u64) -> bool {
     use std::os::fd::AsRawFd;
@@ -247,6 +250,25 @@ fn prefetch_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
             .unregister(r.host_addr as *mut _, r.len as usize)
         {
             tracing::warn!("cannot unregister guest memory from userfaultfd: {e}");
+        }
+    }
+    // UFFDIO_COPY fills 4 KiB pages; fold them back into transparent huge pages so that the
+    // restored VM runs, and write-protects for its own live snapshots, like the original.
+    for r in &shared.source.regions {
+        // SAFETY: the range is exactly one guest memory mapping, which outlives the loader;
+        // MADV_COLLAPSE only changes how the kernel backs it, never its contents.
+        let rc = unsafe {
+            libc::madvise(
+                r.host_addr as *mut libc::c_void,
+                r.len as usize,
+                MADV_COLLAPSE,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "cannot collapse restored memory into huge pages: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     shared.unregistered.store(true, Ordering::Release);
