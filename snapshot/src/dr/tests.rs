@@ -530,4 +530,3 @@ fn the_retrying_sender_gives_up_on_a_dead_receiver() {
     assert_eq!(sender.stats().failed_attempts, 3);
     assert_eq!(sender.stats().checkpoints_failed, 2);
 }
-
