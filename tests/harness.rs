@@ -242,12 +242,13 @@ impl Vmm {
         }
     }
 
-    /// Sends SIGKILL and reaps the process.
+    /// Sends SIGKILL and reaps the process, then reads what it wrote last.
     pub fn kill(&mut self) {
         if let Some(child) = self.child.as_mut() {
             if self.status.is_none() {
                 let _ = child.kill();
                 self.status = child.wait().ok();
+                self.wait_streams_closed(Duration::from_secs(5));
             }
         }
     }

@@ -38,6 +38,8 @@ pub enum ChunkCodecError {
     /// The plain bytes do not hash to the chunk's name.
     #[error("chunk content does not match its blake3 id")]
     HashMismatch,
+    #[error("chunk object's stored bytes do not match their checksum")]
+    StoredChecksum,
     /// The chunk is encrypted and no key was given.
     #[error("chunk is encrypted and no key was given")]
     NeedsKey,
@@ -74,10 +76,14 @@ pub fn chunk_id_from_name(name: &str) -> Option<ContentHash> {
 /// Encodes chunk `id` (whose bytes are `data`) for storage, sealed if a key is given.
 pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec<u8> {
     let encoded = match zstd::bulk::compress(data, ZSTD_LEVEL) {
-        Ok(compressed) if compressed.len() < data.len() => {
-            let mut out = Vec::with_capacity(compressed.len() + 1);
+        Ok(compressed) if compressed.len() + 4 < data.len() => {
+            // A CRC of the compressed bytes follows them: zstd can decode a damaged frame to the
+            // same content (a flipped byte in an unused table entry), and verify must still
+            // notice that the stored object changed.
+            let mut out = Vec::with_capacity(compressed.len() + 5);
             out.push(TAG_ZSTD);
             out.extend_from_slice(&compressed);
+            out.extend_from_slice(&crc32fast::hash(&compressed).to_le_bytes());
             out
         }
         // Incompressible (or, improbably, a compressor error): store plain.
@@ -135,6 +141,15 @@ fn decode_plain(stored: &[u8]) -> Result<Vec<u8>, ChunkCodecError> {
     let data = match tag {
         TAG_PLAIN => body.to_vec(),
         TAG_ZSTD => {
+            let split = body
+                .len()
+                .checked_sub(4)
+                .ok_or(ChunkCodecError::StoredChecksum)?;
+            let (body, crc) = body.split_at(split);
+            let crc = u32::from_le_bytes(crc.try_into().expect("four bytes"));
+            if crc32fast::hash(body) != crc {
+                return Err(ChunkCodecError::StoredChecksum);
+            }
             let decoder =
                 zstd::stream::read::Decoder::new(body).map_err(ChunkCodecError::Decompress)?;
             let mut out = Vec::with_capacity(crate::CHUNK_SIZE);

@@ -449,7 +449,7 @@ impl VcpuHandle {
                     tracing::error!("vCPU {} thread panicked", self.index);
                 }
             } else {
-                tracing::warn!(
+                tracing::debug!(
                     "vCPU {} did not stop; leaving its thread behind",
                     self.index
                 );
