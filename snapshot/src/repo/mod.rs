@@ -4,7 +4,7 @@
 //! ```text
 //! REPO/
 //!   config.json                      sealed: format version, chunk size, key fingerprint
-//!   chunks/<4 hex>/<64 hex>          one chunk: tag byte + zstd (or plain) bytes; name = blake3
+//!   chunks/<4 hex>/<64 hex>          one chunk: tag byte + zstd (+ CRC32) or plain bytes; name = blake3
 //!   points/<id>.json                 sealed point manifest; created last, with create-if-absent
 //!   .lock                            flock: shared for backups and verify, exclusive for prune/gc
 //!   .tmp/                            in-flight object writes (local backend only)
