@@ -80,11 +80,11 @@ impl DrLoop {
     /// ids agree on both sides).
     pub fn new(params: &DrParams, staging: &Path) -> Result<Self, DrSetupError> {
         let key = RepoKey::load(&params.key)?;
-        let open = Repository::open(staging, Some(RepoKey::load(&params.key)?));
+        let open = Repository::open(staging, Some(key.clone()));
         if open.is_err() {
             std::fs::create_dir_all(staging)
                 .map_err(|e| DrSetupError::StagingDir(staging.to_path_buf(), e))?;
-            Repository::init(staging, Some(RepoKey::load(&params.key)?))
+            Repository::init(staging, Some(key.clone()))
                 .map_err(|e| DrSetupError::Staging(staging.to_path_buf(), e))?;
         }
         Ok(Self {
