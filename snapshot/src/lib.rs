@@ -11,6 +11,8 @@
 //! - [`source`]: [`ChunkSource`], one interface over snapshot memory parts and backup objects
 //!   for lazy restore.
 //! - [`chunk`]: blake3 content hashes and fixed-size chunking, shared with the repository.
+//! - [`error`]: `error_chain` (an error and its causes on one line) and the lock-poisoning policy.
+//! - [`layout`]: [`MemoryLayout`], the one mapping between memory chunks and guest addresses.
 //! - [`dr`]: the disaster-recovery link and protocol (checkpoints to a second host).
 //!
 //! The on-disk layout is described in `docs/snapshot-format.md`.
@@ -18,7 +20,9 @@
 pub mod chunk;
 pub mod dir;
 pub mod dr;
+pub mod error;
 mod fs_util;
+pub mod layout;
 pub mod manifest;
 pub mod persist;
 pub mod repo;
@@ -35,6 +39,8 @@ pub use dir::{
     cleanup_stale, MemoryPart, MemoryPartWriter, PartWriter, SnapshotError, SnapshotReader,
     SnapshotWriter, VerifyProgress,
 };
+pub use error::{error_chain, lock};
+pub use layout::{LayoutError, MappedLayout, MemoryLayout, MemoryRegionState};
 pub use manifest::{Manifest, PartEntry, PartKind};
 pub use persist::Persist;
 pub use sink::{MemorySink, MemorySinkError};

@@ -11,10 +11,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
-use crate::capture::state::VmSnapshotState;
 use crate::config::VmConfig;
 use crate::devices_setup::{attach_disks, kernel_cmdline_entries, AttachedDisk, DiskSetupError};
 use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError, MemorySource};
+use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, IoBuses, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vcpu_state::{readable_msrs, VcpuState};

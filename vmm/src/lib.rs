@@ -13,19 +13,8 @@ pub mod devices_setup;
 pub mod dr_checkpoints;
 pub mod restore;
 pub mod runtime;
+pub mod saved_state;
+pub mod signals;
 pub mod vstate;
 
-/// Formats an error and its chain of sources as one line: "what failed: why: why".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let msg = src.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = src.source();
-    }
-    s
-}
+pub use snapshot::error_chain;

@@ -55,7 +55,7 @@ impl MutEventSubscriber for ExitHandler {
         // reset request.
         let _ = self.exit.eventfd().read();
         if self.exit.reason().is_none() {
-            if crate::cli::signals::terminated() {
+            if crate::signals::terminated() {
                 self.exit.report(GuestExit::Requested);
             } else {
                 self.exit.report(GuestExit::Reset);
@@ -286,7 +286,7 @@ impl Vmm {
         self.resume()?;
         tracing::info!("guest running with {} vCPUs", self.built.vcpus.len());
         loop {
-            if crate::cli::signals::terminated() && self.built.exit.reason().is_none() {
+            if crate::signals::terminated() && self.built.exit.reason().is_none() {
                 self.built.exit.report(GuestExit::Requested);
             }
             if let Some(exit) = self.built.exit.reason() {

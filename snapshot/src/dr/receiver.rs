@@ -15,6 +15,7 @@ use super::link::{LinkKey, SecureLink};
 use super::message::{CommitReport, Message, OfferHeader};
 use super::{now_unix_ms, DrError};
 use crate::chunk::ContentHash;
+use crate::error::error_chain;
 use crate::repo::{
     chunk_object_name, decode_chunk, point_object_name, KeepPolicy, LockMode, PointManifest,
     RepoError, RepoKey, Repository,
@@ -536,16 +537,4 @@ fn valid_point_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
-/// An error and its sources on one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::link::{LinkKey, SecureLink, MAX_FRAME_LEN};
 use super::message::{CommitReport, Message, OfferHeader};
-use super::receiver::{error_chain, ReceiverStatus};
+use super::receiver::ReceiverStatus;
 use super::{now_unix_ms, DrError};
 use crate::chunk::ContentHash;
+use crate::error::error_chain;
 use crate::repo::{chunk_object_name, point_object_name, RepoKey, Repository};
 
 /// What the primary knows about a checkpoint besides its point.

@@ -19,6 +19,7 @@ use super::point::{
 use super::store::{ChunkStore, LocalDirStore, LockMode, StoreError};
 use super::RepoError;
 use crate::chunk::{ContentHash, CHUNK_SIZE};
+use crate::error::error_chain;
 use crate::sealed_json::{seal, unseal};
 use crate::state_file::{read_state, DEFAULT_STATE_LIMIT};
 use crate::FORMAT_VERSION;
@@ -514,18 +515,6 @@ fn select_kept(points: &[PointManifest], policy: &KeepPolicy) -> BTreeSet<String
         }
     }
     keep
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

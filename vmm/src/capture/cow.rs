@@ -29,8 +29,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::memory_copy::chunk_guest_range;
 use super::progress::Progress;
 use super::sink::MemoryOut;
-use super::state::MemoryRegionState;
 use super::CaptureError;
+use crate::saved_state::MemoryRegionState;
 use devices::GuestMemoryMmap;
 
 /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): write-protect page table entries that are not

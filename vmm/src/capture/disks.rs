@@ -9,9 +9,9 @@ use devices::virtio::block::FrozenImage;
 
 use super::progress::Progress;
 use super::sink::SnapshotOut;
-use super::state::disk_part_name;
 use super::CaptureError;
 use crate::runtime::Vmm;
+use crate::saved_state::disk_part_name;
 
 /// A disk frozen at the snapshot instant.
 pub struct FrozenDisk {

@@ -6,8 +6,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::progress::Progress;
 use super::sink::MemoryOut;
-use super::state::MemoryRegionState;
 use super::CaptureError;
+use crate::saved_state::MemoryRegionState;
 use devices::GuestMemoryMmap;
 
 /// Chunk index of a guest address, given the layout; None outside guest memory.
@@ -83,7 +83,7 @@ pub fn copy_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::state::VmSnapshotState;
+    use crate::saved_state::VmSnapshotState;
 
     #[test]
     fn chunk_mapping_across_the_hole() {

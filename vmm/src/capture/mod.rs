@@ -15,7 +15,6 @@ pub mod paused;
 pub mod precopy;
 pub mod progress;
 pub mod sink;
-pub mod state;
 pub mod target;
 
 /// Why a snapshot failed.

@@ -15,10 +15,10 @@ use super::job::SnapshotJob;
 use super::memory_copy::copy_all;
 use super::progress::Progress;
 use super::sink::SnapshotOut;
-use super::state::{DevicesState, VmSnapshotState};
 use super::target::plan_incremental;
 use super::CaptureError;
 use crate::runtime::{RunState, Vmm};
+use crate::saved_state::{DevicesState, VmSnapshotState};
 use crate::vstate::memory::region_layout;
 use crate::vstate::vcpu::{VcpuEvent, VcpuResponse};
 

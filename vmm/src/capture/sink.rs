@@ -11,8 +11,8 @@ use snapshot::repo::{BackupWriter, ObjectWriter};
 use snapshot::{MemoryPartWriter, PartKind, SnapshotWriter, CHUNK_SIZE};
 
 use super::progress::Progress;
-use super::state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 use super::CaptureError;
+use crate::saved_state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 
 /// Where guest memory chunks go.
 pub enum MemoryOut {

@@ -14,10 +14,10 @@ use snapshot::{SnapshotWriter, CHUNK_SIZE};
 
 use super::precopy::take_dirty_chunks;
 use super::sink::SnapshotOut;
-use super::state::MemoryRegionState;
 use super::CaptureError;
 use crate::api::SnapshotTarget;
 use crate::runtime::Vmm;
+use crate::saved_state::MemoryRegionState;
 
 /// Opens the destination of a snapshot.
 pub fn open_target(

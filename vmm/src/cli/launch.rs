@@ -45,7 +45,7 @@ fn run_vm(
         Err(e) => return fail(&e),
     };
     vmm.restored_from = restored_from;
-    super::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(vmm.built.exit.eventfd()));
+    crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(vmm.built.exit.eventfd()));
     if let Some(api) = api {
         vmm.attach_api(api);
     }
@@ -74,7 +74,7 @@ fn run_vm(
 
 /// `arkvm run`.
 pub fn run(args: RunArgs) -> ExitCode {
-    super::signals::install();
+    crate::signals::install();
     let memory_bytes = match check_memory(&args.memory) {
         Ok(m) => m,
         Err(e) => return fail(&e),
@@ -140,7 +140,7 @@ pub fn run(args: RunArgs) -> ExitCode {
 
 /// `arkvm restore`.
 pub fn restore(args: RestoreArgs) -> ExitCode {
-    super::signals::install();
+    crate::signals::install();
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
         Ok(m) => m,
         Err(e) => return fail(&e),

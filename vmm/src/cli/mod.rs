@@ -17,7 +17,6 @@ pub mod backup;
 pub mod control;
 pub mod dr;
 pub mod launch;
-pub mod signals;
 
 use std::path::PathBuf;
 

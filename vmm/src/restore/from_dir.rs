@@ -7,10 +7,8 @@ use std::sync::Arc;
 use snapshot::{chunk_hash, SnapshotReader};
 
 use crate::builder::{build_restored, BuildError, BuiltVm};
-use crate::capture::state::{
-    disk_part_name, VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART,
-};
 use crate::restore::lazy_memory::{MemorySource, RegionSource};
+use crate::saved_state::{disk_part_name, VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART};
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]

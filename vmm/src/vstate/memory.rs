@@ -126,6 +126,17 @@ pub fn region_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// Guest memory as a snapshot lays it out: regions back to back in 1 MiB chunks, mapped at their
+/// host addresses. Every chunk ↔ address question goes through this one type.
+pub fn mapped_layout(mem: &GuestMemoryMmap) -> snapshot::MappedLayout {
+    let regions = region_layout(mem);
+    let guest: Vec<(u64, u64)> = regions.iter().map(|&(_, g, l)| (g, l)).collect();
+    snapshot::MemoryLayout::back_to_back(&guest, snapshot::CHUNK_SIZE as u64)
+        .expect("guest memory is a whole number of MiB (checked with the configuration)")
+        .mapped_at(regions.iter().map(|&(h, _, _)| h).collect())
+        .expect("one host address per region")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

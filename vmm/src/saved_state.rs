@@ -1,5 +1,6 @@
 //! The state part of a snapshot: everything but memory and disk contents, nested
-//! device -> devices -> VM, and keyed by stable device ids.
+//! device -> devices -> VM, and keyed by stable device ids. Capture writes it, restore and the
+//! builder read it; it depends on neither.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,13 +22,7 @@ pub fn disk_part_name(id: &str) -> String {
 /// The largest state part accepted (the state of 254 vCPUs fits well below this).
 pub const MAX_STATE_LEN: u64 = 64 << 20;
 
-/// One guest memory region and where it starts in the memory part.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemoryRegionState {
-    pub guest_addr: u64,
-    pub len: u64,
-    pub part_offset: u64,
-}
+pub use snapshot::MemoryRegionState;
 
 /// The state of every device.
 #[derive(Debug, Serialize, Deserialize)]
