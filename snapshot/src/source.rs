@@ -27,8 +27,10 @@ pub trait ChunkSource: Send + Sync {
     fn chunk_size(&self) -> u64;
     /// Number of chunks.
     fn chunk_count(&self) -> u64;
-    /// Whether chunk `index` is all zeros, known without reading it (a restore can map zero
-    /// pages instead of copying them).
+    /// Whether chunk `index` is all zeros and the source vouches for that without reading it, so
+    /// that a restore can map zero pages instead of reading and copying. A source that cannot
+    /// vouch (its record says zero but the stored bytes might say otherwise) answers `false`, and
+    /// the caller reads and checks the chunk like any other.
     fn is_zero_chunk(&self, index: u64) -> bool;
     /// Reads chunk `index` into `buf` (exactly the chunk's length) and checks it.
     fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError>;
@@ -64,12 +66,31 @@ impl ChunkSource for MemoryPart {
         } else {
             chunk_hash(&vec![0u8; len as usize])
         };
-        self.chunk_hashes()[index as usize] == zero
+        // The hash says zero; the file vouches for it only if it holds no data there (a byte
+        // written into the hole must be read, and is then refused by the hash check).
+        self.chunk_hashes()[index as usize] == zero && is_hole(self.file(), range.start, len)
     }
 
     fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError> {
         Ok(MemoryPart::read_chunk(self, index, buf)?)
     }
+}
+
+/// Whether `[off, off + len)` of `file` holds no data at all (a hole, which reads as zeros).
+/// `false` when the file system cannot tell.
+fn is_hole(file: &std::fs::File, off: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(start) = libc::off_t::try_from(off) else {
+        return false;
+    };
+    // SAFETY: lseek on a descriptor `file` owns for the duration of the call; SEEK_DATA only
+    // reports an offset and the shared file position is not used by positioned reads.
+    let next = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `off`; the rest of the file is a hole.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= off + len
 }
 
 impl ChunkSource for ObjectReader {
@@ -149,5 +170,40 @@ mod tests {
             assert!(object.read_chunk(0, &mut short).is_err());
             assert!(repo.object_reader(&point, "nope").is_err());
         }
+    }
+
+    #[test]
+    fn a_zero_chunk_with_data_in_its_hole_is_not_vouched_for() {
+        let tmp = TestDir::new("source-hole");
+        let mem = vec![0u8; 2 * CHUNK_SIZE];
+        let dir = tmp.path().join("snap");
+        let mut snap = SnapshotWriter::create(&dir).unwrap();
+        let part = snap
+            .add_memory_part("memory", mem.len() as u64, CHUNK_SIZE as u64)
+            .unwrap();
+        for (i, chunk) in mem.chunks(CHUNK_SIZE).enumerate() {
+            part.write_chunk(i as u64, chunk).unwrap();
+        }
+        snap.finish_memory_part(part).unwrap();
+        snap.commit().unwrap();
+        let reader = SnapshotReader::open(&dir).unwrap();
+        let part = reader.memory_part("memory").unwrap();
+        if !is_hole(part.file(), 0, 2 * CHUNK_SIZE as u64) {
+            eprintln!("this file system does not report holes; nothing to check");
+            return;
+        }
+        assert!(part.is_zero_chunk(0) && part.is_zero_chunk(1));
+        drop(part);
+        // One byte written into chunk 1's hole: the hash still says zero, the file does not.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[7], CHUNK_SIZE as u64 + 4096).unwrap();
+        let part = reader.memory_part("memory").unwrap();
+        assert!(part.is_zero_chunk(0));
+        assert!(!part.is_zero_chunk(1));
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        assert!(ChunkSource::read_chunk(&part, 1, &mut buf).is_err());
     }
 }

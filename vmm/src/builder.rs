@@ -13,7 +13,7 @@ use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::devices_setup::{attach_disks, kernel_cmdline_entries, AttachedDisk, DiskSetupError};
-use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError, MemorySource};
+use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError};
 use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, IoBuses, Vcpu, VcpuError, VcpuHandle};
@@ -298,7 +298,7 @@ pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<Built
 /// guest runs. Serial output goes to `out`.
 pub fn build_restored(
     state: &VmSnapshotState,
-    memory: impl FnOnce(&[(u64, u64, u64)]) -> MemorySource,
+    memory: Arc<dyn snapshot::ChunkSource>,
     out: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
     let mut timings = BootTimings::default();
@@ -333,7 +333,11 @@ pub fn build_restored(
     )?;
 
     let t = Instant::now();
-    let lazy = LazyMemory::start(memory(&layout), exit.clone())?;
+    let lazy = LazyMemory::start(
+        memory,
+        crate::vstate::memory::mapped_layout(&mem),
+        exit.clone(),
+    )?;
     timings.load_us = us_since(t);
 
     let t = Instant::now();

@@ -1,7 +1,7 @@
 //! Reading one object of a backup point chunk by chunk, each chunk checked, from any thread: what
 //! a lazy restore needs to fill guest memory straight from the repository.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::codec::{chunk_id, chunk_object_name, decode_chunk};
 use super::key::RepoKey;
@@ -27,6 +27,7 @@ impl Repository {
             size: object.size,
             chunk_size: object.chunk_size,
             chunks: object.chunks.clone(),
+            full_zero_id: OnceLock::new(),
         })
     }
 }
@@ -40,6 +41,9 @@ pub struct ObjectReader {
     size: u64,
     chunk_size: u64,
     chunks: Vec<ContentHash>,
+    /// The id of a full-length all-zero chunk, computed once (it is keyed in an encrypted
+    /// repository, so it cannot be a constant).
+    full_zero_id: OnceLock<ContentHash>,
 }
 
 impl ObjectReader {
@@ -73,8 +77,14 @@ impl ObjectReader {
         let Some(range) = chunk_range(self.size, self.chunk_size, index) else {
             return false;
         };
-        let zeros = vec![0u8; (range.end - range.start) as usize];
-        self.chunks[index as usize] == chunk_id(&zeros, self.key.as_deref())
+        let len = range.end - range.start;
+        let zero_id = |len: u64| chunk_id(&vec![0u8; len as usize], self.key.as_deref());
+        let zero = if len == self.chunk_size {
+            *self.full_zero_id.get_or_init(|| zero_id(len))
+        } else {
+            zero_id(len)
+        };
+        self.chunks[index as usize] == zero
     }
 
     /// Reads chunk `index` into `buf`, which must be exactly the chunk's length.

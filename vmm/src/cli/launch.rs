@@ -7,7 +7,7 @@ use super::{RestoreArgs, RunArgs};
 use crate::api::{ApiServer, DrParams};
 use crate::builder::{build_cold, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
-use crate::restore::from_dir::restore_from_dir;
+use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
 use devices::virtio::block::DiskConfig;
 
@@ -138,7 +138,8 @@ pub fn run(args: RunArgs) -> ExitCode {
     run_vm(config, built, api, None, dr)
 }
 
-/// `arkvm restore`.
+/// `arkvm restore`: from a snapshot directory (`--from`), or straight from a backup point
+/// (`--repo` with `--id`), which is read in place under the repository's shared lock.
 pub fn restore(args: RestoreArgs) -> ExitCode {
     crate::signals::install();
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
@@ -149,56 +150,35 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    // A backup point is exported to a snapshot directory first (every chunk checked), which
-    // the restored VM's memory then loads from; it is removed when the VM stops.
-    let mut exported = None;
-    let (dir, label) = match (&args.from, &args.repo, &args.id) {
-        (Some(dir), _, _) => (dir.clone(), dir.display().to_string()),
-        (None, Some(repo), Some(id)) => {
-            let r = match super::backup::open_repo(repo, args.key.as_deref()) {
-                Ok(r) => r,
-                Err(c) => return c,
-            };
-            let tmp =
-                std::env::temp_dir().join(format!("arkvm-restore-{}-{}", std::process::id(), id));
-            if let Err(e) = r.export_point(id, &tmp) {
-                return fail(&e);
-            }
-            exported = Some(tmp.clone());
-            (tmp, format!("{}#{id}", repo.display()))
-        }
+    let source = match (&args.from, &args.repo, &args.id) {
+        (Some(dir), _, _) => RestoreSource::Dir(dir.clone()),
+        (None, Some(repo), Some(id)) => match super::backup::open_repo(repo, args.key.as_deref()) {
+            Ok(r) => RestoreSource::Point {
+                repo: r,
+                repo_path: repo.clone(),
+                id: id.clone(),
+            },
+            Err(c) => return c,
+        },
         _ => {
             eprintln!("arkvm: error: restore needs --from DIR, or --repo DIR with --id ID");
             return ExitCode::from(1);
         }
     };
-    let disk_dir = args.disk_dir.clone().or_else(|| {
-        exported.as_ref().map(|_| {
-            std::env::temp_dir().join(format!("arkvm-restore-{}-disks", std::process::id()))
-        })
-    });
-    let restored = restore_from_dir(
-        &dir,
+    let restored = match crate::restore::from_dir::restore(
+        source,
         expect_memory,
-        disk_dir.as_deref(),
+        args.disk_dir.as_deref(),
         Box::new(std::io::stdout()),
-    );
-    let (built, state) = match restored {
-        Ok(b) => b,
-        Err(e) => {
-            if let Some(t) = &exported {
-                let _ = std::fs::remove_dir_all(t);
-            }
-            return fail(&e);
-        }
+    ) {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
     };
-    // Everything needed from an exported point is open or copied by now (the memory file stays
-    // readable through its open descriptor), so the copy goes at once: even a SIGKILL leaves
-    // nothing behind.
-    if let Some(t) = &exported {
-        if let Err(e) = std::fs::remove_dir_all(t) {
-            tracing::warn!("cannot remove the exported point {}: {e}", t.display());
-        }
-    }
-    run_vm(state.config.clone(), built, api, Some(label), None)
+    run_vm(
+        restored.state.config.clone(),
+        restored.built,
+        api,
+        Some(restored.label),
+        None,
+    )
 }

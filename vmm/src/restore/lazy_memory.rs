@@ -1,17 +1,39 @@
 //! Lazy loading of guest memory on restore: the guest resumes at once over empty anonymous
-//! memory registered with userfaultfd (missing-page mode); a fault thread fills each page's
-//! chunk from the snapshot when the guest (or the VMM) first touches it, and a prefetch thread
-//! fills the rest in the background. Every chunk is checked against its hash before the guest
-//! can see it, so damaged memory is never run. When every chunk is in, the range is unregistered,
-//! which leaves it free for a live snapshot's write-protect tracking.
+//! memory registered with userfaultfd (missing-page mode), and the chunks come from a
+//! [`ChunkSource`] (a snapshot directory's memory part or a backup point's memory object).
+//!
+//! ```text
+//!  vCPU / event loop ── touches a missing page ──► kernel queues a fault on the uffd
+//!                                                      │
+//!  uffd-fault thread ◄─────────── read_event ──────────┘
+//!     chunk_of_host_addr ─► load(chunk) ─► wake
+//!  uffd-prefetch thread: load(0), load(1), ... ─► unregister ─► MADV_COLLAPSE ─► drop source
+//!
+//!  load(chunk), under the chunk's lock:
+//!     source vouches "zero" ─► UFFDIO_ZEROPAGE        (nothing read)
+//!     otherwise            ─► read_chunk (read + check) ─► UFFDIO_COPY
+//! ```
+//!
+//! Every chunk is checked against its hash before the guest can see it, so damaged memory is
+//! never run. The one mapping between chunks and host addresses is [`MappedLayout`]'s. When
+//! every chunk is in, the range is unregistered (which leaves it free for a live snapshot's
+//! write-protect tracking) and the loader lets go of the source, which releases whatever the
+//! source holds (a repository's shared lock).
+//!
+//! Failure: a chunk that cannot be loaded ends the VM through the [`ExitSignal`]
+//! ([`GuestExit::RestoreFailed`]). The fault thread goes on serving every fault it can, so no
+//! thread waits behind the failed chunk's neighbours; a thread that needs the failed chunk
+//! itself cannot be given correct bytes, so if the process has not ended a few seconds after
+//! such a fault, the fault thread ends it with the error rather than leave it hung. Nothing in
+//! these threads panics: locks follow [`snapshot::lock`]'s policy and every fallible step is an
+//! error.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use snapshot::{ChunkSource, ChunkSourceError, MappedLayout};
 use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
 use crate::vstate::vcpu::{ExitSignal, GuestExit};
@@ -25,51 +47,77 @@ pub enum LazyMemoryError {
     /// Registering guest memory failed.
     #[error("cannot register guest memory with userfaultfd")]
     Register(#[source] userfaultfd::Error),
-    /// A chunk could not be read from the snapshot.
-    #[error("cannot read memory chunk {0} from the snapshot")]
-    Read(usize, #[source] std::io::Error),
-    /// A chunk's content does not match its hash.
-    #[error("{1}")]
-    Damaged(usize, String),
+    /// The source's memory does not have the shape of guest memory.
+    #[error("the saved memory has {what} {source_value}, guest memory {layout_value}")]
+    Mismatch {
+        what: &'static str,
+        source_value: u64,
+        layout_value: u64,
+    },
+    /// A chunk could not be read from the source, or failed its check.
+    #[error("cannot load guest memory chunk {index}")]
+    Read {
+        index: u64,
+        #[source]
+        source: ChunkSourceError,
+    },
     /// Filling guest memory failed.
-    #[error("cannot fill guest memory for chunk {0}")]
-    Fill(usize, #[source] userfaultfd::Error),
+    #[error("cannot fill guest memory for chunk {index}")]
+    Fill {
+        index: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The kernel reported a copy of more bytes than were asked for.
+    #[error("filling guest memory for chunk {index}: the kernel reported {reported} bytes copied of {remaining}")]
+    FillCount {
+        index: u64,
+        reported: usize,
+        remaining: usize,
+    },
+    /// Filling kept being refused with EAGAIN.
+    #[error("filling guest memory for chunk {index} made no progress after {attempts} attempts")]
+    FillStalled { index: u64, attempts: u32 },
+    /// A chunk index or address outside guest memory (a bug).
+    #[error("chunk {index} is outside guest memory")]
+    NoSuchChunk { index: u64 },
+    /// The source was released before chunk `index` was loaded (a bug).
+    #[error("chunk {index} was asked for after the memory source was released")]
+    Released { index: u64 },
     /// A thread could not be spawned.
     #[error("cannot spawn the memory loader thread")]
     Spawn(#[source] std::io::Error),
+    /// The loader stopped before every chunk was in (its error was already taken).
+    #[error("the memory loader stopped before guest memory was loaded")]
+    Stopped,
 }
 
-/// One guest memory region and where its bytes start in the memory file.
-#[derive(Clone, Copy, Debug)]
-pub struct RegionSource {
-    pub host_addr: u64,
-    pub len: u64,
-    pub file_offset: u64,
-}
+/// How many times in a row a fill may be refused with EAGAIN before it is an error.
+const MAX_FILL_RETRIES: u32 = 1000;
 
-/// Checks a chunk's bytes; returns a description of the damage.
-pub type ChunkVerifier = dyn Fn(usize, &[u8]) -> Result<(), String> + Send + Sync;
+/// How long after a fault that cannot be served (its chunk failed) the process may still be
+/// running before the fault thread ends it.
+const STUCK_FAULT_EXIT: Duration = Duration::from_secs(5);
 
-/// Where memory comes from.
-pub struct MemorySource {
-    pub file: File,
-    pub chunk_size: u64,
-    pub regions: Vec<RegionSource>,
-    /// Chunks known (from the verified manifest) to be all zeroes: mapped as zero pages.
-    pub zero_chunks: Vec<bool>,
-    pub verify: Box<ChunkVerifier>,
-}
+/// The page size of guest memory as userfaultfd fills it.
+const PAGE: usize = 4096;
 
 struct Shared {
     uffd: Uffd,
-    source: MemorySource,
+    layout: MappedLayout,
+    /// Where chunks come from; released (set to `None`) once every chunk is in.
+    source: Mutex<Option<Arc<dyn ChunkSource>>>,
     /// Per chunk: loaded or not; the lock serializes the fault and prefetch threads.
     loaded: Vec<Mutex<bool>>,
     remaining: AtomicUsize,
     done: AtomicBool,
     stop: AtomicBool,
+    /// A chunk failed: the VM is ending.
+    failed: AtomicBool,
     unregistered: AtomicBool,
     faults: AtomicUsize,
+    /// The first failure, for [`LazyMemory::wait_all_loaded`].
+    error: Mutex<Option<LazyMemoryError>>,
 }
 
 /// Progress of a lazy load.
@@ -87,86 +135,74 @@ pub struct LazyMemory {
     started: Instant,
 }
 
+/// What one `UFFDIO_COPY` call did to a fill that still needs `remaining` bytes.
+#[derive(Debug)]
+enum CopyStep {
+    /// `n` bytes (1..=remaining) were copied.
+    Copied(usize),
+    /// Nothing was copied and the call may be repeated (EAGAIN).
+    Retry,
+    /// The kernel reported more bytes than were asked for.
+    BadCount(usize),
+    /// The copy failed.
+    Failed(userfaultfd::Error),
+}
+
+/// Reads a copy's result. The userfaultfd crate reports EAGAIN as `PartiallyCopied` with the
+/// kernel's count, which is `-EAGAIN` (a huge `usize`) when nothing was copied: only a count in
+/// `1..=remaining` is progress; anything else is a retry, never added to the bytes done.
+fn copy_step(result: Result<usize, userfaultfd::Error>, remaining: usize) -> CopyStep {
+    match result {
+        Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) if (1..=remaining).contains(&n) => {
+            CopyStep::Copied(n)
+        }
+        Ok(0) | Err(userfaultfd::Error::PartiallyCopied(_)) => CopyStep::Retry,
+        Ok(n) => CopyStep::BadCount(n),
+        Err(e) => CopyStep::Failed(e),
+    }
+}
+
+/// Whether a zeropage error is a transient EAGAIN, or EEXIST (the page is already filled).
+fn zeropage_errno(e: &userfaultfd::Error) -> Option<i32> {
+    match e {
+        userfaultfd::Error::ZeropageFailed(errno) => Some(*errno as i32),
+        _ => None,
+    }
+}
+
 impl Shared {
     fn chunk_count(&self) -> usize {
         self.loaded.len()
     }
 
-    /// Maps a chunk index to (host address, length, file offset).
-    fn chunk_location(&self, index: usize) -> Option<(u64, u64, u64)> {
-        let cs = self.source.chunk_size;
-        let mut first = 0usize;
-        for r in &self.source.regions {
-            let n = r.len.div_ceil(cs) as usize;
-            if index < first + n {
-                let off = (index - first) as u64 * cs;
-                let len = cs.min(r.len - off);
-                return Some((r.host_addr + off, len, r.file_offset + off));
-            }
-            first += n;
-        }
-        None
+    /// The source, unless it was released.
+    fn source(&self) -> Option<Arc<dyn ChunkSource>> {
+        snapshot::lock(&self.source).clone()
     }
 
-    /// Maps a host address to its chunk index.
-    fn chunk_of(&self, addr: u64) -> Option<usize> {
-        let cs = self.source.chunk_size;
-        let mut first = 0usize;
-        for r in &self.source.regions {
-            if addr >= r.host_addr && addr < r.host_addr + r.len {
-                return Some(first + ((addr - r.host_addr) / cs) as usize);
-            }
-            first += r.len.div_ceil(cs) as usize;
-        }
-        None
-    }
-
-    fn load(&self, index: usize, buf: &mut Vec<u8>) -> Result<(), LazyMemoryError> {
-        let mut loaded = self.loaded[index].lock().expect("chunk lock poisoned");
+    fn load(&self, index: u64, buf: &mut Vec<u8>) -> Result<(), LazyMemoryError> {
+        let slot = self
+            .loaded
+            .get(index as usize)
+            .ok_or(LazyMemoryError::NoSuchChunk { index })?;
+        let mut loaded = snapshot::lock(slot);
         if *loaded {
             return Ok(());
         }
-        let (host, len, file_off) = self
-            .chunk_location(index)
-            .expect("chunk index comes from the region table");
-        let len_us = len as usize;
-        let zero = self.source.zero_chunks.get(index).copied().unwrap_or(false);
-        // Every chunk is checked. A zero chunk is a hole in the file: if the file still has no
-        // data there it is zero without reading; if a byte was written into it, it is read and
-        // checked like any other chunk.
-        if !(zero && is_hole(&self.source.file, file_off, len)) {
-            buf.resize(len_us, 0);
-            self.source
-                .file
-                .read_exact_at(&mut buf[..len_us], file_off)
-                .map_err(|e| LazyMemoryError::Read(index, e))?;
-            (self.source.verify)(index, &buf[..len_us])
-                .map_err(|why| LazyMemoryError::Damaged(index, why))?;
-        }
-        if zero {
-            // SAFETY: [host, host+len) is inside a registered guest memory region that stays
-            // mapped while the loader runs; nothing else populates it (the chunk lock is held).
-            unsafe { self.uffd.zeropage(host as *mut _, len_us, true) }
-                .map_err(|e| LazyMemoryError::Fill(index, e))?;
+        let (host, len) = self
+            .layout
+            .chunk_host_range(index)
+            .ok_or(LazyMemoryError::NoSuchChunk { index })?;
+        let source = self.source().ok_or(LazyMemoryError::Released { index })?;
+        let len = len as usize;
+        if source.is_zero_chunk(index) {
+            self.zero_fill(index, host as usize, len)?;
         } else {
-            let mut done = 0usize;
-            while done < len_us {
-                // SAFETY: the source is our own buffer of `len` bytes; the destination is inside
-                // registered guest memory as above.
-                let r = unsafe {
-                    self.uffd.copy(
-                        buf[done..].as_ptr() as *const _,
-                        (host as usize + done) as *mut _,
-                        len_us - done,
-                        true,
-                    )
-                };
-                match r {
-                    Ok(n) => done += n,
-                    Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
-                    Err(e) => return Err(LazyMemoryError::Fill(index, e)),
-                }
-            }
+            buf.resize(len, 0);
+            source
+                .read_chunk(index, &mut buf[..len])
+                .map_err(|source| LazyMemoryError::Read { index, source })?;
+            self.copy_fill(index, &buf[..len], host as usize)?;
         }
         *loaded = true;
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -174,33 +210,119 @@ impl Shared {
         }
         Ok(())
     }
+
+    /// Copies `data` to guest memory at `host`, waking the threads that wait on it.
+    fn copy_fill(&self, index: u64, data: &[u8], host: usize) -> Result<(), LazyMemoryError> {
+        let mut done = 0usize;
+        let mut retries = 0u32;
+        while done < data.len() {
+            let remaining = data.len() - done;
+            // SAFETY: the source is `remaining` bytes of our own buffer; the destination is the
+            // same length inside one registered guest memory region (from the layout), which
+            // stays mapped while the loader runs; nothing else fills it (the chunk lock is held).
+            let r = unsafe {
+                self.uffd.copy(
+                    data[done..].as_ptr().cast(),
+                    (host + done) as *mut libc::c_void,
+                    remaining,
+                    true,
+                )
+            };
+            match copy_step(r, remaining) {
+                CopyStep::Copied(n) => {
+                    done += n;
+                    retries = 0;
+                }
+                CopyStep::Retry if retries < MAX_FILL_RETRIES => {
+                    retries += 1;
+                    std::thread::yield_now();
+                }
+                CopyStep::Retry => {
+                    return Err(LazyMemoryError::FillStalled {
+                        index,
+                        attempts: retries + 1,
+                    })
+                }
+                CopyStep::BadCount(reported) => {
+                    return Err(LazyMemoryError::FillCount {
+                        index,
+                        reported,
+                        remaining,
+                    })
+                }
+                CopyStep::Failed(source) => return Err(LazyMemoryError::Fill { index, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages over `[host, host + len)`, waking the threads that wait on it.
+    fn zero_fill(&self, index: u64, host: usize, len: usize) -> Result<(), LazyMemoryError> {
+        // SAFETY: as in `copy_fill`: one chunk inside registered guest memory, under its lock.
+        match unsafe { self.uffd.zeropage(host as *mut libc::c_void, len, true) } {
+            Ok(n) if n == len => return Ok(()),
+            Ok(_) => {}
+            Err(e) if zeropage_errno(&e) == Some(libc::EAGAIN) => {}
+            Err(source) => return Err(LazyMemoryError::Fill { index, source }),
+        }
+        // Interrupted part of the way (the crate does not say how far): page by page, where a
+        // page already there (EEXIST) is one this call filled.
+        for page in (0..len).step_by(PAGE) {
+            let mut retries = 0u32;
+            loop {
+                // SAFETY: one page of the chunk above.
+                let r = unsafe {
+                    self.uffd.zeropage(
+                        (host + page) as *mut libc::c_void,
+                        PAGE.min(len - page),
+                        true,
+                    )
+                };
+                match r {
+                    Ok(_) => break,
+                    Err(e) if zeropage_errno(&e) == Some(libc::EEXIST) => break,
+                    Err(e)
+                        if zeropage_errno(&e) == Some(libc::EAGAIN)
+                            && retries < MAX_FILL_RETRIES =>
+                    {
+                        retries += 1;
+                        std::thread::yield_now();
+                    }
+                    Err(source) => return Err(LazyMemoryError::Fill { index, source }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a failure and ends the VM with it.
+    fn fail(&self, exit: &ExitSignal, e: LazyMemoryError) {
+        exit.report(GuestExit::RestoreFailed {
+            detail: crate::error_chain(&e),
+        });
+        snapshot::lock(&self.error).get_or_insert(e);
+        self.failed.store(true, Ordering::Release);
+    }
 }
 
 /// `MADV_COLLAPSE` (Linux 6.1): back a range with transparent huge pages now.
 const MADV_COLLAPSE: libc::c_int = 25;
 
-/// Whether `[off, off + len)` of `file` holds no data at all (a hole, which reads as zeroes).
-fn is_hole(file: &File, off: u64, len: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a valid descriptor we own; SEEK_DATA only reports an offset.
-    let next = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if next < 0 {
-        // ENXIO: no data at or after `off`, the rest of the file is a hole.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    next as u64 >= off + len
-}
-
-fn fail(exit: &ExitSignal, e: &LazyMemoryError) {
-    exit.report(GuestExit::RestoreFailed {
-        detail: crate::error_chain(e),
-    });
-}
-
 fn fault_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
     let mut buf = Vec::new();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&shared.uffd);
+    // A fault whose chunk failed: its thread cannot be given correct bytes.
+    let mut stuck: Option<(Instant, String)> = None;
     while !shared.done.load(Ordering::Acquire) && !shared.stop.load(Ordering::Acquire) {
+        if let Some((since, detail)) = &stuck {
+            if since.elapsed() >= STUCK_FAULT_EXIT {
+                // The VM was told to end and has not: a thread that must not run on unchecked
+                // memory is blocked on it (the event loop itself, for a device's page). Ending
+                // the process is the only way left that neither hangs nor shows wrong bytes.
+                eprintln!("arkvm: error: restore failed: {detail}");
+                std::process::exit(2);
+            }
+        }
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -214,17 +336,21 @@ fn fault_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
         match shared.uffd.read_event() {
             Ok(Some(Event::Pagefault { addr, .. })) => {
                 shared.faults.fetch_add(1, Ordering::Relaxed);
-                let Some(index) = shared.chunk_of(addr as u64) else {
+                let Some(index) = shared.layout.chunk_of_host_addr(addr as u64) else {
                     tracing::error!("userfault outside guest memory at {addr:?}");
                     continue;
                 };
                 if let Err(e) = shared.load(index, &mut buf) {
-                    fail(&exit, &e);
-                    return;
+                    if stuck.is_none() {
+                        stuck = Some((Instant::now(), crate::error_chain(&e)));
+                    }
+                    shared.fail(&exit, e);
+                    continue;
                 }
                 // The chunk may have been filled by the prefetcher without waking this fault.
-                let (host, len, _) = shared.chunk_location(index).expect("valid chunk");
-                let _ = shared.uffd.wake(host as *mut _, len as usize);
+                if let Some((host, len)) = shared.layout.chunk_host_range(index) {
+                    let _ = shared.uffd.wake(host as *mut _, len as usize);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::debug!("userfaultfd read: {e}"),
@@ -234,36 +360,29 @@ fn fault_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
 
 fn prefetch_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
     let mut buf = Vec::new();
-    for index in 0..shared.chunk_count() {
-        if shared.stop.load(Ordering::Acquire) {
+    for index in 0..shared.chunk_count() as u64 {
+        if shared.stop.load(Ordering::Acquire) || shared.failed.load(Ordering::Acquire) {
             return;
         }
         if let Err(e) = shared.load(index, &mut buf) {
-            fail(&exit, &e);
+            shared.fail(&exit, e);
             return;
         }
     }
     // Every chunk is in: give the range back (this also wakes any fault still queued).
-    for r in &shared.source.regions {
-        if let Err(e) = shared
-            .uffd
-            .unregister(r.host_addr as *mut _, r.len as usize)
-        {
+    for (host, len) in shared.layout.host_regions() {
+        if let Err(e) = shared.uffd.unregister(host as *mut _, len as usize) {
             tracing::warn!("cannot unregister guest memory from userfaultfd: {e}");
         }
     }
+    // Nothing more is read: let go of the source (and whatever it holds, such as a lock).
+    drop(snapshot::lock(&shared.source).take());
     // UFFDIO_COPY fills 4 KiB pages; fold them back into transparent huge pages so that the
     // restored VM runs, and write-protects for its own live snapshots, like the original.
-    for r in &shared.source.regions {
+    for (host, len) in shared.layout.host_regions() {
         // SAFETY: the range is exactly one guest memory mapping, which outlives the loader;
         // MADV_COLLAPSE only changes how the kernel backs it, never its contents.
-        let rc = unsafe {
-            libc::madvise(
-                r.host_addr as *mut libc::c_void,
-                r.len as usize,
-                MADV_COLLAPSE,
-            )
-        };
+        let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, MADV_COLLAPSE) };
         if rc != 0 {
             tracing::debug!(
                 "cannot collapse restored memory into huge pages: {}",
@@ -279,52 +398,74 @@ fn prefetch_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
 }
 
 impl LazyMemory {
-    /// Registers the regions with userfaultfd and starts the fault and prefetch threads.
-    pub fn start(source: MemorySource, exit: Arc<ExitSignal>) -> Result<Self, LazyMemoryError> {
+    /// Registers guest memory (`layout`) with userfaultfd and starts the fault and prefetch
+    /// threads, which fill it from `source`. A chunk that cannot be loaded ends the VM through
+    /// `exit`.
+    pub fn start(
+        source: Arc<dyn ChunkSource>,
+        layout: MappedLayout,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, LazyMemoryError> {
+        let mismatch = |what, source_value, layout_value| LazyMemoryError::Mismatch {
+            what,
+            source_value,
+            layout_value,
+        };
+        let guest = layout.layout();
+        if source.chunk_size() != guest.chunk_size() {
+            return Err(mismatch(
+                "a chunk size of",
+                source.chunk_size(),
+                guest.chunk_size(),
+            ));
+        }
+        if source.size() != guest.size() || source.chunk_count() != guest.chunk_count() {
+            return Err(mismatch("a size of", source.size(), guest.size()));
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
             .create()
             .map_err(LazyMemoryError::Create)?;
-        for r in &source.regions {
-            uffd.register_with_mode(r.host_addr as *mut _, r.len as usize, RegisterMode::MISSING)
+        for (host, len) in layout.host_regions() {
+            uffd.register_with_mode(host as *mut _, len as usize, RegisterMode::MISSING)
                 .map_err(LazyMemoryError::Register)?;
         }
-        let chunks: usize = source
-            .regions
-            .iter()
-            .map(|r| r.len.div_ceil(source.chunk_size) as usize)
-            .sum();
+        let chunks = guest.chunk_count() as usize;
         let shared = Arc::new(Shared {
             uffd,
-            source,
+            layout,
+            source: Mutex::new(Some(source)),
             loaded: (0..chunks).map(|_| Mutex::new(false)).collect(),
             remaining: AtomicUsize::new(chunks),
             done: AtomicBool::new(chunks == 0),
             stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             unregistered: AtomicBool::new(false),
             faults: AtomicUsize::new(0),
+            error: Mutex::new(None),
         });
-        let mut threads = Vec::new();
+        let mut loader = Self {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            started: Instant::now(),
+        };
         for (name, f) in [
             ("uffd-fault", fault_loop as fn(Arc<Shared>, Arc<ExitSignal>)),
             ("uffd-prefetch", prefetch_loop),
         ] {
             let s = shared.clone();
             let e = exit.clone();
-            threads.push(
+            // On a spawn failure, dropping `loader` stops the thread already started.
+            loader.threads.push(
                 std::thread::Builder::new()
                     .name(name.into())
                     .spawn(move || f(s, e))
                     .map_err(LazyMemoryError::Spawn)?,
             );
         }
-        Ok(Self {
-            shared,
-            threads,
-            started: Instant::now(),
-        })
+        Ok(loader)
     }
 
     /// Progress so far.
@@ -342,17 +483,30 @@ impl LazyMemory {
     }
 
     /// Waits until every chunk is in and guest memory is unregistered from userfaultfd, or
-    /// `timeout` passes. Returns whether loading finished.
+    /// `timeout` passes, or loading fails. Returns whether loading finished.
     pub fn wait_loaded(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while !self.shared.unregistered.load(Ordering::Acquire) {
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || self.shared.failed.load(Ordering::Acquire) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
         tracing::debug!("memory loaded {:?} after restore", self.started.elapsed());
         true
+    }
+
+    /// Waits until every chunk is in and guest memory is unregistered, or returns the error
+    /// that stopped loading.
+    pub fn wait_all_loaded(&self) -> Result<(), LazyMemoryError> {
+        while !self.wait_loaded(Duration::from_millis(100)) {
+            if self.shared.failed.load(Ordering::Acquire) {
+                return Err(snapshot::lock(&self.shared.error)
+                    .take()
+                    .unwrap_or(LazyMemoryError::Stopped));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -362,5 +516,42 @@ impl Drop for LazyMemory {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_count_within_the_request_is_progress() {
+        // EAGAIN before anything was copied: the crate hands back the kernel's -EAGAIN.
+        let eagain = (-(libc::EAGAIN as i64)) as usize;
+        assert!(matches!(
+            copy_step(Err(userfaultfd::Error::PartiallyCopied(eagain)), 4096),
+            CopyStep::Retry
+        ));
+        assert!(matches!(
+            copy_step(Err(userfaultfd::Error::PartiallyCopied(0)), 4096),
+            CopyStep::Retry
+        ));
+        assert!(matches!(
+            copy_step(Err(userfaultfd::Error::PartiallyCopied(8192)), 4096),
+            CopyStep::Retry
+        ));
+        assert!(matches!(
+            copy_step(Err(userfaultfd::Error::PartiallyCopied(1024)), 4096),
+            CopyStep::Copied(1024)
+        ));
+        assert!(matches!(copy_step(Ok(4096), 4096), CopyStep::Copied(4096)));
+        assert!(matches!(copy_step(Ok(0), 4096), CopyStep::Retry));
+        assert!(matches!(
+            copy_step(Ok(8192), 4096),
+            CopyStep::BadCount(8192)
+        ));
+        assert!(matches!(
+            copy_step(Err(userfaultfd::Error::ReadEof), 4096),
+            CopyStep::Failed(_)
+        ));
     }
 }

@@ -112,7 +112,7 @@ impl ExitSignal {
 
     /// Records `exit` unless another was recorded first, and wakes the event loop.
     pub fn report(&self, exit: GuestExit) {
-        let mut reason = self.reason.lock().expect("exit lock poisoned");
+        let mut reason = snapshot::lock(&self.reason);
         if reason.is_none() {
             *reason = Some(exit);
         }
@@ -123,7 +123,7 @@ impl ExitSignal {
 
     /// The recorded exit, if any.
     pub fn reason(&self) -> Option<GuestExit> {
-        self.reason.lock().expect("exit lock poisoned").clone()
+        snapshot::lock(&self.reason).clone()
     }
 
     /// The event fd the event loop waits on.

@@ -1,0 +1,207 @@
+//! Where a restore reads from: a snapshot directory, or a backup point in a repository read in
+//! place (no copy of the point is made first). Either one opens to the same three things:
+//!
+//! ```text
+//!  RestoreSource::Dir(path) ──┐                     ┌─► state: VmSnapshotState  ─► builder
+//!                             ├─ open() ─► Opened ──┼─► memory: Arc<dyn ChunkSource> ─► LazyMemory
+//!  RestoreSource::Point{..} ──┘                     └─► materialize_disks(dir)  ─► disk files
+//! ```
+//!
+//! A point is read under the repository's shared lock (the one backups hold; prune and garbage
+//! collection take it exclusively), held by its memory source: from opening the point until the
+//! loader has read the last memory chunk and lets go of the source.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use snapshot::repo::{LockMode, ObjectReader, PointManifest, RepoError, Repository, StoreLock};
+use snapshot::{ChunkSource, ChunkSourceError, SnapshotReader};
+
+use crate::restore::from_dir::RestoreError;
+use crate::saved_state::{disk_part_name, VmSnapshotState, MEMORY_PART, STATE_PART};
+
+/// What a VM is restored from.
+pub enum RestoreSource {
+    /// A snapshot directory.
+    Dir(PathBuf),
+    /// Backup point `id` of an open repository (`repo_path` names it in messages).
+    Point {
+        repo: Repository,
+        repo_path: PathBuf,
+        id: String,
+    },
+}
+
+/// An opened source: the checked state, guest memory to load, and the disks to copy out.
+pub struct OpenedSource {
+    /// The saved VM state.
+    pub state: VmSnapshotState,
+    /// Guest memory, read and checked chunk by chunk.
+    pub memory: Arc<dyn ChunkSource>,
+    /// Where the VM came from, for `GET /vm` and messages.
+    pub label: String,
+    /// Whether every memory chunk must be in (and checked) before the guest runs. A backup
+    /// point is loaded whole first, so that a damaged point is refused before its guest runs
+    /// and with the point's error, as `restore --repo` always did; a directory is loaded while
+    /// the guest runs.
+    pub load_before_resume: bool,
+    disks: DiskParts,
+}
+
+/// Where the disk images are.
+enum DiskParts {
+    Dir(SnapshotReader),
+    Point {
+        repo: Repository,
+        point: PointManifest,
+    },
+}
+
+impl RestoreSource {
+    /// Where restored disks go when no directory is given: beside a snapshot directory
+    /// (`DIR.disks`), or a per-process directory in the temporary directory for a point.
+    pub fn default_disk_dir(&self) -> PathBuf {
+        match self {
+            Self::Dir(dir) => {
+                let mut name = dir.file_name().unwrap_or_default().to_os_string();
+                name.push(".disks");
+                dir.with_file_name(name)
+            }
+            Self::Point { .. } => {
+                std::env::temp_dir().join(format!("arkvm-restore-{}-disks", std::process::id()))
+            }
+        }
+    }
+
+    /// Opens and checks the source: its state, and memory the size the state describes.
+    pub fn open(self) -> Result<OpenedSource, RestoreError> {
+        match self {
+            Self::Dir(dir) => open_dir(&dir),
+            Self::Point {
+                repo,
+                repo_path,
+                id,
+            } => open_point(repo, &repo_path, &id),
+        }
+    }
+}
+
+fn check_memory_size(
+    state: &VmSnapshotState,
+    memory: &dyn ChunkSource,
+) -> Result<(), RestoreError> {
+    let described: u64 = state.memory.iter().map(|r| r.len).sum();
+    if memory.size() != described || described != state.config.memory_bytes {
+        return Err(RestoreError::MemorySize {
+            part: memory.size(),
+            state: described,
+        });
+    }
+    Ok(())
+}
+
+fn open_dir(dir: &Path) -> Result<OpenedSource, RestoreError> {
+    let reader = SnapshotReader::open(dir)?;
+    let state: VmSnapshotState = reader.read_state_part(STATE_PART)?;
+    let memory = Arc::new(reader.memory_part(MEMORY_PART)?);
+    check_memory_size(&state, memory.as_ref())?;
+    Ok(OpenedSource {
+        state,
+        memory,
+        label: dir.display().to_string(),
+        load_before_resume: false,
+        disks: DiskParts::Dir(reader),
+    })
+}
+
+fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSource, RestoreError> {
+    // Taken before the point is read: a prune that starts now waits until memory is loaded.
+    let lock = repo
+        .store()
+        .lock(LockMode::Shared, true)
+        .map_err(RepoError::from)?;
+    let point = repo.read_point(id)?;
+    let state: VmSnapshotState = repo.read_state(&point, STATE_PART)?;
+    let memory = Arc::new(LockedObject {
+        reader: repo.object_reader(&point, MEMORY_PART)?,
+        _lock: lock,
+    });
+    check_memory_size(&state, memory.as_ref())?;
+    Ok(OpenedSource {
+        state,
+        memory,
+        label: format!("{}#{id}", repo_path.display()),
+        load_before_resume: true,
+        disks: DiskParts::Point { repo, point },
+    })
+}
+
+impl OpenedSource {
+    /// Copies every disk (each chunk checked while copying) into `target`, which must not
+    /// exist, and points the configuration at the copies.
+    pub fn materialize_disks(&mut self, target: &Path) -> Result<(), RestoreError> {
+        if self.state.config.disks.is_empty() {
+            return Ok(());
+        }
+        if target.exists() {
+            return Err(RestoreError::DiskDirExists(target.to_path_buf()));
+        }
+        std::fs::create_dir_all(target)
+            .map_err(|e| RestoreError::WriteDisk(target.to_path_buf(), e))?;
+        for (i, disk) in self.state.config.disks.iter_mut().enumerate() {
+            let id = disk.device_id(i);
+            let path = target.join(format!("{id}.img"));
+            let write_err = |e| RestoreError::WriteDisk(path.clone(), e);
+            let mut file = std::fs::File::create(&path).map_err(write_err)?;
+            let part = disk_part_name(&id);
+            match &self.disks {
+                DiskParts::Dir(reader) => {
+                    reader.copy_part(&part, &mut file)?;
+                }
+                DiskParts::Point { repo, point } => {
+                    repo.read_object(point, &part, &mut file)?;
+                }
+            }
+            file.sync_all().map_err(write_err)?;
+            if disk.readonly {
+                let mut perm = file.metadata().map_err(write_err)?.permissions();
+                std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o444);
+                std::fs::set_permissions(&path, perm).map_err(write_err)?;
+            }
+            disk.path = path;
+            disk.overlay = None;
+            // Keep the id the snapshot used, so the saved device state finds its disk.
+            disk.id = Some(id);
+        }
+        Ok(())
+    }
+}
+
+/// A backup point's memory object, read under the repository's shared lock: the lock goes when
+/// the loader drops the source, after the last chunk is in.
+struct LockedObject {
+    reader: ObjectReader,
+    _lock: StoreLock,
+}
+
+impl ChunkSource for LockedObject {
+    fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    fn chunk_size(&self) -> u64 {
+        self.reader.chunk_size()
+    }
+
+    fn chunk_count(&self) -> u64 {
+        self.reader.chunk_count()
+    }
+
+    fn is_zero_chunk(&self, index: u64) -> bool {
+        self.reader.is_zero_chunk(index)
+    }
+
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError> {
+        ChunkSource::read_chunk(&self.reader, index, buf)
+    }
+}
