@@ -205,3 +205,48 @@ impl ChunkSource for LockedObject {
         ChunkSource::read_chunk(&self.reader, index, buf)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::repo::StoreError;
+    use snapshot::{SnapshotWriter, CHUNK_SIZE};
+
+    #[test]
+    fn a_point_memory_source_holds_the_shared_lock_until_dropped() {
+        let tmp = std::env::temp_dir().join(format!("arkvm-test-locked-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tmp.join("snap");
+        let mut snap = SnapshotWriter::create(&dir).unwrap();
+        let mem = vec![3u8; 2 * CHUNK_SIZE];
+        let part = snap
+            .add_memory_part(MEMORY_PART, mem.len() as u64, CHUNK_SIZE as u64)
+            .unwrap();
+        for (i, chunk) in mem.chunks(CHUNK_SIZE).enumerate() {
+            part.write_chunk(i as u64, chunk).unwrap();
+        }
+        snap.finish_memory_part(part).unwrap();
+        snap.commit().unwrap();
+        let reader = SnapshotReader::open(&dir).unwrap();
+        let repo = Repository::init(&tmp.join("repo"), None).unwrap();
+        let point = repo.store_snapshot(&reader, "vm1", None).unwrap();
+
+        let memory: Arc<dyn ChunkSource> = Arc::new(LockedObject {
+            reader: repo.object_reader(&point, MEMORY_PART).unwrap(),
+            _lock: repo.store().lock(LockMode::Shared, false).unwrap(),
+        });
+        // Prune and gc take the lock exclusively: they cannot while the source is alive.
+        assert!(matches!(
+            repo.store().lock(LockMode::Exclusive, false),
+            Err(StoreError::Locked { .. })
+        ));
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        memory.read_chunk(1, &mut buf).unwrap();
+        assert_eq!(buf, mem[CHUNK_SIZE..]);
+        assert!(!memory.is_zero_chunk(0));
+        drop(memory);
+        assert!(repo.store().lock(LockMode::Exclusive, false).is_ok());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}
