@@ -162,7 +162,7 @@ fn copy_step(result: Result<usize, userfaultfd::Error>, remaining: usize) -> Cop
     }
 }
 
-/// Whether a zeropage error is a transient EAGAIN, or EEXIST (the page is already filled).
+/// The errno of a failed zeropage: EAGAIN is transient, EEXIST means the page is already there.
 fn zeropage_errno(e: &userfaultfd::Error) -> Option<i32> {
     match e {
         userfaultfd::Error::ZeropageFailed(errno) => Some(*errno as i32),
