@@ -111,10 +111,14 @@ mod tests {
     fn a_circle_between_siblings_is_reported_with_the_imports_that_make_it() {
         let g = graph_of(&[
             ("lib.rs", "//! root\npub mod a;\npub mod b;\n"),
-            ("a.rs", "//! a\nuse crate::b::B;\npub struct A(B);\n"),
+            (
+                "a.rs",
+                "//! a\nuse crate::b::B;\npub struct A(B);\n\npub fn g() -> A {\n    A(B::make())\n}\n",
+            ),
             (
                 "b.rs",
-                "//! b\npub struct B;\n\npub fn f() {\n    let _ = crate::a::A(B);\n}\n",
+                "//! b\npub struct B;\n\npub fn f() {\n    let _ = crate::a::A(B);\n}\n\n\
+                 impl B { pub fn make() -> B { B } }\n",
             ),
         ]);
         assert_eq!(
@@ -123,16 +127,25 @@ mod tests {
         );
         assert_eq!(
             refs(&g, "a", "b"),
-            vec![Reference {
-                line: 2,
-                text: "use crate::b::B".into()
-            }]
+            vec![
+                Reference {
+                    line: 2,
+                    text: "use crate::b::B".into(),
+                    via_import: false,
+                },
+                Reference {
+                    line: 6,
+                    text: "B::make".into(),
+                    via_import: true,
+                },
+            ]
         );
         assert_eq!(
             refs(&g, "b", "a"),
             vec![Reference {
                 line: 5,
-                text: "crate::a::A".into()
+                text: "crate::a::A".into(),
+                via_import: false,
             }]
         );
         let found = circles(&g.successors());
@@ -141,6 +154,12 @@ mod tests {
         assert!(text.contains("a -> b -> a"), "{text}");
         assert!(text.contains("t/src/a.rs:2  use crate::b::B"), "{text}");
         assert!(text.contains("t/src/b.rs:5  crate::a::A"), "{text}");
+        // `B::make` follows the `use` of `B`: counted, not listed.
+        assert!(
+            text.contains("and 1 use(s) of those names, at line(s) 6"),
+            "{text}"
+        );
+        assert!(!text.contains("B::make"), "{text}");
     }
 
     #[test]
@@ -273,6 +292,7 @@ mod tests {
             texts(&g, "runtime", "capture::job"),
             vec!["capture::job::run"]
         );
+        assert!(refs(&g, "runtime", "capture::job")[0].via_import);
         // The parent names its child's error and the child uses the parent's: a circle of two.
         assert_eq!(
             circle_names(&g),

@@ -170,11 +170,27 @@ pub fn report(crate_name: &str, graph: &ModuleGraph, found: &[Vec<usize>]) -> St
                 continue;
             }
             let _ = writeln!(out, "    {} -> {}", name(from), name(to));
-            for r in refs {
+            // Uses of imported names follow their `use`; list them only when there is no `use`.
+            let (direct, via_import): (Vec<_>, Vec<_>) = refs.iter().partition(|r| !r.via_import);
+            let listed = if direct.is_empty() {
+                &via_import
+            } else {
+                &direct
+            };
+            for r in listed {
                 let _ = writeln!(
                     out,
                     "      {}:{}  {}",
                     graph.modules[from].shown_path, r.line, r.text
+                );
+            }
+            if !direct.is_empty() && !via_import.is_empty() {
+                let lines: Vec<String> = via_import.iter().map(|r| r.line.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "      and {} use(s) of those names, at line(s) {}",
+                    via_import.len(),
+                    lines.join(", ")
                 );
             }
         }

@@ -97,6 +97,9 @@ pub struct Reference {
     /// The path as written, without generic arguments: `use crate::capture::cow::CowError` or
     /// `super::precopy::start_precopy`.
     pub text: String,
+    /// Whether the path starts with a name that a `use` brought in (`CaptureError::Cancelled`
+    /// after `use super::CaptureError`), so that the `use` is usually the reference to move.
+    pub via_import: bool,
 }
 
 /// A crate's module files and which of them name which.
@@ -515,18 +518,34 @@ impl<'a> Walker<'a> {
     }
 
     /// Records an edge if `segments`, written here, name another module file of the crate.
-    fn reference(&mut self, segments: &[String], line: usize, text: String) {
+    fn reference(&mut self, segments: &[String], line: usize, text: String, is_use: bool) {
         let Some(path) = self
             .scopes
             .absolute(&self.scope, segments, MAX_BINDING_DEPTH)
         else {
             return;
         };
-        if let Some(to) = self.scopes.file_of(&path) {
-            if to != self.node {
-                self.found.push((to, Reference { line, text }));
-            }
+        let Some(to) = self.scopes.file_of(&path) else {
+            return;
+        };
+        if to == self.node {
+            return;
         }
+        let via_import = !is_use
+            && segments.first().is_some_and(|first| {
+                let mut child = self.scope.clone();
+                child.push(first.clone());
+                !matches!(first.as_str(), "crate" | "self" | "super")
+                    && !self.scopes.all_modules.contains(&child)
+            });
+        self.found.push((
+            to,
+            Reference {
+                line,
+                text,
+                via_import,
+            },
+        ));
     }
 
     /// Paths written inside a macro call's tokens: runs of `a::b::c` not preceded by `::`.
@@ -558,7 +577,7 @@ impl<'a> Walker<'a> {
             if segments.len() >= 2 && !after_colons && !after_dollar {
                 let line = first.span().start().line;
                 let text = format!("{} (in {macro_name}!)", segments.join("::"));
-                self.reference(&segments, line, text);
+                self.reference(&segments, line, text, false);
             }
             i = j;
         }
@@ -643,7 +662,7 @@ impl<'ast> Visit<'ast> for Walker<'_> {
                             .push(leaf.segments);
                     }
                 },
-                Pass::References => self.reference(&leaf.segments, leaf.line, leaf.text),
+                Pass::References => self.reference(&leaf.segments, leaf.line, leaf.text, true),
             }
         }
     }
@@ -655,7 +674,7 @@ impl<'ast> Visit<'ast> for Walker<'_> {
             let segments = path_segments(path);
             let line = path.segments[0].ident.span().start().line;
             let text = segments.join("::");
-            self.reference(&segments, line, text);
+            self.reference(&segments, line, text, false);
         }
         visit::visit_path(self, path);
     }
