@@ -14,6 +14,8 @@
 
 #[path = "module_graph/cycles.rs"]
 mod cycles;
+#[path = "module_graph/resolve.rs"]
+mod resolve;
 #[path = "module_graph/scan.rs"]
 mod scan;
 
