@@ -21,8 +21,7 @@
 //!
 //! Steps 2 and 3 are in `resolve.rs`, with what they leave out (code under `#[cfg(test)]`).
 
-use std::collections::BTreeMap;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
