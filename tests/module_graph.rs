@@ -165,6 +165,48 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_re_exporting_its_child_is_not_a_circle_but_a_plain_use_is() {
+        let facade = graph_of(&[
+            ("lib.rs", "//! root\npub mod p;\n"),
+            (
+                "p/mod.rs",
+                "//! p\nmod error;\nmod k;\npub use error::PError;\npub use k::run;\n",
+            ),
+            ("p/error.rs", "//! e\npub struct PError;\n"),
+            (
+                "p/k.rs",
+                "//! k\nuse super::PError;\npub fn run() -> PError {\n    PError\n}\n",
+            ),
+        ]);
+        assert!(circle_names(&facade).is_empty());
+        let plain = graph_of(&[
+            ("lib.rs", "//! root\npub mod p;\n"),
+            (
+                "p/mod.rs",
+                "//! p\nmod k;\nuse k::run;\npub struct PError;\npub fn go() {\n    run();\n}\n",
+            ),
+            (
+                "p/k.rs",
+                "//! k\nuse super::PError;\npub fn run() -> Option<PError> {\n    None\n}\n",
+            ),
+        ]);
+        assert_eq!(circle_names(&plain).len(), 1);
+        let sideways = graph_of(&[
+            ("lib.rs", "//! root\npub mod a;\npub mod b;\n"),
+            ("a.rs", "//! a\npub use crate::b::B;\npub struct A;\n"),
+            (
+                "b.rs",
+                "//! b\npub struct B;\npub fn f() {\n    let _ = crate::a::A;\n}\n",
+            ),
+        ]);
+        assert_eq!(
+            circle_names(&sideways).len(),
+            1,
+            "a re-export of a sibling is a use"
+        );
+    }
+
+    #[test]
     fn a_tree_without_a_circle_passes() {
         let g = graph_of(&[
             ("lib.rs", "//! root\npub mod a;\npub mod b;\npub mod c;\n"),

@@ -13,7 +13,8 @@
 //! - A `#[macro_export]` macro lives at the crate root, so `crate::outln!` names `lib.rs`, not
 //!   the file that defines it.
 //!
-//! A `pub use child::Item` re-export in a parent counts like any other `use`.
+//! A `pub use child::Item` re-export in a parent (of something inside its own subtree) is not an
+//! edge: the parent owns the child anyway. Any other `pub use` counts like a plain `use`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -234,6 +235,13 @@ impl<'a> Walker<'a> {
     }
 
     /// Records an edge if `segments`, written here, name another module file of the crate.
+    /// Whether `segments` names something inside the current module's own subtree.
+    fn is_descendant(&self, segments: &[String]) -> bool {
+        self.scopes
+            .absolute(&self.scope, segments, MAX_BINDING_DEPTH)
+            .is_some_and(|path| path.len() > self.scope.len() + 1 && path.starts_with(&self.scope))
+    }
+
     fn reference(&mut self, segments: &[String], line: usize, text: String, is_use: bool) {
         let Some(path) = self
             .scopes
@@ -378,7 +386,16 @@ impl<'ast> Visit<'ast> for Walker<'_> {
                             .push(leaf.segments);
                     }
                 },
-                Pass::References => self.reference(&leaf.segments, leaf.line, leaf.text, true),
+                Pass::References => {
+                    if !matches!(u.vis, syn::Visibility::Inherited)
+                        && self.is_descendant(&leaf.segments)
+                    {
+                        // `pub use child::X` in a parent is a facade over its own subtree, not
+                        // a dependency: the parent owns the child whether or not it re-exports.
+                        continue;
+                    }
+                    self.reference(&leaf.segments, leaf.line, leaf.text, true)
+                }
             }
         }
     }
