@@ -18,7 +18,7 @@
 pub mod chunk;
 pub mod dir;
 pub mod dr;
-mod fs_util;
+pub mod fs_util;
 pub mod manifest;
 pub mod persist;
 pub mod repo;
