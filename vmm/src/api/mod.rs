@@ -43,9 +43,9 @@ pub use response::{
     SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
 };
 pub use server::{
-    ApiCall, ApiResponder, ApiServer, ApiServerError, MAX_BODY_BYTES, MAX_CONNECTIONS,
-    VMM_REPLY_TIMEOUT,
+    ApiCall, ApiResponder, ApiServer, MAX_BODY_BYTES, MAX_CONNECTIONS, VMM_REPLY_TIMEOUT,
 };
+pub use socket::ApiServerError;
 
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 use super::http::{self, BodyLength, HttpError, MessageReader, RequestHead};
 use super::request::{route, ApiRequest};
 use super::response::ApiResponse;
-use super::socket::{bind_listener, remove_socket_if_ours};
+use super::socket::{bind_listener, remove_socket_if_ours, ApiServerError};
 
 /// Largest request body accepted; a larger declared body is refused with 413 unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -43,25 +43,6 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_MAX_BYTES: usize = 16 << 20;
 /// How long dropping the server waits for answers still being written.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiServerError {
-    #[error("another arkvm is serving {}", .0.display())]
-    AlreadyServing(PathBuf),
-    #[error("{} exists and is not a socket; choose another API socket path", .0.display())]
-    NotASocket(PathBuf),
-    #[error("{} cannot name a Unix socket (it must name a file, in at most 107 bytes, with room in its directory for a temporary name of about 20 bytes)", .0.display())]
-    InvalidPath(PathBuf),
-    #[error("cannot create the API socket {}", .path.display())]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start the API server")]
-    Setup(#[source] io::Error),
-}
 
 /// One request for the VMM, with the way back to the client that sent it.
 #[derive(Debug)]

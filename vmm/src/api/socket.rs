@@ -24,9 +24,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tracing::{info, warn};
 
-use super::server::ApiServerError;
-
+/// Connections the kernel queues before the accept thread takes them.
 const LISTEN_BACKLOG: i32 = 32;
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("another arkvm is serving {}", .0.display())]
+    AlreadyServing(PathBuf),
+    #[error("{} exists and is not a socket; choose another API socket path", .0.display())]
+    NotASocket(PathBuf),
+    #[error("{} cannot name a Unix socket (it must name a file, in at most 107 bytes, with room in its directory for a temporary name of about 20 bytes)", .0.display())]
+    InvalidPath(PathBuf),
+    #[error("cannot create the API socket {}", .path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the API server")]
+    Setup(#[source] io::Error),
+}
+
 /// Tries at moving the socket into place when the path keeps changing under us.
 const PLACE_ATTEMPTS: usize = 4;
 

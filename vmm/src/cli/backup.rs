@@ -1,13 +1,13 @@
 //! `arkvm backup init|list|verify|prune`: managing a backup repository.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use snapshot::repo::{KeepPolicy, RepoKey, Repository};
 
-use super::launch::fail;
+use super::common::{fail, open_repo};
 
 #[derive(clap::Subcommand)]
 pub enum BackupCommand {
@@ -45,16 +45,6 @@ pub struct PruneArgs {
     /// Keep the newest point of each of the last N days.
     #[arg(long, default_value_t = 0)]
     pub keep_daily: usize,
-}
-
-fn load_key(key: Option<&Path>) -> Result<Option<RepoKey>, ExitCode> {
-    key.map(RepoKey::load).transpose().map_err(|e| fail(&e))
-}
-
-/// Opens an existing repository.
-pub fn open_repo(repo: &Path, key: Option<&Path>) -> Result<Repository, ExitCode> {
-    let key = load_key(key)?;
-    Repository::open(repo, key).map_err(|e| fail(&e))
 }
 
 fn time_text(ms: u64) -> String {

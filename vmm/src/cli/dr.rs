@@ -15,7 +15,7 @@ use snapshot::dr::{
 };
 use snapshot::repo::{chunk_object_name, KeyError, PointManifest, RepoError, RepoKey, Repository};
 
-use super::launch::fail;
+use super::common::fail;
 
 /// Why a `dr` command failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ macro_rules! outln {
 }
 
 pub mod backup;
+pub mod common;
 pub mod control;
 pub mod dr;
 pub mod launch;
