@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use super::common::fail;
 use super::{RestoreArgs, RunArgs};
 use crate::api::{ApiServer, DrParams};
 use crate::builder::{build_cold, BuiltVm};
@@ -10,12 +11,6 @@ use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
 use devices::virtio::block::DiskConfig;
-
-/// Prints `e` with its causes on one line and returns exit status 1.
-pub fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("arkvm: error: {}", crate::error_chain(e));
-    ExitCode::from(1)
-}
 
 fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
     match path {
@@ -152,7 +147,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     };
     let source = match (&args.from, &args.repo, &args.id) {
         (Some(dir), _, _) => RestoreSource::Dir(dir.clone()),
-        (None, Some(repo), Some(id)) => match super::backup::open_repo(repo, args.key.as_deref()) {
+        (None, Some(repo), Some(id)) => match super::common::open_repo(repo, args.key.as_deref()) {
             Ok(r) => RestoreSource::Point {
                 repo: r,
                 repo_path: repo.clone(),
