@@ -3,32 +3,24 @@
 //! [`LazyMemory`](crate::restore::lazy_memory::LazyMemory).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::builder::{build_restored, BuildError, BuiltVm};
 use crate::restore::lazy_memory::LazyMemoryError;
-use crate::restore::source::RestoreSource;
+use crate::restore::source::{RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
-    #[error(transparent)]
-    Repo(#[from] snapshot::repo::RepoError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
     Memory(#[from] LazyMemoryError),
-    #[error("the snapshot's memory part holds {part} bytes but its state describes {state} bytes")]
-    MemorySize { part: u64, state: u64 },
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
-    #[error("disk directory {0} already exists; choose another with --disk-dir")]
-    DiskDirExists(PathBuf),
-    #[error("cannot write restored disk {0}")]
-    WriteDisk(PathBuf, #[source] std::io::Error),
 }
 
 /// A restored VM, paused, ready to run.

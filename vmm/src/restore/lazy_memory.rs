@@ -28,6 +28,7 @@
 //! these threads panics: locks follow [`snapshot::lock`]'s policy and every fallible step is an
 //! error.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -319,7 +320,8 @@ fn fault_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
                 // The VM was told to end and has not: a thread that must not run on unchecked
                 // memory is blocked on it (the event loop itself, for a device's page). Ending
                 // the process is the only way left that neither hangs nor shows wrong bytes.
-                eprintln!("arkvm: error: restore failed: {detail}");
+                // Not eprintln!, which panics if stderr is gone.
+                let _ = writeln!(std::io::stderr(), "arkvm: error: restore failed: {detail}");
                 std::process::exit(2);
             }
         }

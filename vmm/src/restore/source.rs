@@ -17,8 +17,22 @@ use std::sync::Arc;
 use snapshot::repo::{LockMode, ObjectReader, PointManifest, RepoError, Repository, StoreLock};
 use snapshot::{ChunkSource, ChunkSourceError, SnapshotReader};
 
-use crate::restore::from_dir::RestoreError;
 use crate::saved_state::{disk_part_name, VmSnapshotState, MEMORY_PART, STATE_PART};
+
+/// Why a restore source could not be opened or its disks copied out.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("the snapshot's memory part holds {part} bytes but its state describes {state} bytes")]
+    MemorySize { part: u64, state: u64 },
+    #[error("disk directory {0} already exists; choose another with --disk-dir")]
+    DiskDirExists(PathBuf),
+    #[error("cannot write restored disk {0}")]
+    WriteDisk(PathBuf, #[source] std::io::Error),
+}
 
 /// What a VM is restored from.
 pub enum RestoreSource {
@@ -74,7 +88,7 @@ impl RestoreSource {
     }
 
     /// Opens and checks the source: its state, and memory the size the state describes.
-    pub fn open(self) -> Result<OpenedSource, RestoreError> {
+    pub fn open(self) -> Result<OpenedSource, SourceError> {
         match self {
             Self::Dir(dir) => open_dir(&dir),
             Self::Point {
@@ -86,13 +100,10 @@ impl RestoreSource {
     }
 }
 
-fn check_memory_size(
-    state: &VmSnapshotState,
-    memory: &dyn ChunkSource,
-) -> Result<(), RestoreError> {
+fn check_memory_size(state: &VmSnapshotState, memory: &dyn ChunkSource) -> Result<(), SourceError> {
     let described: u64 = state.memory.iter().map(|r| r.len).sum();
     if memory.size() != described || described != state.config.memory_bytes {
-        return Err(RestoreError::MemorySize {
+        return Err(SourceError::MemorySize {
             part: memory.size(),
             state: described,
         });
@@ -100,7 +111,7 @@ fn check_memory_size(
     Ok(())
 }
 
-fn open_dir(dir: &Path) -> Result<OpenedSource, RestoreError> {
+fn open_dir(dir: &Path) -> Result<OpenedSource, SourceError> {
     let reader = SnapshotReader::open(dir)?;
     let state: VmSnapshotState = reader.read_state_part(STATE_PART)?;
     let memory = Arc::new(reader.memory_part(MEMORY_PART)?);
@@ -114,7 +125,7 @@ fn open_dir(dir: &Path) -> Result<OpenedSource, RestoreError> {
     })
 }
 
-fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSource, RestoreError> {
+fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSource, SourceError> {
     // Taken before the point is read: a prune that starts now waits until memory is loaded.
     let lock = repo
         .store()
@@ -139,19 +150,19 @@ fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSour
 impl OpenedSource {
     /// Copies every disk (each chunk checked while copying) into `target`, which must not
     /// exist, and points the configuration at the copies.
-    pub fn materialize_disks(&mut self, target: &Path) -> Result<(), RestoreError> {
+    pub fn materialize_disks(&mut self, target: &Path) -> Result<(), SourceError> {
         if self.state.config.disks.is_empty() {
             return Ok(());
         }
         if target.exists() {
-            return Err(RestoreError::DiskDirExists(target.to_path_buf()));
+            return Err(SourceError::DiskDirExists(target.to_path_buf()));
         }
         std::fs::create_dir_all(target)
-            .map_err(|e| RestoreError::WriteDisk(target.to_path_buf(), e))?;
+            .map_err(|e| SourceError::WriteDisk(target.to_path_buf(), e))?;
         for (i, disk) in self.state.config.disks.iter_mut().enumerate() {
             let id = disk.device_id(i);
             let path = target.join(format!("{id}.img"));
-            let write_err = |e| RestoreError::WriteDisk(path.clone(), e);
+            let write_err = |e| SourceError::WriteDisk(path.clone(), e);
             let mut file = std::fs::File::create(&path).map_err(write_err)?;
             let part = disk_part_name(&id);
             match &self.disks {
