@@ -498,17 +498,21 @@ impl LazyMemory {
         true
     }
 
-    /// Waits until every chunk is in and guest memory is unregistered, or returns the error
-    /// that stopped loading.
+    /// Waits until every chunk is in (unregistering and the huge-page collapse go on in the
+    /// background), or returns the error that stopped loading.
     pub fn wait_all_loaded(&self) -> Result<(), LazyMemoryError> {
-        while !self.wait_loaded(Duration::from_millis(100)) {
+        loop {
+            if self.shared.done.load(Ordering::Acquire) {
+                tracing::debug!("memory loaded {:?} after restore", self.started.elapsed());
+                return Ok(());
+            }
             if self.shared.failed.load(Ordering::Acquire) {
                 return Err(snapshot::lock(&self.shared.error)
                     .take()
                     .unwrap_or(LazyMemoryError::Stopped));
             }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(())
     }
 }
 
