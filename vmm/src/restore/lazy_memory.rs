@@ -529,6 +529,119 @@ impl Drop for LazyMemory {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
+    /// Four 1 MiB chunks: chunk i is filled with byte i+1, except chunk 1 which is zero, and
+    /// `bad` which fails its check.
+    struct FakeSource {
+        bad: Option<u64>,
+    }
+
+    impl ChunkSource for FakeSource {
+        fn size(&self) -> u64 {
+            4 * MIB
+        }
+        fn chunk_size(&self) -> u64 {
+            MIB
+        }
+        fn chunk_count(&self) -> u64 {
+            4
+        }
+        fn is_zero_chunk(&self, index: u64) -> bool {
+            index == 1
+        }
+        fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError> {
+            if Some(index) == self.bad {
+                return Err(snapshot::SnapshotError::ChunkCorrupt {
+                    name: "memory".into(),
+                    path: "memory".into(),
+                    index,
+                }
+                .into());
+            }
+            buf.fill(index as u8 + 1);
+            Ok(())
+        }
+    }
+
+    /// Anonymous memory for the loader to fill, unmapped on drop.
+    struct Mapping(*mut libc::c_void, usize);
+
+    impl Mapping {
+        fn new(len: usize) -> Self {
+            // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Self(p, len)
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, no longer used (the loader was dropped first).
+            unsafe { libc::munmap(self.0, self.1) };
+        }
+    }
+
+    fn start(mem: &Mapping, bad: Option<u64>) -> (LazyMemory, Arc<ExitSignal>) {
+        let layout = snapshot::MemoryLayout::back_to_back(&[(0, 4 * MIB)], MIB)
+            .unwrap()
+            .mapped_at(vec![mem.0 as u64])
+            .unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let lazy = LazyMemory::start(Arc::new(FakeSource { bad }), layout, exit.clone()).unwrap();
+        (lazy, exit)
+    }
+
+    #[test]
+    fn every_chunk_comes_from_the_source_and_zero_chunks_are_zero() {
+        let mem = Mapping::new(4 * MIB as usize);
+        let (lazy, exit) = start(&mem, None);
+        // SAFETY: the mapping is 4 MiB; the loader fills it (this read may fault into it).
+        let bytes = unsafe { std::slice::from_raw_parts(mem.0 as *const u8, mem.1) };
+        assert_eq!(bytes[3 * MIB as usize + 5], 4);
+        lazy.wait_all_loaded().unwrap();
+        for (i, chunk) in bytes.chunks(MIB as usize).enumerate() {
+            let want = if i == 1 { 0 } else { i as u8 + 1 };
+            assert!(chunk.iter().all(|&b| b == want), "chunk {i}");
+        }
+        assert!(lazy.wait_loaded(Duration::from_secs(10)));
+        assert!(exit.reason().is_none());
+        drop(lazy);
+    }
+
+    #[test]
+    fn a_chunk_that_fails_its_check_ends_the_vm_with_the_typed_error() {
+        let mem = Mapping::new(4 * MIB as usize);
+        let (lazy, exit) = start(&mem, Some(2));
+        let e = lazy.wait_all_loaded().unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                LazyMemoryError::Read {
+                    index: 2,
+                    source: ChunkSourceError::Snapshot(_)
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            exit.reason(),
+            Some(GuestExit::RestoreFailed { detail }) if detail.contains("chunk 2")
+        ));
+        assert!(!lazy.wait_loaded(Duration::from_millis(10)));
+        drop(lazy);
+    }
+
     #[test]
     fn only_a_count_within_the_request_is_progress() {
         // EAGAIN before anything was copied: the crate hands back the kernel's -EAGAIN.
