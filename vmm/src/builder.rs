@@ -202,10 +202,14 @@ fn create_vcpus(
 pub struct Restore<'a> {
     /// The snapshot's state: memory layout, KVM VM state, vCPUs and devices.
     pub state: &'a VmSnapshotState,
-    /// The lazy loader's source, made from the new VM's memory regions (host address, guest
-    /// address, length each). This is the one place where the builder meets the memory source.
-    pub memory: Box<dyn FnOnce(&[(u64, u64, u64)]) -> MemorySource + 'a>,
+    /// Where guest memory is loaded from. This is the one place where the builder meets the
+    /// memory source.
+    pub memory: MemoryHook<'a>,
 }
+
+/// Makes the lazy loader's source from the new VM's memory regions (host address, guest
+/// address, length each).
+pub type MemoryHook<'a> = Box<dyn FnOnce(&[(u64, u64, u64)]) -> MemorySource + 'a>;
 
 /// How a build starts: a loaded kernel (and initrd), or a snapshot.
 enum Start<'a> {
