@@ -8,7 +8,7 @@
 //!   check the layout      saved vCPU count and memory regions vs config    (restore)
 //!   load the kernel       kernel + initrd                                  (cold)
 //!   DeviceManager::new    serial, i8042   ┐ each restored from its saved  (both)
-//!   add_disks, extras     virtio-blk, ... ┘ state on restore
+//!   configured, extras    disks, ...      ┘ state on restore
 //!   finish_restore        refuse saved devices nothing registered          (restore)
 //!   boot data             command line (+ device words), GDT, MP table,    (cold)
 //!                         zero page
@@ -299,7 +299,7 @@ pub fn build_with_devices(
         saved_devices,
         out,
     )?;
-    devices.add_disks(&config.disks)?;
+    devices.add_configured_devices(config)?;
     extra(&mut devices)?;
     devices.finish_restore()?;
 

@@ -18,7 +18,8 @@
 //! its saved state (found by kind and id) when the VM is being restored, `None` otherwise. Each
 //! device is saved through its own `Persist` impl into a `serde_json::Value`, so a new kind of
 //! device needs no change to the saved-state types, capture or restore: only its folder in
-//! `devices/` and one registration here (`legacy.rs`, `disk.rs`, or a new file beside them).
+//! `devices/` and one registration in [`DeviceManager::add_configured_devices`] (an
+//! `add_virtio_device`, `add_pio_device` or `add_mmio_device` call).
 //!
 //! Restore is strict both ways: a registered device with no saved state, and a saved device
 //! that nothing registered, are refused with the device's kind and id.
@@ -41,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout;
+use crate::config::VmConfig;
 use crate::saved_state::{DevicesState, SavedDevice};
 use crate::vstate::vcpu::{ExitSignal, IoBuses};
 use crate::vstate::vm::Vm;
@@ -295,6 +297,13 @@ impl DeviceManager {
         };
         manager.add_legacy_devices(serial_out)?;
         Ok(manager)
+    }
+
+    /// Registers the devices `config` asks for, after the legacy ones: this is where a new kind
+    /// of device is registered (one line).
+    pub fn add_configured_devices(&mut self, config: &VmConfig) -> Result<(), DeviceManagerError> {
+        self.add_disks(&config.disks)?;
+        Ok(())
     }
 
     /// Ends a restore's registrations: refuses saved devices that nothing registered.

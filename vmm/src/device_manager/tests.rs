@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::builder::build_with_devices;
-use crate::config::VmConfig;
+
 use crate::restore::from_dir::{restore_from_dir, restore_from_dir_with_devices};
 use crate::runtime::Vmm;
 use crate::vstate::memory::create_guest_memory;
@@ -108,7 +108,7 @@ fn devices_sit_where_they_always_did_and_info_reports_the_disks() {
     )
     .unwrap();
 
-    let pio = |base, len, irq| Placement { base, len, irq };
+    let at = |base, len, irq| Placement { base, len, irq };
     let info = m.info();
     assert_eq!(
         info,
@@ -117,21 +117,21 @@ fn devices_sit_where_they_always_did_and_info_reports_the_disks() {
                 id: "com1".into(),
                 kind: "serial",
                 bus: BusKind::Pio,
-                placement: pio(0x3f8, 8, Some(4)),
+                placement: at(0x3f8, 8, Some(4)),
                 disk: None,
             },
             DeviceInfo {
                 id: "i8042".into(),
                 kind: "i8042",
                 bus: BusKind::Pio,
-                placement: pio(0x60, 5, None),
+                placement: at(0x60, 5, None),
                 disk: None,
             },
             DeviceInfo {
                 id: "disk0".into(),
                 kind: "disk",
                 bus: BusKind::Mmio,
-                placement: pio(0xd000_0000, 0x1000, Some(5)),
+                placement: at(0xd000_0000, 0x1000, Some(5)),
                 disk: Some(DiskDeviceInfo {
                     path: d0.clone(),
                     read_only: false,
@@ -141,7 +141,7 @@ fn devices_sit_where_they_always_did_and_info_reports_the_disks() {
                 id: "data".into(),
                 kind: "disk",
                 bus: BusKind::Mmio,
-                placement: pio(0xd000_1000, 0x1000, Some(6)),
+                placement: at(0xd000_1000, 0x1000, Some(6)),
                 disk: Some(DiskDeviceInfo {
                     path: d1.clone(),
                     read_only: true,
