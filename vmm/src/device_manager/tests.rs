@@ -12,10 +12,10 @@ use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::builder::build_with_devices;
-
-use crate::restore::from_dir::{restore_from_dir, restore_from_dir_with_devices};
+use crate::builder::{build_with_devices, BuildError, BuiltVm, ExtraDevices, MemoryHook, Restore};
+use crate::restore::lazy_memory::{MemorySource, RegionSource};
 use crate::runtime::Vmm;
+use crate::saved_state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 use crate::vstate::memory::create_guest_memory;
 use devices::virtio::block::DiskConfig;
 
@@ -355,7 +355,8 @@ fn memory_guest() -> PathBuf {
 }
 
 /// Takes a paused snapshot into `dir` the way `PUT /snapshot` with `"mode": "paused"` does.
-/// This is the test's one call into capture.
+/// This is the test's one call into capture (with the capture seam: `CaptureEngine::start` with
+/// a paused `SnapshotRequest`, then `poll` until it ends).
 fn take_paused_snapshot(vmm: &mut Vmm, dir: &Path) {
     use crate::api::{SnapshotMode, SnapshotStrategy};
     use crate::capture::{paused::start_paused, progress::Progress, sink::SnapshotOut};
@@ -364,6 +365,56 @@ fn take_paused_snapshot(vmm: &mut Vmm, dir: &Path) {
     let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let mut job = start_paused(vmm, out, progress, done).unwrap();
     job.join().unwrap();
+}
+
+/// Guest memory from the snapshot's memory part, as `restore::from_dir` reads it (with
+/// `ChunkSource`: `Arc::new(reader.memory_part(MEMORY_PART))`).
+fn memory_of(reader: &snapshot::SnapshotReader, state: &VmSnapshotState) -> MemoryHook<'static> {
+    let part = Arc::new(reader.memory_part(MEMORY_PART).unwrap());
+    let chunk_size = part.chunk_size();
+    let zero_hash = snapshot::chunk_hash(&vec![0u8; chunk_size as usize]);
+    let zero_chunks = part
+        .chunk_hashes()
+        .iter()
+        .map(|h| *h == zero_hash)
+        .collect();
+    let file = part.file().try_clone().unwrap();
+    let regions = state.memory.clone();
+    Box::new(move |layout: &[(u64, u64, u64)]| MemorySource {
+        file,
+        chunk_size,
+        regions: layout
+            .iter()
+            .zip(regions.iter())
+            .map(|(&(host, _, len), r)| RegionSource {
+                host_addr: host,
+                len,
+                file_offset: r.part_offset,
+            })
+            .collect(),
+        zero_chunks,
+        verify: Box::new(move |index, data| {
+            part.verify_chunk(index as u64, data)
+                .map_err(|e| crate::error_chain(&e))
+        }),
+    })
+}
+
+/// Restores the snapshot in `dir` through the one builder, with `extra` registered after the
+/// configured devices: the restore path, with no restore-specific code for the new device.
+fn restore_snapshot(
+    dir: &Path,
+    extra: ExtraDevices<'_>,
+    out: Console,
+) -> Result<(BuiltVm, VmSnapshotState), BuildError> {
+    let reader = snapshot::SnapshotReader::open(dir).unwrap();
+    let state: VmSnapshotState = reader.read_state_part(STATE_PART).unwrap();
+    let restore = Restore {
+        state: &state,
+        memory: memory_of(&reader, &state),
+    };
+    let built = build_with_devices(&state.config, Some(restore), Box::new(out), extra)?;
+    Ok((built, state))
 }
 
 #[test]
@@ -393,7 +444,10 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
     take_paused_snapshot(&mut vmm, &snap);
     drop(vmm);
 
-    let state = crate::restore::from_dir::open_snapshot(&snap).unwrap().1;
+    let state: VmSnapshotState = snapshot::SnapshotReader::open(&snap)
+        .unwrap()
+        .read_state_part(STATE_PART)
+        .unwrap();
     let saved = state
         .devices
         .devices
@@ -404,15 +458,13 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
     assert_eq!(saved.state, serde_json::json!({ "value": VALUE }));
 
     // A VM without the device refuses the snapshot, naming the device.
-    let refused = restore_from_dir(&snap, None, None, Box::new(std::io::sink()));
+    let refused = restore_snapshot(&snap, &|_| Ok(()), Console::default());
     let e = crate::error_chain(&refused.err().expect("the restore must be refused"));
     assert!(e.contains("scratch scratch0"), "{e}");
 
     // Restored through the one builder, with the same registration: the value is back.
     let console = Console::default();
-    let (built, state) =
-        restore_from_dir_with_devices(&snap, None, None, Box::new(console.clone()), &add_scratch)
-            .unwrap();
+    let (built, state) = restore_snapshot(&snap, &add_scratch, console.clone()).unwrap();
     assert_eq!(read_scratch(&built.buses), VALUE);
 
     // And the restored guest runs on.

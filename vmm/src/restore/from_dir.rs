@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use snapshot::{chunk_hash, SnapshotReader};
 
-use crate::builder::{build_with_devices, BuildError, BuiltVm, ExtraDevices, Restore};
+use crate::builder::{build, BuildError, BuiltVm, Restore};
 use crate::restore::lazy_memory::{MemorySource, RegionSource};
 use crate::saved_state::{disk_part_name, VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART};
 
@@ -51,18 +51,6 @@ pub fn restore_from_dir(
     expect_memory: Option<u64>,
     disk_dir: Option<&Path>,
     out: Box<dyn Write + Send>,
-) -> Result<(BuiltVm, VmSnapshotState), RestoreError> {
-    restore_from_dir_with_devices(dir, expect_memory, disk_dir, out, &|_| Ok(()))
-}
-
-/// [`restore_from_dir`] for a VM that had devices beyond its configuration: `extra` registers
-/// them again (see [`crate::builder::build_with_devices`]).
-pub fn restore_from_dir_with_devices(
-    dir: &Path,
-    expect_memory: Option<u64>,
-    disk_dir: Option<&Path>,
-    out: Box<dyn Write + Send>,
-    extra: ExtraDevices<'_>,
 ) -> Result<(BuiltVm, VmSnapshotState), RestoreError> {
     let (reader, mut state) = open_snapshot(dir)?;
     if !state.config.disks.is_empty() {
@@ -118,7 +106,7 @@ pub fn restore_from_dir_with_devices(
         state: &state,
         memory,
     };
-    let built = build_with_devices(&state.config, Some(restore), out, extra)?;
+    let built = build(&state.config, Some(restore), out)?;
     Ok((built, state))
 }
 
