@@ -195,7 +195,7 @@ impl Vmm {
             exit: built.exit.clone(),
         }));
         let stdin: Subscriber = Arc::new(Mutex::new(StdinHandler {
-            serial: built.serial.clone(),
+            serial: built.devices.serial(),
         }));
         events.add_subscriber(exit);
         events.add_subscriber(stdin);
@@ -205,9 +205,8 @@ impl Vmm {
             evt: snapshot_done.clone(),
         }));
         events.add_subscriber(wake);
-        for d in &built.disks {
-            let block: Subscriber = d.block.clone();
-            events.add_subscriber(block);
+        for device in built.devices.subscribers() {
+            events.add_subscriber(device);
         }
         Ok(Self {
             built,

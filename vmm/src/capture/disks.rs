@@ -5,39 +5,20 @@
 
 use std::sync::atomic::AtomicBool;
 
-use devices::virtio::block::FrozenImage;
-
 use super::progress::Progress;
 use super::sink::SnapshotOut;
 use super::CaptureError;
 use crate::runtime::Vmm;
 use crate::saved_state::disk_part_name;
 
-/// A disk frozen at the snapshot instant.
-pub struct FrozenDisk {
-    pub id: String,
-    pub image: FrozenImage,
-}
+pub use crate::device_manager::FrozenDisk;
 
 /// Freezes every disk. Call with the vCPUs paused, after the device state was saved.
 pub fn freeze_disks(vmm: &Vmm) -> Result<Vec<FrozenDisk>, CaptureError> {
-    let mut frozen = Vec::with_capacity(vmm.built.disks.len());
-    for d in &vmm.built.disks {
-        let disk = d.block.lock().expect("block lock poisoned").disk().clone();
-        match disk.start_snapshot_overlay() {
-            Ok(image) => frozen.push(FrozenDisk {
-                id: d.id.clone(),
-                image,
-            }),
-            Err(e) => {
-                // Give back what was frozen so far before failing.
-                drop(frozen);
-                vmm.merge_disk_overlays();
-                return Err(CaptureError::Disk(d.id.clone(), e));
-            }
-        }
-    }
-    Ok(frozen)
+    vmm.built
+        .devices
+        .freeze_disks()
+        .map_err(|e| CaptureError::Disk(e.id, e.source))
 }
 
 /// Total bytes of the frozen disks.
@@ -64,14 +45,6 @@ pub fn copy_frozen_disks(
 impl Vmm {
     /// Merges every disk's snapshot overlay back into its base, in the background.
     pub(crate) fn merge_disk_overlays(&self) {
-        for d in &self.built.disks {
-            let disk = d.block.lock().expect("block lock poisoned").disk().clone();
-            if disk.snapshot_overlay_path().exists() {
-                match disk.merge_overlay_in_background() {
-                    Ok(_) => tracing::debug!("merging disk {} back in the background", d.id),
-                    Err(e) => tracing::error!("cannot start merging disk {}: {e}", d.id),
-                }
-            }
-        }
+        self.built.devices.merge_disk_overlays();
     }
 }

@@ -8,8 +8,6 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use snapshot::Persist;
-
 use super::disks::{copy_frozen_disks, freeze_disks, frozen_bytes};
 use super::job::SnapshotJob;
 use super::memory_copy::copy_all;
@@ -18,7 +16,7 @@ use super::sink::SnapshotOut;
 use super::target::plan_incremental;
 use super::CaptureError;
 use crate::runtime::{RunState, Vmm};
-use crate::saved_state::{DevicesState, VmSnapshotState};
+use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::region_layout;
 use crate::vstate::vcpu::{VcpuEvent, VcpuResponse};
 
@@ -26,15 +24,7 @@ use crate::vstate::vcpu::{VcpuEvent, VcpuResponse};
 pub fn save_frozen_state(vmm: &Vmm) -> Result<VmSnapshotState, CaptureError> {
     // Devices before KVM state: an interrupt a device raises while being saved must already be
     // in the irqchip state saved below.
-    let devices = DevicesState {
-        serial: vmm
-            .built
-            .serial
-            .lock()
-            .expect("serial lock poisoned")
-            .save(),
-        disks: vmm.built.disks.iter().map(|d| d.save()).collect(),
-    };
+    let devices = vmm.built.devices.save_state()?;
     let mut vcpus = Vec::with_capacity(vmm.built.vcpus.len());
     for v in &vmm.built.vcpus {
         v.send(VcpuEvent::SaveState)?;

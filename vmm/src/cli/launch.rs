@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use super::common::fail;
 use super::{RestoreArgs, RunArgs};
 use crate::api::{ApiServer, DrParams};
-use crate::builder::{build_cold, BuiltVm};
+use crate::builder::{build, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
@@ -126,7 +126,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let built = match build_cold(&config, Box::new(std::io::stdout())) {
+    let built = match build(&config, None, Box::new(std::io::stdout())) {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };

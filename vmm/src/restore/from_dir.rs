@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::builder::{build_restored, BuildError, BuiltVm};
+use crate::builder::{build, BuildError, BuiltVm, Restore};
 use crate::restore::lazy_memory::LazyMemoryError;
 use crate::restore::source::{RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
@@ -51,7 +51,11 @@ pub fn restore(
             });
         }
     }
-    let built = build_restored(state, opened.memory, out)?;
+    let restore = Restore {
+        state,
+        memory: opened.memory,
+    };
+    let built = build(&state.config, Some(restore), out)?;
     if opened.load_before_resume {
         if let Some(lazy) = &built.lazy_memory {
             lazy.wait_all_loaded()?;
