@@ -5,6 +5,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::capture::SnapshotRequest;
+pub use crate::capture::{SnapshotMode, SnapshotStrategy, SnapshotTarget};
+use crate::dr_checkpoints::DrConfig;
+pub use crate::dr_checkpoints::MIN_DR_INTERVAL_MS;
+
 /// One call on the control API, parsed and validated, for the VMM to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -35,39 +40,6 @@ pub enum ApiRequest {
     GetDr,
 }
 
-/// Whether the guest keeps running while its memory is copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotMode {
-    /// The guest runs while memory is copied; the pause covers only the state.
-    #[default]
-    Live,
-    /// The guest stays paused until everything is written.
-    Paused,
-}
-
-/// How a live snapshot keeps its memory image consistent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStrategy {
-    /// Write-protect memory and copy a page before the guest's first write to it. The point in
-    /// time is the request.
-    #[default]
-    Cow,
-    /// Copy while tracking dirty pages, re-copy, then pause briefly for the rest. The point in
-    /// time is the final pause.
-    Precopy,
-}
-
-/// Where a snapshot is written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SnapshotTarget {
-    /// A new snapshot directory (`"out"`), which must not exist yet.
-    Dir(PathBuf),
-    /// A backup point in a repository (`"repo"`).
-    Repo(PathBuf),
-}
-
 /// The body of `PUT /snapshot`, validated: exactly one of `out` and `repo`; absolute paths
 /// (they are resolved by the VMM process, not by the client); `strategy` only for live
 /// snapshots; `key` only with `repo`.
@@ -80,6 +52,17 @@ pub struct SnapshotParams {
     pub strategy: SnapshotStrategy,
     /// Key file for encryption at rest in the repository.
     pub key: Option<PathBuf>,
+}
+
+impl From<SnapshotParams> for SnapshotRequest {
+    fn from(p: SnapshotParams) -> Self {
+        SnapshotRequest {
+            target: p.target,
+            mode: p.mode,
+            strategy: p.strategy,
+            key: p.key,
+        }
+    }
 }
 
 /// The wire form of [`SnapshotParams`].
@@ -151,8 +134,15 @@ pub struct DrParams {
     pub key: PathBuf,
 }
 
-/// The shortest DR interval accepted.
-pub const MIN_DR_INTERVAL_MS: u64 = 10;
+impl From<DrParams> for DrConfig {
+    fn from(p: DrParams) -> Self {
+        DrConfig {
+            target: p.target,
+            interval_ms: p.interval_ms,
+            key: p.key,
+        }
+    }
+}
 
 /// The wire form of [`DrParams`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
