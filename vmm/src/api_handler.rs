@@ -40,7 +40,7 @@ fn vm_info(machine: &Machine) -> VmInfo {
 fn dr_error(e: &DrControlError) -> ApiResponse {
     match e {
         DrControlError::AlreadyRunning | DrControlError::NotRunning => ApiResponse::conflict(e),
-        DrControlError::Setup(_) => ApiResponse::bad_request(crate::error_chain(e)),
+        DrControlError::Setup(_) => ApiResponse::bad_request(snapshot::error_chain(e)),
     }
 }
 
@@ -63,7 +63,7 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
             }
             match machine.pause() {
                 Ok(_) => ApiResponse::no_content(),
-                Err(e) => ApiResponse::internal(crate::error_chain(&e)),
+                Err(e) => ApiResponse::internal(snapshot::error_chain(&e)),
             }
         }
         ApiRequest::ResumeVm => {
@@ -77,7 +77,7 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
             }
             match machine.resume() {
                 Ok(()) => ApiResponse::no_content(),
-                Err(e) => ApiResponse::internal(crate::error_chain(&e)),
+                Err(e) => ApiResponse::internal(snapshot::error_chain(&e)),
             }
         }
         ApiRequest::ShutdownVm => {
@@ -86,8 +86,8 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
         }
         ApiRequest::CreateSnapshot(params) => match engine.start(machine, &params.into()) {
             Ok(id) => ApiResponse::snapshot_started(&SnapshotStarted { id }),
-            Err(e) if e.is_conflict() => ApiResponse::conflict(crate::error_chain(&e)),
-            Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
+            Err(e) if e.is_conflict() => ApiResponse::conflict(snapshot::error_chain(&e)),
+            Err(e) => ApiResponse::bad_request(snapshot::error_chain(&e)),
         },
         ApiRequest::GetSnapshot => match engine.status() {
             Some(s) => ApiResponse::snapshot(&s),

@@ -278,7 +278,7 @@ impl DrLoop {
                 );
             }
             Err(e) => {
-                let e = crate::error_chain(&e);
+                let e = snapshot::error_chain(&e);
                 self.status.checkpoints_failed += 1;
                 if self.status.state == DrState::Running {
                     self.status.state = DrState::Retrying;
@@ -394,8 +394,10 @@ impl DrControl {
             Ok(_) => d.checkpoint_running = true,
             Err(e) => {
                 d.status.checkpoints_failed += 1;
-                d.status.last_error =
-                    Some(format!("checkpoint not taken: {}", crate::error_chain(&e)));
+                d.status.last_error = Some(format!(
+                    "checkpoint not taken: {}",
+                    snapshot::error_chain(&e)
+                ));
             }
         }
     }
@@ -419,7 +421,8 @@ impl DrControl {
             }
             Err(e) => {
                 d.status.checkpoints_failed += 1;
-                d.status.last_error = Some(format!("checkpoint failed: {}", crate::error_chain(e)));
+                d.status.last_error =
+                    Some(format!("checkpoint failed: {}", snapshot::error_chain(e)));
             }
         }
     }

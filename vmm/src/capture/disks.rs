@@ -2,7 +2,7 @@
 //! (the patent's "new log of uncommitted updates"), which freezes the image below it; the frozen
 //! image is copied into the snapshot while the guest keeps writing to the overlay, and the
 //! overlay is merged back once the snapshot has ended, whether it succeeded or not. Freezing and
-//! merging belong to the VM (see [`super::vm::CaptureVm`]); copying belongs here.
+//! merging belong to the VM (through the capture seam); copying belongs here.
 
 use std::sync::atomic::AtomicBool;
 

@@ -167,13 +167,13 @@ impl CaptureEngine {
         let cancelled = job.is_cancelled();
         match &result {
             Ok(()) => tracing::info!("snapshot {} done", status.id),
-            Err(e) => tracing::warn!("snapshot {} ended: {}", status.id, crate::error_chain(e)),
+            Err(e) => tracing::warn!("snapshot {} ended: {}", status.id, snapshot::error_chain(e)),
         }
         job.progress.finish(
             result
                 .as_ref()
                 .map(|_| ())
-                .map_err(|e| crate::error_chain(e)),
+                .map_err(|e| snapshot::error_chain(e)),
             cancelled,
         );
         self.last = Some(job.progress.clone());

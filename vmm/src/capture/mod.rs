@@ -10,7 +10,7 @@
 //!   [`snapshot::MemorySink`].
 //! - `memory_copy`, `dirty_log`, `disks`: copying memory chunks, reading the dirty logs, copying
 //!   frozen disks.
-//! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (`crate::machine`).
+//! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
 //! - `cow`: the userfaultfd write tracker.
 //! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
 //!   write tracker and the incremental-backup parent).

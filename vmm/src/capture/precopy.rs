@@ -79,7 +79,7 @@ impl LoopWork for FinalPause {
             if let Err(e) = vm.resume() {
                 tracing::error!(
                     "cannot resume after the precopy final pause: {}",
-                    crate::error_chain(&e)
+                    snapshot::error_chain(&e)
                 );
             }
         }

@@ -1,6 +1,6 @@
 //! The one interface every capture strategy implements. A strategy pauses the VM through its
 //! [`CaptureVm`] handle, saves what the snapshot instant needs, and hands the copy to a
-//! [`SnapshotJob`]; the engine (`super::engine`) picks the strategy and owns the job. Adding a
+//! [`SnapshotJob`]; the engine picks the strategy and owns the job. Adding a
 //! strategy is one new file implementing [`CaptureStrategy`] plus one line in the engine.
 
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! The narrow handle capture has on a VM. The object that owns the built VM implements
-//! [`CaptureVm`] (`crate::machine`); capture never sees the event loop or the rest of the VMM.
+//! [`CaptureVm`] (the machine); capture never sees the event loop or the rest of the VMM.
 //!
 //! Save-order rules the implementation must keep: [`CaptureVm::save_state`] saves the devices
 //! before the KVM state (an interrupt a device raises while it is being saved is then already in
