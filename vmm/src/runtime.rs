@@ -25,8 +25,6 @@ use crate::vstate::vcpu::{ExitSignal, GuestExit, VcpuError};
 use devices::legacy::serial::SerialDevice;
 use snapshot::lock;
 
-pub use crate::machine::RunState;
-
 /// Why the running VMM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

@@ -15,7 +15,7 @@ pub use crate::dr_checkpoints::MIN_DR_INTERVAL_MS;
 pub enum ApiRequest {
     /// `GET /vm`: the VM's run state and configuration. Answer with [`ApiResponse::vm`].
     ///
-    /// [`ApiResponse::vm`]: super::ApiResponse::vm
+    /// [`ApiResponse::vm`]: super::response::ApiResponse::vm
     GetVm,
     /// `PUT /vm/pause`: stop the vCPUs. 204, or 409 if the VM is not running.
     PauseVm,
@@ -23,20 +23,20 @@ pub enum ApiRequest {
     ResumeVm,
     /// `PUT /vm/shutdown`: stop the guest and exit. 204, sent before the VMM exits.
     ShutdownVm,
-    /// `PUT /snapshot`: start a snapshot. 202 with [`super::SnapshotStarted`], or 409 if one
-    /// is running.
+    /// `PUT /snapshot`: start a snapshot. 202 with
+    /// [`SnapshotStarted`](super::response::SnapshotStarted), or 409 if one is running.
     CreateSnapshot(SnapshotParams),
     /// `GET /snapshot`: progress of the running snapshot, or the outcome of the last one. 200
-    /// with [`super::SnapshotStatus`], or 404 if none was taken.
+    /// with [`SnapshotStatus`](crate::capture::SnapshotStatus), or 404 if none was taken.
     GetSnapshot,
     /// `DELETE /snapshot`: cancel the running snapshot. 204, or 409 if none is running.
     CancelSnapshot,
-    /// `PUT /dr`: start sending checkpoints to a DR receiver. 202 with [`super::DrStatus`], or
-    /// 409 if DR is already running.
+    /// `PUT /dr`: start sending checkpoints to a DR receiver. 202 with
+    /// [`DrStatus`](crate::dr_checkpoints::DrStatus), or 409 if DR is already running.
     StartDr(DrParams),
     /// `DELETE /dr`: stop sending checkpoints. 204, or 409 if DR is not running.
     StopDr,
-    /// `GET /dr`: DR status. 200 with [`super::DrStatus`].
+    /// `GET /dr`: DR status. 200 with [`DrStatus`](crate::dr_checkpoints::DrStatus).
     GetDr,
 }
 

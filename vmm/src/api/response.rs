@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::capture::{SnapshotState, SnapshotStatus};
 pub use crate::dr_checkpoints::{DrCheckpoint, DrState, DrStatus};
 
-/// The VMM's answer to one [`super::ApiRequest`]: an HTTP status and a JSON body (none for 204).
+/// The VMM's answer to one `ApiRequest`: an HTTP status and a JSON body (none for 204).
 /// Build it with the constructor that names the body; errors carry `{"error": "<sentence>"}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiResponse {

@@ -111,3 +111,34 @@ impl ChangeTracking {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(point: Option<&str>) -> Committed {
+        Committed {
+            name: "x".into(),
+            point_id: point.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_committed_backup_becomes_the_parent_and_a_failure_breaks_it() {
+        let mut t = ChangeTracking::default();
+        t.started(true);
+        t.ended(Ok(&committed(Some("p1"))));
+        assert_eq!(t.parent.as_deref(), Some("p1"));
+        // A directory snapshot's end leaves the parent to plan_incremental.
+        t.started(false);
+        t.ended(Ok(&committed(None)));
+        assert_eq!(t.parent.as_deref(), Some("p1"));
+        t.started(true);
+        t.ended(Err(&CaptureError::Cancelled));
+        assert_eq!(t.parent, None);
+        t.started(true);
+        t.ended(Ok(&committed(Some("p2"))));
+        t.consume_dirty_log();
+        assert_eq!(t.parent, None);
+    }
+}
