@@ -26,6 +26,9 @@ fn stdout(out: &Output) -> String {
 
 fn write_key(path: &Path, byte: u8) {
     std::fs::write(path, format!("{}\n", format!("{byte:02x}").repeat(32))).expect("key file");
+    // arkvm refuses key files that group or others can read.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("key file mode");
 }
 
 /// Memory of `seeds.len()` MiB, chunk `i` derived from `seeds[i]` (incompressible).

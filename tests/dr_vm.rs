@@ -23,6 +23,9 @@ fn path(p: &Path) -> String {
 
 fn write_key(p: &Path, byte: u8) {
     std::fs::write(p, format!("{}\n", format!("{byte:02x}").repeat(32))).expect("key file");
+    // arkvm refuses key files that group or others can read.
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("key file mode");
 }
 
 /// Runs `ip ARGS`, panicking if it fails.

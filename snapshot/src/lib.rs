@@ -21,7 +21,7 @@ pub mod chunk;
 pub mod dir;
 pub mod dr;
 pub mod error;
-mod fs_util;
+pub mod fs_util;
 pub mod layout;
 pub mod manifest;
 pub mod persist;

@@ -39,3 +39,21 @@ impl Drop for TestDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Sets the process umask to `mask` for the tests that check file modes (a permissive umask
+/// such as 022 is what makes a missing mode show). Every such test sets the same value, so
+/// tests running in parallel do not disturb each other; the old mask is not restored.
+pub(crate) fn permissive_umask() {
+    // SAFETY: umask only changes the process's file-creation mask; it touches no memory.
+    unsafe { libc::umask(0o022) };
+}
+
+/// The permission bits of `path` (not following a final symlink).
+pub(crate) fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .expect("inspect")
+        .permissions()
+        .mode()
+        & 0o7777
+}

@@ -1,28 +1,40 @@
-//! Builds a VM from its configuration: KVM VM, guest memory, legacy devices, vCPUs and the
-//! loaded kernel. Restore (a later stage) reuses the same steps with saved state.
+//! Builds a VM, for a cold boot and a restore alike: KVM VM, guest memory, the devices (through
+//! the device manager), vCPUs, and either the loaded kernel or the saved state. As in Cloud
+//! Hypervisor, one constructor takes the saved state as an option:
+//!
+//! ```text
+//! build(config, restore)
+//!   create_vm             KVM VM + guest memory                            (both)
+//!   check the layout      saved vCPU count and memory regions vs config    (restore)
+//!   load the kernel       kernel + initrd                                  (cold)
+//!   DeviceManager::new    serial, i8042   ┐ each restored from its saved  (both)
+//!   configured, extras    disks, ...      ┘ state on restore
+//!   finish_restore        refuse saved devices nothing registered          (restore)
+//!   boot data             command line (+ device words), GDT, MP table,    (cold)
+//!                         zero page
+//!   lazy memory           LazyMemory::start over the restore's source      (restore)
+//!   irqchip, PIT, clock   Vm::restore_state, before the vCPUs' LAPICs      (restore)
+//!   create_vcpus          boot registers, or each vCPU's saved state       (both)
+//! ```
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
 use crate::config::VmConfig;
-use crate::devices_setup::{attach_disks, kernel_cmdline_entries, AttachedDisk, DiskSetupError};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError, MemorySource};
 use crate::saved_state::VmSnapshotState;
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::memory::{create_guest_memory, region_layout, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, IoBuses, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vcpu_state::{readable_msrs, VcpuState};
 use crate::vstate::vm::{Vm, VmError};
-use devices::legacy::i8042::I8042Device;
-use devices::legacy::serial::{SerialConstructorArgs, SerialDevice, SerialState};
-use devices::{Bus, BusError, GuestMemoryMmap};
-use snapshot::Persist;
+use devices::{Bus, GuestMemoryMmap};
 
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -47,26 +59,19 @@ pub enum BuildError {
     Cpuid(#[from] cpuid::CpuidError),
     #[error("KVM failed to {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
-    #[error("cannot register a device on the bus")]
-    Bus(#[from] BusError),
     #[error("cannot create an event fd")]
     EventFd(#[source] std::io::Error),
     #[error("the snapshot does not match this VM: {0}")]
     StateMismatch(&'static str),
     #[error("cannot restore vCPU {0}")]
     RestoreVcpu(u8, #[source] crate::vstate::vcpu_state::VcpuStateError),
-    #[error("cannot restore the serial port")]
-    RestoreSerial(#[source] devices::legacy::serial::SerialError),
     #[error(transparent)]
     LazyMemory(#[from] LazyMemoryError),
     #[error(transparent)]
-    Disk(#[from] DiskSetupError),
+    Devices(#[from] DeviceManagerError),
     #[error("this host's KVM supports at most {max} vCPUs, {asked} were asked for")]
     TooManyVcpus { asked: u8, max: usize },
 }
-
-/// The IRQ line of the serial port (COM1).
-const SERIAL_IRQ: u32 = 4;
 
 /// How long each build step took, for the start-up benchmark.
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,53 +90,15 @@ pub struct BuiltVm {
     pub vcpus: Vec<VcpuHandle>,
     pub buses: Arc<IoBuses>,
     pub exit: Arc<ExitSignal>,
-    pub serial: Arc<Mutex<SerialDevice>>,
     pub timings: BootTimings,
     /// The lazy memory loader of a restored VM, until every chunk is in.
     pub lazy_memory: Option<LazyMemory>,
-    /// The virtio-blk disks.
-    pub disks: Vec<AttachedDisk>,
+    /// Every device: serial, i8042, disks, and any registered beyond the configuration.
+    pub devices: DeviceManager,
 }
 
 fn us_since(t: Instant) -> u128 {
     t.elapsed().as_micros()
-}
-
-/// Creates the legacy devices and registers them on the port I/O bus.
-fn setup_legacy_devices(
-    vm: &Vm,
-    pio: &Bus,
-    exit: &ExitSignal,
-    out: Box<dyn Write + Send>,
-    saved: Option<&SerialState>,
-) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.fd()
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|e| BuildError::Kvm("connect the serial IRQ", e))?;
-    let serial = match saved {
-        None => SerialDevice::new(serial_irq, out),
-        Some(state) => SerialDevice::restore(
-            SerialConstructorArgs {
-                irq: serial_irq,
-                out,
-            },
-            state,
-        )
-        .map_err(BuildError::RestoreSerial)?,
-    };
-    let serial = Arc::new(Mutex::new(serial));
-    pio.insert(
-        serial.clone(),
-        SerialDevice::PORT_BASE,
-        SerialDevice::PORT_LEN,
-    )?;
-    // The i8042 reset line wakes the event loop through the exit signal's event fd; an exit
-    // event with no recorded reason is a reset request.
-    let reset = exit.eventfd().try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset)));
-    pio.insert(i8042, I8042Device::PORT_BASE, I8042Device::PORT_LEN)?;
-    Ok(serial)
 }
 
 /// The KVM handle, VM and memory: the first steps of both cold boot and restore.
@@ -231,134 +198,159 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Builds a VM that boots `config`'s kernel. Serial output goes to `out`.
-pub fn build_cold(config: &VmConfig, out: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
-    let mut timings = BootTimings::default();
-    let (kvm, vm, mem) = create_vm(config, &mut timings)?;
-
-    let t = Instant::now();
-    let loaded = boot::load_kernel(&mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(p) => Some(boot::load_initrd(&mem, p, loaded.kernel_end)?),
-        None => None,
-    };
-    let mut cmdline = config.cmdline.clone();
-    for entry in kernel_cmdline_entries(config.disks.len()) {
-        cmdline.push(' ');
-        cmdline.push_str(&entry);
-    }
-    let cmdline_len = boot::load_cmdline(&mem, cmdline.trim())?;
-    gdt::write_boot_tables(&mem)?;
-    mptable::setup_mptable(&mem, config.vcpus)?;
-    boot_params::write_zero_page(
-        &mem,
-        config.memory_bytes,
-        cmdline_len,
-        loaded.setup_header,
-        initrd,
-    )?;
-    timings.load_us = us_since(t);
-
-    let buses = Arc::new(IoBuses {
-        pio: Bus::new(),
-        mmio: Bus::new(),
-    });
-    let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
-    let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, None)?;
-    let disks = attach_disks(&vm, &mem, &buses.mmio, &config.disks, None)?;
-
-    let t = Instant::now();
-    let vcpus = create_vcpus(
-        &kvm,
-        &vm,
-        config,
-        VcpuInit::Boot {
-            entry: loaded.entry,
-        },
-        &buses,
-        &exit,
-    )?;
-    timings.vcpus_us = us_since(t);
-
-    Ok(BuiltVm {
-        kvm,
-        vm: Arc::new(vm),
-        mem,
-        vcpus,
-        buses,
-        exit,
-        serial,
-        timings,
-        lazy_memory: None,
-        disks,
-    })
+/// What a restore gives [`build`]: the saved state, and where guest memory is loaded from.
+pub struct Restore<'a> {
+    /// The snapshot's state: memory layout, KVM VM state, vCPUs and devices.
+    pub state: &'a VmSnapshotState,
+    /// Where guest memory is loaded from. This is the one place where the builder meets the
+    /// memory source.
+    pub memory: MemoryHook<'a>,
 }
 
-/// Builds a VM from a snapshot's state; guest memory is filled lazily from `memory` while the
-/// guest runs. Serial output goes to `out`.
-pub fn build_restored(
-    state: &VmSnapshotState,
-    memory: impl FnOnce(&[(u64, u64, u64)]) -> MemorySource,
+/// Makes the lazy loader's source from the new VM's memory regions (host address, guest
+/// address, length each).
+pub type MemoryHook<'a> = Box<dyn FnOnce(&[(u64, u64, u64)]) -> MemorySource + 'a>;
+
+/// How a build starts: a loaded kernel (and initrd), or a snapshot.
+enum Start<'a> {
+    Boot(boot::LoadedKernel, Option<boot_params::InitrdRange>),
+    Restore(Restore<'a>),
+}
+
+/// Registers devices beyond the configured ones, after them (a test's, or an embedder's).
+pub type ExtraDevices<'a> = &'a dyn Fn(&mut DeviceManager) -> Result<(), DeviceManagerError>;
+
+/// Builds a VM: with `restore`, from a snapshot's state, with guest memory filled lazily while
+/// the guest runs; without, booting `config`'s kernel. Serial output goes to `out`. The vCPU
+/// threads wait, paused.
+pub fn build(
+    config: &VmConfig,
+    restore: Option<Restore<'_>>,
     out: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
+    build_with_devices(config, restore, out, &|_| Ok(()))
+}
+
+/// [`build`], with `extra` registering more devices after the configured ones. A restore must
+/// register the same devices as the VM that was saved.
+pub fn build_with_devices(
+    config: &VmConfig,
+    restore: Option<Restore<'_>>,
+    out: Box<dyn Write + Send>,
+    extra: ExtraDevices<'_>,
+) -> Result<BuiltVm, BuildError> {
     let mut timings = BootTimings::default();
-    let config = &state.config;
-    if state.vcpus.len() != usize::from(config.vcpus) {
-        return Err(BuildError::StateMismatch(
-            "the number of saved vCPUs differs from the configuration",
-        ));
+    if let Some(r) = &restore {
+        if r.state.vcpus.len() != usize::from(config.vcpus) {
+            return Err(BuildError::StateMismatch(
+                "the number of saved vCPUs differs from the configuration",
+            ));
+        }
     }
     let (kvm, vm, mem) = create_vm(config, &mut timings)?;
-    let layout = crate::vstate::memory::region_layout(&mem);
-    let saved: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
-    let ours: Vec<(u64, u64)> = layout.iter().map(|&(_, g, l)| (g, l)).collect();
-    if saved != ours {
-        return Err(BuildError::StateMismatch(
-            "the saved memory layout differs from the configured memory size",
-        ));
+    if let Some(r) = &restore {
+        let saved: Vec<(u64, u64)> = r
+            .state
+            .memory
+            .iter()
+            .map(|m| (m.guest_addr, m.len))
+            .collect();
+        let ours: Vec<(u64, u64)> = region_layout(&mem)
+            .iter()
+            .map(|&(_, g, l)| (g, l))
+            .collect();
+        if saved != ours {
+            return Err(BuildError::StateMismatch(
+                "the saved memory layout differs from the configured memory size",
+            ));
+        }
     }
 
+    // A cold boot loads the kernel before any device is made, so its errors come first.
+    let t = Instant::now();
+    let start = match restore {
+        Some(r) => Start::Restore(r),
+        None => {
+            let loaded = boot::load_kernel(&mem, &config.kernel)?;
+            let initrd = match &config.initrd {
+                Some(p) => Some(boot::load_initrd(&mem, p, loaded.kernel_end)?),
+                None => None,
+            };
+            Start::Boot(loaded, initrd)
+        }
+    };
+    let kernel_us = us_since(t);
+
+    let vm = Arc::new(vm);
     let buses = Arc::new(IoBuses {
         pio: Bus::new(),
         mmio: Bus::new(),
     });
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
-    let serial = setup_legacy_devices(&vm, &buses.pio, &exit, out, Some(&state.devices.serial))?;
-    let disks = attach_disks(
-        &vm,
-        &mem,
-        &buses.mmio,
-        &config.disks,
-        Some(&state.devices.disks),
+    let saved_devices = match &start {
+        Start::Restore(r) => Some(&r.state.devices),
+        Start::Boot(..) => None,
+    };
+    let mut devices = DeviceManager::new(
+        vm.clone(),
+        mem.clone(),
+        buses.clone(),
+        exit.clone(),
+        saved_devices,
+        out,
     )?;
+    devices.add_configured_devices(config)?;
+    extra(&mut devices)?;
+    devices.finish_restore()?;
 
-    let t = Instant::now();
-    let lazy = LazyMemory::start(memory(&layout), exit.clone())?;
-    timings.load_us = us_since(t);
+    let (init, lazy_memory, vcpus_started) = match start {
+        Start::Restore(r) => {
+            let t = Instant::now();
+            let lazy = LazyMemory::start((r.memory)(&region_layout(&mem)), exit.clone())?;
+            timings.load_us = us_since(t);
+            let t = Instant::now();
+            // The irqchip, PIT and clock first, then every vCPU (its LAPIC lands on a restored
+            // IOAPIC).
+            vm.restore_state(&r.state.vm)?;
+            (VcpuInit::Restore(&r.state.vcpus), Some(lazy), t)
+        }
+        Start::Boot(loaded, initrd) => {
+            let t = Instant::now();
+            let mut cmdline = config.cmdline.clone();
+            for word in devices.cmdline_words() {
+                cmdline.push(' ');
+                cmdline.push_str(word);
+            }
+            let cmdline_len = boot::load_cmdline(&mem, cmdline.trim())?;
+            gdt::write_boot_tables(&mem)?;
+            mptable::setup_mptable(&mem, config.vcpus)?;
+            boot_params::write_zero_page(
+                &mem,
+                config.memory_bytes,
+                cmdline_len,
+                loaded.setup_header,
+                initrd,
+            )?;
+            timings.load_us = kernel_us + us_since(t);
+            let init = VcpuInit::Boot {
+                entry: loaded.entry,
+            };
+            (init, None, Instant::now())
+        }
+    };
 
-    let t = Instant::now();
-    // The irqchip, PIT and clock first, then every vCPU (its LAPIC lands on a restored IOAPIC).
-    vm.restore_state(&state.vm)?;
-    let vcpus = create_vcpus(
-        &kvm,
-        &vm,
-        config,
-        VcpuInit::Restore(&state.vcpus),
-        &buses,
-        &exit,
-    )?;
-    timings.vcpus_us = us_since(t);
+    let vcpus = create_vcpus(&kvm, &vm, config, init, &buses, &exit)?;
+    timings.vcpus_us = us_since(vcpus_started);
 
     Ok(BuiltVm {
         kvm,
-        vm: Arc::new(vm),
+        vm,
         mem,
         vcpus,
         buses,
         exit,
-        serial,
         timings,
-        lazy_memory: Some(lazy),
-        disks,
+        lazy_memory,
+        devices,
     })
 }

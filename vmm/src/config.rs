@@ -26,6 +26,12 @@ pub enum ConfigError {
     /// Bad vCPU count.
     #[error("--vcpus must be between 1 and {max}, got {got}")]
     VcpuCount { got: u64, max: u8 },
+    /// A VM name the backup repository would refuse (and that could escape a directory).
+    #[error("--name '{0}' is not a valid VM name: use 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.'")]
+    BadName(String),
+    /// More guest memory than the host has.
+    #[error("--memory {asked} is more than this host's memory ({host_mib} MiB); pass --memory-overcommit to start anyway")]
+    MoreThanHost { asked: String, host_mib: u64 },
 }
 
 /// Parses a size such as `256M`, `1G`, `4096` (bytes), `2T`.
@@ -83,6 +89,47 @@ pub fn check_memory(text: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
+/// Checks a VM name by the rule the backup repository applies to the VM names of its points,
+/// so that a name accepted at start works for every backup and checkpoint, and can never name
+/// a path outside the directory it is used in.
+pub fn check_vm_name(name: &str) -> Result<(), ConfigError> {
+    snapshot::repo::validate_vm_name(name)
+        .map_err(|_| ConfigError::BadName(name.chars().take(80).collect()))
+}
+
+/// Refuses guest memory larger than the host's (`host_bytes`), unless `overcommit`.
+pub fn check_memory_fits_host(
+    text: &str,
+    bytes: u64,
+    host_bytes: u64,
+    overcommit: bool,
+) -> Result<(), ConfigError> {
+    if bytes > host_bytes && !overcommit {
+        return Err(ConfigError::MoreThanHost {
+            asked: text.to_string(),
+            host_mib: host_bytes >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// The host's memory (`MemTotal` of `/proc/meminfo`), or `None` if it cannot be read.
+pub fn host_memory_bytes() -> Option<u64> {
+    meminfo_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemTotal` in bytes, from the text of `/proc/meminfo` (`MemTotal:   24567890 kB`).
+fn meminfo_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        None => Some(value),
+        Some(_) => None,
+    }
+}
+
 /// Checks a vCPU count.
 pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
     match u8::try_from(n) {
@@ -112,6 +159,52 @@ mod tests {
         assert!(check_memory("4096K").is_ok());
         assert!(check_memory("4100K").is_err());
         assert!(check_memory("3000000").is_err());
+    }
+
+    #[test]
+    fn names_follow_the_repository_rule() {
+        for good in ["vm", "web-1", "db_2.prod", &"x".repeat(64)] {
+            assert_eq!(check_vm_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "../../../../tmp/x",
+            "a/b",
+            ".hidden",
+            "a b",
+            &"x".repeat(65),
+        ] {
+            let err = check_vm_name(bad).unwrap_err();
+            assert!(matches!(err, ConfigError::BadName(_)), "{bad}");
+            assert!(!err.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn memory_beyond_the_host_needs_overcommit() {
+        let host = 23 << 30;
+        assert_eq!(check_memory_fits_host("16G", 16 << 30, host, false), Ok(()));
+        assert_eq!(check_memory_fits_host("23G", 23 << 30, host, false), Ok(()));
+        let err = check_memory_fits_host("7T", 7 << 40, host, false).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::MoreThanHost {
+                asked: "7T".into(),
+                host_mib: 23 << 10
+            }
+        );
+        assert!(err.to_string().contains("--memory-overcommit"), "{err}");
+        assert_eq!(check_memory_fits_host("7T", 7 << 40, host, true), Ok(()));
+    }
+
+    #[test]
+    fn host_memory_from_meminfo() {
+        let text = "MemTotal:       24567896 kB\nMemFree:         1000 kB\n";
+        assert_eq!(meminfo_total(text), Some(24567896 * 1024));
+        assert_eq!(meminfo_total("MemFree: 1 kB\n"), None);
+        assert_eq!(meminfo_total("MemTotal: lots kB\n"), None);
+        assert!(host_memory_bytes().is_some_and(|b| b > 64 << 20));
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod builder;
 pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod devices_setup;
+pub mod device_manager;
 pub mod dr_checkpoints;
 pub mod machine;
 pub mod restore;

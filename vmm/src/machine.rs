@@ -5,12 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::{lock, Persist};
-
 use crate::builder::BuiltVm;
 use crate::capture::{CaptureError, CaptureVm, FrozenDisk};
 use crate::config::VmConfig;
-use crate::saved_state::{DevicesState, VmSnapshotState};
+use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::region_layout;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuResponse};
 use crate::vstate::vm::Vm;
@@ -105,10 +103,7 @@ impl CaptureVm for Machine {
     fn save_state(&self) -> Result<VmSnapshotState, CaptureError> {
         // Devices before KVM state: an interrupt a device raises while being saved must already
         // be in the irqchip state saved below.
-        let devices = DevicesState {
-            serial: lock(&self.built.serial).save(),
-            disks: self.built.disks.iter().map(|d| d.save()).collect(),
-        };
+        let devices = self.built.devices.save_state()?;
         let mut vcpus = Vec::with_capacity(self.built.vcpus.len());
         for v in &self.built.vcpus {
             v.send(VcpuEvent::SaveState)?;
@@ -134,35 +129,14 @@ impl CaptureVm for Machine {
     }
 
     fn freeze_disks(&self) -> Result<Vec<FrozenDisk>, CaptureError> {
-        let mut frozen = Vec::with_capacity(self.built.disks.len());
-        for d in &self.built.disks {
-            let disk = lock(&d.block).disk().clone();
-            match disk.start_snapshot_overlay() {
-                Ok(image) => frozen.push(FrozenDisk {
-                    id: d.id.clone(),
-                    image,
-                }),
-                Err(e) => {
-                    // Give back what was frozen so far before failing.
-                    drop(frozen);
-                    self.merge_disk_overlays();
-                    return Err(CaptureError::Disk(d.id.clone(), e));
-                }
-            }
-        }
-        Ok(frozen)
+        self.built
+            .devices
+            .freeze_disks()
+            .map_err(|e| CaptureError::Disk(e.id, e.source))
     }
 
     fn merge_disk_overlays(&self) {
-        for d in &self.built.disks {
-            let disk = lock(&d.block).disk().clone();
-            if disk.snapshot_overlay_path().exists() {
-                match disk.merge_overlay_in_background() {
-                    Ok(_) => tracing::debug!("merging disk {} back in the background", d.id),
-                    Err(e) => tracing::error!("cannot start merging disk {}: {e}", d.id),
-                }
-            }
-        }
+        self.built.devices.merge_disk_overlays();
     }
 
     fn memory(&self) -> &GuestMemoryMmap {

@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use vmm::cli::{backup, control, dr, launch, Cli, Command};
+use vmm::cli::{backup, control, dr, launch, Command};
 
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_env("ARKVM_LOG")
@@ -27,7 +26,7 @@ fn default_sigpipe() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = vmm::cli::parse();
     if !matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
         default_sigpipe();
     }

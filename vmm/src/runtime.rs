@@ -176,7 +176,7 @@ impl Vmm {
             exit: built.exit.clone(),
         }));
         let stdin: Subscriber = Arc::new(Mutex::new(StdinHandler {
-            serial: built.serial.clone(),
+            serial: built.devices.serial(),
         }));
         events.add_subscriber(exit);
         events.add_subscriber(stdin);
@@ -185,9 +185,8 @@ impl Vmm {
             evt: engine.wake_evt().clone(),
         }));
         events.add_subscriber(wake);
-        for d in &built.disks {
-            let block: Subscriber = d.block.clone();
-            events.add_subscriber(block);
+        for device in built.devices.subscribers() {
+            events.add_subscriber(device);
         }
         Ok(Self {
             machine: Machine::new(config, built, restored_from),

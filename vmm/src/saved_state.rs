@@ -5,10 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
-use crate::devices_setup::DiskDeviceState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
-use devices::legacy::serial::SerialState;
 
 /// The name of the state part in a snapshot directory.
 pub const STATE_PART: &str = "state";
@@ -24,11 +22,21 @@ pub const MAX_STATE_LEN: u64 = 64 << 20;
 
 pub use snapshot::MemoryRegionState;
 
-/// The state of every device.
-#[derive(Debug, Serialize, Deserialize)]
+/// One device's saved state, keyed by its kind and stable id. `state` is whatever the device's
+/// `Persist` impl saves (for a virtio device, `{"device": .., "transport": ..}`), so a new kind
+/// of device needs no change here; the device manager (`device_manager/`) writes and reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedDevice {
+    pub id: String,
+    pub kind: String,
+    pub state: serde_json::Value,
+}
+
+/// The state of every device, in the device manager's registration order (a JSON array).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct DevicesState {
-    pub serial: SerialState,
-    pub disks: Vec<DiskDeviceState>,
+    pub devices: Vec<SavedDevice>,
 }
 
 /// A whole VM's state.

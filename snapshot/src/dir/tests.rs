@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::*;
 use crate::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use crate::sealed_json::SealError;
-use crate::test_util::TestDir;
+use crate::test_util::{mode_of, permissive_umask, TestDir};
 use crate::FORMAT_VERSION;
 
 const CHUNK: u64 = 4096;
@@ -326,12 +326,12 @@ fn stale_temporaries_are_cleaned_up() {
     let live_tmp = snap.tmp_dir().to_path_buf();
     std::mem::forget(snap);
     assert!(SnapshotReader::open(&target).is_err());
+    // A committed snapshot and unrelated entries stay.
+    write_small(&tmp.path().join("done"));
     // The same directory under a pid that cannot be running (above the kernel's pid limit).
     let dead_tmp = tmp.path().join(".snap.tmp-99999999-00ab12cd");
     fs::create_dir(&dead_tmp).unwrap();
     fs::write(dead_tmp.join("vm-state"), b"partial").unwrap();
-    // A committed snapshot and unrelated entries stay.
-    write_small(&tmp.path().join("done"));
     fs::create_dir(tmp.path().join(".other.tmp-1-xyz")).unwrap();
     fs::write(tmp.path().join(".file.tmp-99999999-ab"), b"").unwrap();
 
@@ -345,6 +345,61 @@ fn stale_temporaries_are_cleaned_up() {
     read_everything(&tmp.path().join("done")).unwrap();
     assert!(tmp.path().join(".other.tmp-1-xyz").exists());
     assert!(cleanup_stale(tmp.path()).unwrap().is_empty());
+}
+
+#[test]
+fn the_next_snapshot_removes_temporaries_of_killed_writers_only() {
+    let tmp = TestDir::new("stale-next");
+    // Killed writers: pids that cannot be running (above the kernel's pid limit).
+    let dead = [
+        tmp.path().join(".vm1-snap.tmp-99999999-00ab12cd"),
+        tmp.path().join(".other.tmp-99999998-ff"),
+    ];
+    for dir in &dead {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join("memory"), vec![1u8; 4096]).unwrap();
+    }
+    // A writer still running (this process) keeps its temporary.
+    let running = SnapshotWriter::create(&tmp.path().join("busy")).unwrap();
+    let running_tmp = running.tmp_dir().to_path_buf();
+    // Look-alikes that are not temporaries of a snapshot writer stay.
+    fs::write(tmp.path().join(".file.tmp-99999999-ab"), b"").unwrap();
+    fs::create_dir(tmp.path().join("plain.tmp-99999999-ab")).unwrap();
+
+    write_small(&tmp.path().join("next"));
+    for dir in &dead {
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+    assert!(
+        running_tmp.exists(),
+        "a running writer's temporary was removed"
+    );
+    assert!(tmp.path().join(".file.tmp-99999999-ab").exists());
+    assert!(tmp.path().join("plain.tmp-99999999-ab").exists());
+    read_everything(&tmp.path().join("next")).unwrap();
+    drop(running);
+    assert!(!running_tmp.exists());
+}
+
+#[test]
+fn snapshot_directories_are_private_whatever_the_umask() {
+    permissive_umask();
+    let tmp = TestDir::new("private");
+    let target = tmp.path().join("snap");
+    let mut snap = SnapshotWriter::create(&target).unwrap();
+    assert_eq!(mode_of(snap.tmp_dir()), 0o700);
+    snap.write_state_part("vm-state", &vm_state()).unwrap();
+    assert_eq!(mode_of(&snap.tmp_dir().join("vm-state")), 0o600);
+    drop(snap);
+    write_small(&target);
+    assert_eq!(mode_of(&target), 0o700);
+    let mut files = 0;
+    for entry in fs::read_dir(&target).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode_of(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(files >= 3, "only {files} files were checked");
 }
 
 #[test]

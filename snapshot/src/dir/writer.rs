@@ -1,7 +1,7 @@
 //! Writing a snapshot directory: parts into a temporary sibling, then an atomic commit.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -12,12 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::{io_error, sync_dir, SnapshotError, TMP_MARKER};
+use super::{cleanup_stale, io_error, sync_dir, SnapshotError, TMP_MARKER};
 use crate::chunk::{
     chunk_count, chunk_hash, chunk_range, chunk_table_hash, is_valid_chunk_size, is_zero,
     ContentHash,
 };
-use crate::fs_util::rename_noreplace;
+use crate::fs_util::{create_private_dir, create_private_file, rename_noreplace};
 use crate::manifest::{
     validate_part_name, ChunkTable, Manifest, ManifestError, PartEntry, PartKind, MANIFEST_NAME,
 };
@@ -55,7 +55,9 @@ impl SnapshotWriter {
     /// Starts a snapshot that will appear at `target` on commit.
     ///
     /// Refuses a `target` that exists. Creates the temporary directory
-    /// `.<name>.tmp-<pid>-<nonce>` beside it.
+    /// `.<name>.tmp-<pid>-<nonce>` beside it, mode 0700 (parts are 0600), after removing the
+    /// temporaries that killed writers left in the same parent (see [`cleanup_stale`]; only
+    /// those whose process is gone).
     pub fn create(target: &Path) -> Result<Self, SnapshotError> {
         let bad_target = || SnapshotError::BadTarget {
             path: target.to_path_buf(),
@@ -71,6 +73,15 @@ impl SnapshotWriter {
                 path: target.to_path_buf(),
             });
         }
+        // A leftover that cannot be removed now is not this snapshot's problem: it is logged
+        // and left for the next writer.
+        if let Err(e) = cleanup_stale(parent) {
+            tracing::warn!(
+                parent = %parent.display(),
+                error = %crate::error::error_chain(&e),
+                "cannot remove the temporaries of killed snapshots"
+            );
+        }
         let mut attempt = 0;
         let tmp = loop {
             let mut tmp_name = std::ffi::OsString::from(".");
@@ -81,7 +92,7 @@ impl SnapshotWriter {
                 nonce()
             ));
             let tmp = parent.join(tmp_name);
-            match fs::create_dir(&tmp) {
+            match create_private_dir(&tmp) {
                 Ok(()) => break tmp,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
                 Err(e) => return Err(io_error("create temporary snapshot directory", &tmp)(e)),
@@ -486,13 +497,9 @@ impl MemoryPartWriter {
     }
 }
 
-/// Creates a new file for a part, refusing to reuse one.
+/// Creates a new file (mode 0600) for a part, refusing to reuse one.
 fn create_file(path: &Path, name: &str) -> Result<File, SnapshotError> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io_error(format!("create part '{name}' at"), path))
+    create_private_file(path).map_err(io_error(format!("create part '{name}' at"), path))
 }
 
 /// A value that differs between calls and processes, for temporary names.

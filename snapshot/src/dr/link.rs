@@ -10,11 +10,14 @@
 //! ```
 //!
 //! The server checks the client's proof before it sends anything but its random nonce, and
-//! closes the connection on a wrong proof. See `docs/dr-protocol.md`.
+//! closes the connection on a wrong proof. The server gives a peer one absolute deadline for the
+//! whole handshake ([`SecureLink::server_by`]): a peer that trickles its bytes cannot stretch it,
+//! since every read waits only for what is left of it. See `docs/dr-protocol.md`.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
@@ -185,25 +188,51 @@ impl SecureLink {
         ))
     }
 
-    /// Runs the server side of the handshake on an accepted stream. A peer that does not
-    /// prove the key is refused before anything but a random nonce is sent to it.
-    pub fn server(mut stream: TcpStream, key: &LinkKey) -> Result<Self, DrError> {
-        let client_nonce = read_hello(&mut stream)?;
+    /// Runs the server side of the handshake on an accepted stream, with the stream's own
+    /// timeouts. A peer that does not prove the key is refused before anything but a random
+    /// nonce is sent to it.
+    pub fn server(stream: TcpStream, key: &LinkKey) -> Result<Self, DrError> {
+        Self::server_within(stream, key, None)
+    }
+
+    /// As [`SecureLink::server`], but the whole handshake must end by `deadline`: each read
+    /// and write waits at most for what is left of it, however the peer spaces its bytes. The
+    /// stream's read and write timeouts are left set to the last wait; set them again after.
+    pub fn server_by(stream: TcpStream, key: &LinkKey, deadline: Instant) -> Result<Self, DrError> {
+        Self::server_within(stream, key, Some(deadline))
+    }
+
+    fn server_within(
+        mut stream: TcpStream,
+        key: &LinkKey,
+        deadline: Option<Instant>,
+    ) -> Result<Self, DrError> {
+        let mut hello = [0u8; 40];
+        read_exact_by(&mut stream, &mut hello, deadline, "read the handshake")?;
+        let client_nonce = check_hello(&hello)?;
         let server_nonce = random_nonce();
         let mut hello = LINK_MAGIC.to_vec();
         hello.extend_from_slice(&server_nonce);
-        write_raw(&mut stream, &hello, "send the handshake")?;
+        write_by(&mut stream, &hello, deadline, "send the handshake")?;
         let mut proof = [0u8; 32];
-        stream
-            .read_exact(&mut proof)
-            .map_err(|e| DrError::io("read the sender's key proof", e))?;
+        read_exact_by(
+            &mut stream,
+            &mut proof,
+            deadline,
+            "read the sender's key proof",
+        )?;
         if key.proof("client", &client_nonce, &server_nonce) != blake3::Hash::from(proof) {
             return Err(DrError::AuthFailed(
                 "the peer's key proof is wrong: it does not hold the key",
             ));
         }
         let answer = key.proof("server", &client_nonce, &server_nonce);
-        write_raw(&mut stream, answer.as_bytes(), "send the key proof")?;
+        write_by(
+            &mut stream,
+            answer.as_bytes(),
+            deadline,
+            "send the key proof",
+        )?;
         Ok(Self::established(
             stream,
             key,
@@ -332,6 +361,11 @@ fn read_hello(stream: &mut TcpStream) -> Result<[u8; 32], DrError> {
     stream
         .read_exact(&mut hello)
         .map_err(|e| DrError::io("read the handshake", e))?;
+    check_hello(&hello)
+}
+
+/// Checks a hello's magic and returns its nonce.
+fn check_hello(hello: &[u8; 40]) -> Result<[u8; 32], DrError> {
     if &hello[..8] != LINK_MAGIC {
         return Err(DrError::Protocol(
             "the peer does not speak the arkvm DR protocol (version 1)".into(),
@@ -340,6 +374,72 @@ fn read_hello(stream: &mut TcpStream) -> Result<[u8; 32], DrError> {
     let mut nonce = [0u8; 32];
     nonce.copy_from_slice(&hello[8..]);
     Ok(nonce)
+}
+
+/// The error of a handshake that ran past its deadline.
+fn too_slow(action: &'static str) -> DrError {
+    DrError::io(
+        action,
+        std::io::Error::new(
+            ErrorKind::TimedOut,
+            "the peer did not complete the handshake in time",
+        ),
+    )
+}
+
+/// The time left until `deadline`, or the handshake's timeout error if none is left.
+fn left_until(deadline: Instant, action: &'static str) -> Result<std::time::Duration, DrError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(too_slow(action))
+    } else {
+        Ok(left)
+    }
+}
+
+/// Fills `buf` from `stream`; with a deadline, each read waits only for what is left of it.
+fn read_exact_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+    action: &'static str,
+) -> Result<(), DrError> {
+    let Some(deadline) = deadline else {
+        return stream.read_exact(buf).map_err(|e| DrError::io(action, e));
+    };
+    let mut done = 0;
+    while done < buf.len() {
+        let left = left_until(deadline, action)?;
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| DrError::io("set the socket timeout", e))?;
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return Err(DrError::io(action, eof())),
+            Ok(n) => done += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(too_slow(action))
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(DrError::io(action, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes`; with a deadline, the write waits at most for what is left of it.
+fn write_by(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    deadline: Option<Instant>,
+    action: &'static str,
+) -> Result<(), DrError> {
+    if let Some(deadline) = deadline {
+        let left = left_until(deadline, action)?;
+        stream
+            .set_write_timeout(Some(left))
+            .map_err(|e| DrError::io("set the socket timeout", e))?;
+    }
+    write_raw(stream, bytes, action)
 }
 
 fn write_raw(stream: &mut TcpStream, bytes: &[u8], action: &'static str) -> Result<(), DrError> {
@@ -468,6 +568,56 @@ mod tests {
             server.recv_frame(),
             Err(DrError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_the_handshake_past_its_deadline() {
+        let key = LinkKey::from_secret([3; 32]);
+        let (mut peer, stream) = loopback();
+        // A per-read timeout of 1 s would never fire: a byte comes every 200 ms.
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let started = Instant::now();
+        let deadline = started + std::time::Duration::from_secs(1);
+        let server = std::thread::spawn(move || SecureLink::server_by(stream, &key, deadline));
+        let mut hello = LINK_MAGIC.to_vec();
+        hello.extend_from_slice(&[0u8; 32]);
+        for byte in hello.iter().cycle().take(200) {
+            if peer.write_all(&[*byte]).is_err() || server.is_finished() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let result = server.join().unwrap();
+        let took = started.elapsed();
+        assert!(
+            matches!(&result, Err(DrError::Io { source, .. }) if source.kind() == ErrorKind::TimedOut),
+            "{result:?}"
+        );
+        // 1 s deadline; the rest is slack for a loaded machine (the whole trickle lasts 40 s).
+        assert!(
+            took < std::time::Duration::from_secs(6),
+            "held for {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_handshake_within_its_deadline_succeeds() {
+        let key = LinkKey::from_secret([4; 32]);
+        let (client, stream) = loopback();
+        let server_key = key.clone();
+        let server = std::thread::spawn(move || {
+            SecureLink::server_by(
+                stream,
+                &server_key,
+                Instant::now() + std::time::Duration::from_secs(30),
+            )
+        });
+        let mut client = SecureLink::client(client, &key).unwrap();
+        let mut server = server.join().unwrap().unwrap();
+        client.send_frame(b"ok").unwrap();
+        assert_eq!(server.recv_frame().unwrap().unwrap(), b"ok");
     }
 
     fn loopback() -> (TcpStream, TcpStream) {

@@ -18,6 +18,8 @@ pub mod receiver;
 pub mod sender;
 
 #[cfg(test)]
+mod stall_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io;

@@ -1,9 +1,14 @@
 //! The DR receiver: accepts authenticated connections, stores the chunks a checkpoint lacks
 //! (each decoded and re-hashed on arrival), and commits the point only when every chunk it
 //! names is present; then keeps the last K points per VM. Also answers status requests.
+//!
+//! Strangers are bounded before they prove the key: a connection slot is held for at most the
+//! handshake deadline (absolute, however the peer spaces its bytes), one peer address holds at
+//! most [`ReceiverConfig::max_connections_per_peer`] of the slots, and refused or failed peers
+//! are logged at most [`RejectLog::BURST`] times a minute, with a count of the rest.
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::{TcpListener, TcpStream};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +36,11 @@ pub struct ReceiverConfig {
     pub keep_last: usize,
     /// Connections served at once; more are closed at once.
     pub max_connections: usize,
-    /// Time a peer has to complete the handshake.
+    /// Connections one peer address may hold at once (0: half of `max_connections`, at least
+    /// one), so that one address cannot take every slot.
+    pub max_connections_per_peer: usize,
+    /// Time a peer has to complete the whole handshake, from its accept: an absolute
+    /// deadline, not a per-read timeout.
     pub handshake_timeout: Duration,
     /// Longest wait for a frame inside a checkpoint, and for a write.
     pub io_timeout: Duration,
@@ -44,10 +53,22 @@ impl Default for ReceiverConfig {
         Self {
             keep_last: 0,
             max_connections: 8,
+            max_connections_per_peer: 0,
             handshake_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
         }
+    }
+}
+
+impl ReceiverConfig {
+    /// The connections one peer address may hold at once.
+    pub fn per_peer_limit(&self) -> usize {
+        let limit = match self.max_connections_per_peer {
+            0 => self.max_connections / 2,
+            n => n,
+        };
+        limit.clamp(1, self.max_connections.max(1))
     }
 }
 
@@ -136,6 +157,10 @@ pub struct Receiver {
     config: ReceiverConfig,
     counters: Mutex<Counters>,
     active: AtomicUsize,
+    /// Open connections per peer address.
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+    /// Warnings about refused and failed strangers, rate-limited.
+    rejects: RejectLog,
     /// Checkpoints being received right now.
     in_flight: AtomicUsize,
 }
@@ -180,8 +205,42 @@ impl Receiver {
             config,
             counters: Mutex::new(Counters::default()),
             active: AtomicUsize::new(0),
+            per_peer: Mutex::new(HashMap::new()),
+            rejects: RejectLog::new(),
             in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Connections open right now (each holds a slot).
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot for a connection from `peer`, or says why there is none.
+    fn take_slot(&self, peer: IpAddr) -> Result<(), &'static str> {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let held = per_peer.get(&peer).copied().unwrap_or(0);
+        if held >= self.config.per_peer_limit() {
+            return Err("too many connections from this address");
+        }
+        if self.active.fetch_add(1, Ordering::SeqCst) >= self.config.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err("too many connections");
+        }
+        per_peer.insert(peer, held + 1);
+        Ok(())
+    }
+
+    /// Gives back a slot taken by [`Receiver::take_slot`].
+    fn release_slot(&self, peer: IpAddr) {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = per_peer.get_mut(&peer) {
+            *held -= 1;
+            if *held == 0 {
+                per_peer.remove(&peer);
+            }
+        }
+        self.active.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The repository.
@@ -189,8 +248,9 @@ impl Receiver {
         &self.repo
     }
 
-    /// Accepts connections forever, each on its own thread (at most `max_connections`). A
-    /// failing peer is logged and dropped; the receiver goes on.
+    /// Accepts connections forever, each on its own thread (at most `max_connections`, and at
+    /// most [`ReceiverConfig::per_peer_limit`] per peer address). A failing peer is logged
+    /// (strangers rate-limited) and dropped; the receiver goes on.
     pub fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), DrError> {
         loop {
             let (stream, peer) = match listener.accept() {
@@ -201,44 +261,63 @@ impl Receiver {
                     continue;
                 }
             };
-            if self.active.fetch_add(1, Ordering::SeqCst) >= self.config.max_connections {
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(%peer, "too many connections; closing this one");
+            if let Err(why) = self.take_slot(peer.ip()) {
+                self.rejects.note(peer, why);
                 continue;
             }
             let this = Arc::clone(&self);
             let spawned = std::thread::Builder::new()
                 .name("dr-conn".into())
                 .spawn(move || {
-                    match this.serve_connection(stream) {
-                        Ok(()) => tracing::debug!(%peer, "connection closed"),
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %error_chain(&e), "connection dropped")
-                        }
-                    }
-                    this.active.fetch_sub(1, Ordering::SeqCst);
+                    this.serve_peer(stream, peer);
+                    this.release_slot(peer.ip());
                 });
             if let Err(e) = spawned {
-                self.active.fetch_sub(1, Ordering::SeqCst);
+                self.release_slot(peer.ip());
                 tracing::warn!(error = %e, "cannot start a connection thread");
             }
         }
     }
 
+    /// Serves one accepted connection and logs how it ended.
+    fn serve_peer(&self, stream: TcpStream, peer: SocketAddr) {
+        let link = match self.handshake(stream) {
+            Ok(link) => link,
+            Err(e) => {
+                self.rejects.note(peer, &error_chain(&e));
+                return;
+            }
+        };
+        match self.serve_link(link) {
+            Ok(()) => tracing::debug!(%peer, "connection closed"),
+            Err(e) => tracing::warn!(%peer, error = %error_chain(&e), "connection dropped"),
+        }
+    }
+
     /// Serves one connection to its end: the handshake, then status requests and checkpoints.
     pub fn serve_connection(&self, stream: TcpStream) -> Result<(), DrError> {
-        let timeouts = |read: Duration| {
-            stream
-                .set_read_timeout(Some(read))
-                .and_then(|()| stream.set_write_timeout(Some(self.config.io_timeout)))
-                .map_err(|e| DrError::Io {
-                    action: "set socket timeouts",
-                    source: e,
-                })
-        };
-        timeouts(self.config.handshake_timeout)?;
+        let link = self.handshake(stream)?;
+        self.serve_link(link)
+    }
+
+    /// Runs the server side of the handshake, which must end within `handshake_timeout` of
+    /// now whatever the peer does.
+    fn handshake(&self, stream: TcpStream) -> Result<SecureLink, DrError> {
+        let deadline = Instant::now() + self.config.handshake_timeout;
         let _ = stream.set_nodelay(true);
-        let mut link = SecureLink::server(stream, &self.link)?;
+        let link = SecureLink::server_by(stream, &self.link, deadline)?;
+        link.stream()
+            .set_write_timeout(Some(self.config.io_timeout))
+            .map_err(|e| DrError::Io {
+                action: "set socket timeouts",
+                source: e,
+            })?;
+        Ok(link)
+    }
+
+    /// Serves an authenticated connection: status requests and checkpoints, until the peer
+    /// closes it.
+    fn serve_link(&self, mut link: SecureLink) -> Result<(), DrError> {
         loop {
             set_read_timeout(&link, self.config.idle_timeout)?;
             let Some(frame) = link.recv_frame()? else {
@@ -520,6 +599,79 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Rate-limited warnings about peers that were refused a slot or failed the handshake: at most
+/// [`RejectLog::BURST`] a minute, then one line with the count of those not logged, so that a
+/// stranger cannot flood the log.
+struct RejectLog {
+    window: Mutex<RejectWindow>,
+}
+
+struct RejectWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// What to do with one rejection.
+#[derive(Debug, PartialEq, Eq)]
+enum RejectAction {
+    /// Log it, and say how many were not logged before it.
+    Log { suppressed_before: u64 },
+    /// Count it only.
+    Suppress,
+}
+
+impl RejectLog {
+    /// Warnings logged per window.
+    const BURST: u32 = 5;
+    /// The window.
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn new() -> Self {
+        Self {
+            window: Mutex::new(RejectWindow {
+                started: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Decides about one rejection at `now`.
+    fn decide(&self, now: Instant) -> RejectAction {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_duration_since(w.started) >= Self::WINDOW {
+            w.started = now;
+            w.logged = 0;
+        }
+        if w.logged < Self::BURST {
+            w.logged += 1;
+            RejectAction::Log {
+                suppressed_before: std::mem::take(&mut w.suppressed),
+            }
+        } else {
+            w.suppressed += 1;
+            RejectAction::Suppress
+        }
+    }
+
+    /// Logs (or counts) that `peer` was refused or dropped before proving the key.
+    fn note(&self, peer: SocketAddr, why: &str) {
+        match self.decide(Instant::now()) {
+            RejectAction::Log {
+                suppressed_before: 0,
+            } => tracing::warn!(%peer, reason = %why, "peer refused"),
+            RejectAction::Log { suppressed_before } => tracing::warn!(
+                %peer,
+                reason = %why,
+                not_logged = suppressed_before,
+                "peer refused ({suppressed_before} more refusals were not logged)"
+            ),
+            RejectAction::Suppress => {}
+        }
+    }
+}
+
 fn set_read_timeout(link: &SecureLink, timeout: Duration) -> Result<(), DrError> {
     link.stream()
         .set_read_timeout(Some(timeout))
@@ -537,4 +689,45 @@ fn valid_point_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_peers_are_logged_a_few_times_a_minute() {
+        let log = RejectLog::new();
+        let t0 = Instant::now();
+        let logged = (0..1000)
+            .filter(|i| log.decide(t0 + Duration::from_millis(*i)) != RejectAction::Suppress)
+            .count();
+        assert_eq!(logged, RejectLog::BURST as usize);
+        // The next window logs again, first with the count of what was not logged.
+        let later = t0 + RejectLog::WINDOW + Duration::from_secs(1);
+        assert_eq!(
+            log.decide(later),
+            RejectAction::Log {
+                suppressed_before: 1000 - RejectLog::BURST as u64
+            }
+        );
+        assert_eq!(
+            log.decide(later),
+            RejectAction::Log {
+                suppressed_before: 0
+            }
+        );
+    }
+
+    #[test]
+    fn per_peer_limit() {
+        let config = |max, per| ReceiverConfig {
+            max_connections: max,
+            max_connections_per_peer: per,
+            ..ReceiverConfig::default()
+        };
+        assert_eq!(config(8, 0).per_peer_limit(), 4);
+        assert_eq!(config(1, 0).per_peer_limit(), 1);
+        assert_eq!(config(8, 3).per_peer_limit(), 3);
+        assert_eq!(config(8, 20).per_peer_limit(), 8);
+    }
 }

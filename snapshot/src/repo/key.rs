@@ -5,10 +5,12 @@
 //! The 32-byte secret is kept in a key file as 64 hex digits. Three keys are derived from it
 //! with `blake3::derive_key`: one for chunk ids, one for sealing, one for the fingerprint that
 //! the repository config records to tell a wrong key from damage.
+//!
+//! A key file must be private: one that group or others may read (or write) is refused, as ssh
+//! refuses such private keys, with the `chmod` that fixes it.
 
-use std::fs::OpenOptions;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -32,6 +34,18 @@ pub enum KeyError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The key file grants group or others some access.
+    #[error(
+        "key file {} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}` (a key must be private)",
+        path.display(),
+        path.display()
+    )]
+    TooOpen {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The key file does not hold 64 hex digits.
     #[error("key file {} does not hold a key (64 hexadecimal digits)", path.display())]
@@ -80,12 +94,8 @@ impl RepoKey {
     /// and returns it.
     pub fn create_file(path: &Path) -> Result<Self, KeyError> {
         let secret: [u8; 32] = XChaCha20Poly1305::generate_key(&mut OsRng).into();
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| KeyError::Io {
+        let mut file =
+            crate::fs_util::create_private_file(path).map_err(|source| KeyError::Io {
                 action: "create",
                 path: path.to_path_buf(),
                 source,
@@ -101,13 +111,32 @@ impl RepoKey {
         Ok(Self::from_secret(secret))
     }
 
-    /// Reads a key file.
+    /// Reads a key file, refusing one that group or others may access (its mode must be 0600
+    /// or stricter).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            action: "read",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let io_error = |action| {
+            move |source| KeyError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let mut file = std::fs::File::open(path).map_err(io_error("open"))?;
+        // The mode of what was opened, so a swap after the check cannot slip a file past it.
+        let mode = file
+            .metadata()
+            .map_err(io_error("inspect"))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(io_error("read"))?;
         let secret = ContentHash::from_hex(text.trim()).map_err(|_| KeyError::Malformed {
             path: path.to_path_buf(),
         })?;
@@ -200,9 +229,35 @@ mod tests {
         assert_ne!(key.chunk_id(b"x"), crate::chunk::chunk_hash(b"x"));
         assert_ne!(RepoKey::generate().fingerprint(), key.fingerprint());
         std::fs::write(&path, "not a key").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(
             RepoKey::load(&path),
             Err(KeyError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn keys_others_can_access_are_refused_with_the_fix() {
+        let tmp = TestDir::new("key-mode");
+        let path = tmp.path().join("dr.key");
+        RepoKey::create_file(&path).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = RepoKey::load(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::TooOpen { mode: m, .. } if m == mode),
+                "{mode:o}: {err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("{mode:04o}"))
+                    && text.contains(&format!("chmod 600 {}", path.display())),
+                "{text}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            RepoKey::load(&path).unwrap();
+        }
     }
 }

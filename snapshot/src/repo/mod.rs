@@ -35,8 +35,8 @@ pub use codec::{
 };
 pub use key::{KeyError, RepoKey};
 pub use point::{
-    point_id_from_name, point_object_name, PointManifest, PointObject, PointStats, MAX_POINT_LEN,
-    POINT_PREFIX,
+    point_id_from_name, point_object_name, validate_vm_name, PointManifest, PointObject,
+    PointStats, MAX_POINT_LEN, POINT_PREFIX,
 };
 pub use reader::ObjectReader;
 pub use repository::{
@@ -59,6 +59,14 @@ pub enum RepoError {
     AlreadyInitialized {
         /// The repository.
         path: PathBuf,
+    },
+    /// `init` was pointed at a directory that already holds files of something else.
+    #[error("{} already holds other files (such as '{entry}'): a repository is created in a new or empty directory", path.display())]
+    ForeignDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// One entry that does not belong to a repository.
+        entry: String,
     },
     /// The repository's config is missing.
     #[error("{} is not an arkvm repository (config.json is missing)", path.display())]

@@ -172,6 +172,13 @@ pub fn point_id_from_name(name: &str) -> Option<&str> {
     name.strip_prefix(POINT_PREFIX)?.strip_suffix(".json")
 }
 
+/// Refuses VM names that are not 1-64 characters of `[A-Za-z0-9._-]` not starting with `.`:
+/// the rule the repository applies to the VM names of backup points, for a VMM to check a
+/// name before it starts a VM under it.
+pub fn validate_vm_name(name: &str) -> Result<(), RepoError> {
+    validate_point_name(name)
+}
+
 /// Refuses VM names (and ids) that are not 1-64 characters of `[A-Za-z0-9._-]`.
 pub(crate) fn validate_point_name(name: &str) -> Result<(), RepoError> {
     validate_part_name(name).map_err(|_| RepoError::BadVmName {

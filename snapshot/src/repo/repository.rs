@@ -16,7 +16,7 @@ use super::point::{
     point_id_from_name, point_object_name, unix_day, validate_point_name, PointManifest,
     POINT_PREFIX,
 };
-use super::store::{ChunkStore, LocalDirStore, LockMode, StoreError};
+use super::store::{ChunkStore, LocalDirStore, LockMode, StoreError, LOCK_FILE, TMP_DIR};
 use super::RepoError;
 use crate::chunk::{ContentHash, CHUNK_SIZE};
 use crate::error::error_chain;
@@ -132,9 +132,11 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Creates a repository in directory `path` (created if needed), encrypted with `key` if
-    /// one is given.
+    /// Creates a repository in directory `path` (created if needed, mode 0700), encrypted with
+    /// `key` if one is given. A directory that holds anything but what a repository holds is
+    /// refused (see [`Repository::check_init_target`]).
     pub fn init(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
+        Self::check_init_target(path)?;
         let store = LocalDirStore::open(path)?;
         Self::init_store(Box::new(store), key).map_err(|e| match e {
             RepoError::AlreadyInitialized { .. } => RepoError::AlreadyInitialized {
@@ -142,6 +144,43 @@ impl Repository {
             },
             other => other,
         })
+    }
+
+    /// Checks that a repository may be created at `path`: it does not exist, or it is a
+    /// directory holding nothing but a repository's own entries (an earlier `init` cut short,
+    /// or a repository, which `init` then reports as already initialized). So `init` never
+    /// mixes a repository into a directory of other files.
+    pub fn check_init_target(path: &Path) -> Result<(), RepoError> {
+        let own = [
+            CONFIG_NAME,
+            CHUNK_PREFIX.trim_end_matches('/'),
+            POINT_PREFIX.trim_end_matches('/'),
+            TMP_DIR,
+            LOCK_FILE,
+        ];
+        let io = |action| {
+            move |source| StoreError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("list")(e).into()),
+        };
+        for entry in entries {
+            let name = entry.map_err(io("list"))?.file_name();
+            let name = name.to_string_lossy();
+            if !own.contains(&name.as_ref()) {
+                return Err(RepoError::ForeignDirectory {
+                    path: path.to_path_buf(),
+                    entry: name.chars().take(80).collect(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Opens the repository in directory `path`; `key` must be given exactly when it is

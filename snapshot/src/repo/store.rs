@@ -1,13 +1,13 @@
 //! The repository's storage trait, kept to what an object store can do (create-if-absent, get,
 //! list, delete; no rename, no append, no overwrite), and its local-directory backend.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::fs_util::{rename_noreplace, sync_fs};
+use crate::fs_util::{create_private_dir_all, private_open_options, rename_noreplace, sync_fs};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,22 +114,22 @@ fn check_name(name: &str) -> Result<(), StoreError> {
 /// fails if the name exists, making creation atomic and exclusive). They are not fsynced one by
 /// one: [`ChunkStore::sync`] is one `syncfs(2)` that a backup calls before it creates its point
 /// manifest, as Proxmox Backup Server's default "filesystem" sync level does. The lock is
-/// `flock(2)` on `ROOT/.lock`.
+/// `flock(2)` on `ROOT/.lock`. Every directory it creates is 0700 and every object 0600.
 #[derive(Debug)]
 pub struct LocalDirStore {
     root: PathBuf,
 }
 
 /// The folder of in-flight writes inside a local store.
-const TMP_DIR: &str = ".tmp";
+pub(super) const TMP_DIR: &str = ".tmp";
 /// The lock file inside a local store.
-const LOCK_FILE: &str = ".lock";
+pub(super) const LOCK_FILE: &str = ".lock";
 
 impl LocalDirStore {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens (creating if needed, mode 0700) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let tmp = root.join(TMP_DIR);
-        fs::create_dir_all(&tmp).map_err(io_error("create", &tmp))?;
+        create_private_dir_all(&tmp).map_err(io_error("create", &tmp))?;
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -154,14 +154,17 @@ impl ChunkStore for LocalDirStore {
             return Ok(false);
         }
         let dir = path.parent().expect("object paths are under the root");
-        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        create_private_dir_all(dir).map_err(io_error("create", dir))?;
         let tmp = self.root.join(TMP_DIR).join(format!(
             "{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let write = || -> io::Result<()> {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut file = private_open_options()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             file.write_all(bytes)
         };
         let result =
@@ -266,7 +269,7 @@ impl ChunkStore for LocalDirStore {
 
     fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError> {
         let path = self.root.join(LOCK_FILE);
-        let file = OpenOptions::new()
+        let file = private_open_options()
             .read(true)
             .write(true)
             .create(true)
@@ -338,6 +341,28 @@ mod tests {
         assert!(store.list("chunks/").unwrap().is_empty());
         // No temporaries are left behind.
         assert_eq!(store.clean_incomplete().unwrap(), 0);
+    }
+
+    #[test]
+    fn objects_and_folders_are_private_whatever_the_umask() {
+        crate::test_util::permissive_umask();
+        let tmp = TestDir::new("store-private");
+        let root = tmp.path().join("repo");
+        let store = LocalDirStore::open(&root).unwrap();
+        store
+            .put_if_absent("chunks/ab/abcd", b"guest bytes")
+            .unwrap();
+        drop(store.lock(LockMode::Shared, false).unwrap());
+        for (path, mode) in [
+            ("", 0o700),
+            (".tmp", 0o700),
+            ("chunks", 0o700),
+            ("chunks/ab", 0o700),
+            ("chunks/ab/abcd", 0o600),
+            (".lock", 0o600),
+        ] {
+            assert_eq!(crate::test_util::mode_of(&root.join(path)), mode, "{path}");
+        }
     }
 
     #[test]

@@ -87,6 +87,42 @@ fn chunk_files(root: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+fn init_refuses_a_directory_of_other_files() {
+    crate::test_util::permissive_umask();
+    let tmp = TestDir::new("repo-foreign");
+    let root = tmp.path().join("home");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("notes.txt"), b"mine").unwrap();
+    let err = Repository::init(&root, None)
+        .err()
+        .expect("a foreign directory was accepted");
+    assert!(
+        matches!(&err, RepoError::ForeignDirectory { entry, .. } if entry == "notes.txt"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("notes.txt"), "{err}");
+    // Nothing of a repository was mixed in.
+    let mut names: Vec<_> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["notes.txt"]);
+    // An empty directory, a new one, and an init cut short before its config are fine; the
+    // new directory is private.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    Repository::init(&empty, None).unwrap();
+    let fresh = tmp.path().join("fresh");
+    Repository::init(&fresh, None).unwrap();
+    assert_eq!(crate::test_util::mode_of(&fresh), 0o700);
+    let cut = tmp.path().join("cut");
+    fs::create_dir_all(cut.join(".tmp")).unwrap();
+    fs::create_dir_all(cut.join("chunks")).unwrap();
+    Repository::init(&cut, None).unwrap();
+}
+
+#[test]
 fn init_and_open() {
     let tmp = TestDir::new("repo-init");
     let root = tmp.path().join("repo");

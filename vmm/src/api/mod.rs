@@ -11,9 +11,11 @@
 //!            ◀──────────────── write response ◀──── ApiResponse ◀──── ApiCall::respond
 //! ```
 //!
-//! - [`ApiServer::bind`] creates the socket with mode 0600 (bind, chmod, then listen: nobody
-//!   can connect before the chmod), refuses an existing path (saying whether another arkvm
-//!   answers there or the socket is stale; it never deletes it), and removes the socket on drop.
+//! - [`ApiServer::bind`] creates the socket with mode 0600 under a temporary name (bind, chmod,
+//!   listen: nobody can connect before the chmod), then renames it into place, so that it
+//!   accepts connections the moment its path exists. It refuses a path where another arkvm
+//!   answers or that is not a socket (and never deletes those), replaces a stale socket whose
+//!   owner is dead, and removes its own socket on drop.
 //! - The server answers malformed requests itself, and the VMM never sees them: a malformed
 //!   head, bad framing or malformed JSON gets 400; an unknown field 400; a body declared larger
 //!   than [`MAX_BODY_BYTES`] gets 413 before any of it is read; an unknown path 404; a wrong
@@ -29,6 +31,7 @@ mod http;
 mod request;
 mod response;
 mod server;
+mod socket;
 
 pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
 pub use request::{
@@ -40,9 +43,9 @@ pub use response::{
     SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
 };
 pub use server::{
-    ApiCall, ApiResponder, ApiServer, ApiServerError, MAX_BODY_BYTES, MAX_CONNECTIONS,
-    VMM_REPLY_TIMEOUT,
+    ApiCall, ApiResponder, ApiServer, MAX_BODY_BYTES, MAX_CONNECTIONS, VMM_REPLY_TIMEOUT,
 };
+pub use socket::ApiServerError;
 
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +19,6 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
@@ -28,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 use super::http::{self, BodyLength, HttpError, MessageReader, RequestHead};
 use super::request::{route, ApiRequest};
 use super::response::ApiResponse;
+use super::socket::{bind_listener, remove_socket_if_ours, ApiServerError};
 
 /// Largest request body accepted; a larger declared body is refused with 413 unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -44,28 +43,6 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_MAX_BYTES: usize = 16 << 20;
 /// How long dropping the server waits for answers still being written.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-const LISTEN_BACKLOG: i32 = 32;
-
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiServerError {
-    #[error("another arkvm is serving {}", .0.display())]
-    AlreadyServing(PathBuf),
-    #[error("{} is a stale socket that nothing answers on; remove it if no arkvm uses it, then retry", .0.display())]
-    StaleSocket(PathBuf),
-    #[error("{} exists and is not a socket; choose another API socket path", .0.display())]
-    NotASocket(PathBuf),
-    #[error("{} cannot name a Unix socket (it must name a file, in at most 107 bytes)", .0.display())]
-    InvalidPath(PathBuf),
-    #[error("cannot create the API socket {}", .path.display())]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start the API server")]
-    Setup(#[source] io::Error),
-}
 
 /// One request for the VMM, with the way back to the client that sent it.
 #[derive(Debug)]
@@ -166,13 +143,17 @@ impl std::fmt::Debug for ApiServer {
 }
 
 impl ApiServer {
-    /// Creates the socket at `path` with mode 0600 and starts serving. A path that already
-    /// exists is never removed: if an arkvm answers there the error says so; otherwise it is
-    /// reported as stale for the user to remove.
+    /// Creates the socket at `path` with mode 0600 and starts serving.
     ///
-    /// The socket is bound, made 0600, and only then put in the listening state: a connect
-    /// before the chmod is refused by the kernel, so there is no moment at which anyone but the
-    /// owner can connect.
+    /// The socket is bound under a temporary name in the same directory, made 0600, put in the
+    /// listening state, and only then renamed to `path` (see `socket.rs`): a client that
+    /// connects the moment the path exists is accepted, and a connect before the chmod is
+    /// refused by the kernel, so there is no moment at which anyone but the owner can connect.
+    ///
+    /// What is at `path` already: a socket another process answers on is refused
+    /// ([`ApiServerError::AlreadyServing`]); a stale socket whose owner is dead (connecting is
+    /// refused) is replaced in one atomic rename; anything that is not a socket is refused
+    /// ([`ApiServerError::NotASocket`]) and never removed.
     pub fn bind(path: impl AsRef<Path>) -> Result<ApiServer, ApiServerError> {
         let path = path.as_ref();
         let (listener, socket_id) = bind_listener(path)?;
@@ -271,58 +252,6 @@ impl Drop for ApiServer {
     }
 }
 
-fn remove_socket_if_ours(path: &Path, socket_id: (u64, u64)) {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if (m.dev(), m.ino()) == socket_id => {
-            if let Err(e) = std::fs::remove_file(path) {
-                warn!("cannot remove the API socket {}: {e}", path.display());
-            }
-        }
-        Ok(_) => warn!(
-            "{} was replaced by another file; leaving it in place",
-            path.display()
-        ),
-        Err(_) => {}
-    }
-}
-
-/// Binds a Unix stream socket at `path`, makes it 0600, then listens.
-fn bind_listener(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerError> {
-    if path.file_name().is_none() {
-        return Err(ApiServerError::InvalidPath(path.to_path_buf()));
-    }
-    let addr = SockAddr::unix(path).map_err(|_| ApiServerError::InvalidPath(path.to_path_buf()))?;
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(ApiServerError::Setup)?;
-    if let Err(e) = socket.bind(&addr) {
-        return Err(if e.kind() == io::ErrorKind::AddrInUse {
-            diagnose_existing(path, e)
-        } else {
-            ApiServerError::Bind {
-                path: path.to_path_buf(),
-                source: e,
-            }
-        });
-    }
-    let meta = std::fs::symlink_metadata(path).map_err(|source| ApiServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let socket_id = (meta.dev(), meta.ino());
-    let finish = || -> io::Result<()> {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        socket.listen(LISTEN_BACKLOG)?;
-        socket.set_nonblocking(true)
-    };
-    if let Err(source) = finish() {
-        remove_socket_if_ours(path, socket_id);
-        return Err(ApiServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    Ok((UnixListener::from(OwnedFd::from(socket)), socket_id))
-}
-
 /// The running parts of a server, as `start_serving` returns them.
 struct Serving {
     calls: Receiver<ApiCall>,
@@ -355,29 +284,6 @@ fn start_serving(listener: UnixListener) -> io::Result<Serving> {
         stop,
         accept_thread,
     })
-}
-
-/// Explains why `path` cannot be bound: something answers there, or it is stale, or it is not
-/// a socket at all. Nothing is removed.
-fn diagnose_existing(path: &Path, bind_error: io::Error) -> ApiServerError {
-    let path_buf = path.to_path_buf();
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => ApiServerError::NotASocket(path_buf),
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => ApiServerError::AlreadyServing(path_buf),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                ApiServerError::StaleSocket(path_buf)
-            }
-            Err(source) => ApiServerError::Bind {
-                path: path_buf,
-                source,
-            },
-        },
-        Err(_) => ApiServerError::Bind {
-            path: path_buf,
-            source: bind_error,
-        },
-    }
 }
 
 /// The accept thread's epoll set: the listener and the stop eventfd.

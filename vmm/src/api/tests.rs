@@ -2,7 +2,7 @@
 //! answering its calls, and clients (the `ApiClient`, and raw bytes for misuse).
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -299,18 +299,60 @@ fn a_path_too_long_for_a_socket_is_refused() {
 }
 
 #[test]
-fn stale_socket_is_refused_and_left_in_place() {
+fn a_stale_socket_of_a_dead_owner_is_replaced() {
     let dir = TempDir::new();
     drop(UnixListener::bind(dir.sock()).unwrap()); // std leaves the file behind: stale
-    let err = ApiServer::bind(dir.sock()).unwrap_err();
-    assert!(matches!(err, ApiServerError::StaleSocket(_)), "{err:?}");
-    let msg = err.to_string();
-    assert!(msg.contains("stale") && msg.contains("remove"), "{msg}");
-    assert!(dir.sock().exists(), "a user's file must not be deleted");
+    let stale_inode = std::fs::symlink_metadata(dir.sock()).unwrap().ino();
     assert!(matches!(
         ApiClient::connect(dir.sock()),
         Err(ApiClientError::NotServing(_))
     ));
+    let vmm = spawn_vmm(ApiServer::bind(dir.sock()).unwrap());
+    let meta = std::fs::symlink_metadata(dir.sock()).unwrap();
+    assert_ne!(meta.ino(), stale_inode, "the stale socket is still there");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_serving(&dir.sock());
+    ApiClient::connect(dir.sock())
+        .unwrap()
+        .put("/vm/shutdown", None)
+        .unwrap();
+    drop(vmm.join().unwrap());
+    // Only the socket is left behind by nobody: no temporary names.
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
+}
+
+#[test]
+fn the_socket_accepts_connections_the_moment_it_appears() {
+    let dir = TempDir::new();
+    for round in 0..300 {
+        let sock = dir.0.join(format!("api-{round}.sock"));
+        // A client that connects as soon as the path exists, spinning without a pause (the old
+        // bind-chmod-listen order failed this within 300 rounds every time here).
+        let watcher = {
+            let sock = sock.clone();
+            thread::spawn(move || {
+                let give_up = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match UnixStream::connect(&sock) {
+                        Ok(_) => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            if Instant::now() > give_up {
+                                return Err(e);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+        };
+        let server = ApiServer::bind(&sock).unwrap();
+        let result = watcher.join().unwrap();
+        drop(server);
+        if let Err(e) = result {
+            panic!("round {round}: connecting the moment the socket appeared failed: {e}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
 }
 
 #[test]

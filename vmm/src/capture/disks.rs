@@ -6,18 +6,12 @@
 
 use std::sync::atomic::AtomicBool;
 
-use devices::virtio::block::FrozenImage;
-
 use super::error::CaptureError;
 use super::progress::Progress;
 use super::sink::SnapshotOut;
 use crate::saved_state::disk_part_name;
 
-/// A disk frozen at the snapshot instant.
-pub struct FrozenDisk {
-    pub id: String,
-    pub image: FrozenImage,
-}
+pub use crate::device_manager::FrozenDisk;
 
 /// Total bytes of the frozen disks.
 pub fn frozen_bytes(frozen: &[FrozenDisk]) -> u64 {

@@ -34,6 +34,8 @@ pub enum CaptureError {
     Vcpu(#[from] VcpuError),
     #[error("cannot save VM state")]
     Vm(#[from] crate::vstate::vm::VmError),
+    #[error("cannot save device state")]
+    Devices(#[from] crate::device_manager::DeviceManagerError),
     #[error("cannot read guest memory at {addr:#x}")]
     ReadMemory {
         addr: u64,

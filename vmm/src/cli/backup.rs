@@ -1,13 +1,13 @@
 //! `arkvm backup init|list|verify|prune`: managing a backup repository.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use snapshot::repo::{KeepPolicy, RepoKey, Repository};
 
-use super::launch::fail;
+use super::common::{fail, open_repo};
 
 #[derive(clap::Subcommand)]
 pub enum BackupCommand {
@@ -47,16 +47,6 @@ pub struct PruneArgs {
     pub keep_daily: usize,
 }
 
-fn load_key(key: Option<&Path>) -> Result<Option<RepoKey>, ExitCode> {
-    key.map(RepoKey::load).transpose().map_err(|e| fail(&e))
-}
-
-/// Opens an existing repository.
-pub fn open_repo(repo: &Path, key: Option<&Path>) -> Result<Repository, ExitCode> {
-    let key = load_key(key)?;
-    Repository::open(repo, key).map_err(|e| fail(&e))
-}
-
 fn time_text(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86400, secs % 86400);
@@ -89,6 +79,10 @@ fn mib(n: u64) -> String {
 }
 
 fn init(args: RepoArgs) -> ExitCode {
+    // Before a key file is created for it.
+    if let Err(e) = Repository::check_init_target(&args.repo) {
+        return fail(&e);
+    }
     let key = match &args.key {
         Some(path) if !path.exists() => match RepoKey::create_file(path) {
             Ok(k) => {
@@ -144,7 +138,7 @@ fn list(args: RepoArgs) -> ExitCode {
             })
             .collect();
         crate::outln!("{}", serde_json::Value::Array(rows));
-        return ExitCode::SUCCESS;
+        return list_status(&points);
     }
     crate::outln!(
         "{:<44} {:<19} {:<10} {:>12} {:>12}",
@@ -167,7 +161,21 @@ fn list(args: RepoArgs) -> ExitCode {
             Err(e) => crate::outln!("{id:<44} unreadable: {}", vmm_error(e)),
         }
     }
-    ExitCode::SUCCESS
+    list_status(&points)
+}
+
+/// The exit status of `backup list`: 3 (as `verify` on damage) when a point was listed as
+/// unreadable, so that scripts do not take a damaged repository for a healthy one.
+fn list_status<P, E>(points: &[(String, Result<P, E>)]) -> ExitCode {
+    let unreadable = points.iter().filter(|(_, p)| p.is_err()).count();
+    if unreadable == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "arkvm: error: {unreadable} of {} points are unreadable (run `arkvm backup verify`)",
+        points.len()
+    );
+    ExitCode::from(3)
 }
 
 fn vmm_error(e: &dyn std::error::Error) -> String {
@@ -286,6 +294,17 @@ pub fn run(cmd: BackupCommand) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_fails_when_a_point_is_unreadable() {
+        let ok: Vec<(String, Result<(), String>)> = vec![("p1".into(), Ok(()))];
+        assert_eq!(list_status(&ok), ExitCode::SUCCESS);
+        let empty: Vec<(String, Result<(), String>)> = Vec::new();
+        assert_eq!(list_status(&empty), ExitCode::SUCCESS);
+        let damaged: Vec<(String, Result<(), String>)> =
+            vec![("p1".into(), Ok(())), ("p2".into(), Err("damaged".into()))];
+        assert_eq!(list_status(&damaged), ExitCode::from(3));
+    }
 
     #[test]
     fn civil_time() {

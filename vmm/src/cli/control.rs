@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::launch::fail;
+use super::common::fail;
 use super::{SnapshotArgs, StatusArgs, StrategyArg};
 use crate::api::{
     ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotState, SnapshotStatus,

@@ -15,7 +15,7 @@ use snapshot::dr::{
 };
 use snapshot::repo::{chunk_object_name, KeyError, PointManifest, RepoError, RepoKey, Repository};
 
-use super::launch::fail;
+use super::common::fail;
 
 /// Why a `dr` command failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,10 @@ pub struct DrServeArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 8)]
     pub max_connections: usize,
+    /// Connections one peer address may hold at once (default: half of --max-connections), so
+    /// that one address cannot take every slot.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
 }
 
 /// `arkvm dr status`.
@@ -176,20 +180,22 @@ pub fn run(command: DrCommand) -> ExitCode {
     }
 }
 
-/// `arkvm dr serve`: runs until killed.
+/// `arkvm dr serve`: runs until killed. The key and the listening address are checked before
+/// the repository is opened or created, so a failed start leaves nothing behind.
 pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
     let key = RepoKey::load(&args.key)?;
     let config = ReceiverConfig {
         keep_last: args.keep,
         max_connections: args.max_connections.max(1),
+        max_connections_per_peer: args.max_connections_per_peer.unwrap_or(0),
         ..ReceiverConfig::default()
     };
-    let receiver = Receiver::open_or_create(&args.repo, &key, args.encrypt_at_rest, config)?;
     let listener = TcpListener::bind(&args.listen).map_err(|source| DrCommandError::Io {
         action: "listen on",
         target: args.listen.clone(),
         source,
     })?;
+    let receiver = Receiver::open_or_create(&args.repo, &key, args.encrypt_at_rest, config)?;
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -354,7 +360,8 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
         .work_dir
         .clone()
         .unwrap_or_else(|| sibling(&args.repo, "recover"));
-    std::fs::create_dir_all(&work_dir).map_err(|source| DrCommandError::Io {
+    // Private: the exported checkpoints hold guest memory and disks, decrypted.
+    snapshot::fs_util::create_private_dir_all(&work_dir).map_err(|source| DrCommandError::Io {
         action: "create",
         target: work_dir.display().to_string(),
         source,

@@ -3,20 +3,15 @@
 
 use std::process::ExitCode;
 
+use super::common::fail;
 use super::{RestoreArgs, RunArgs};
 use crate::api::ApiServer;
-use crate::builder::{build_cold, BuiltVm};
+use crate::builder::{build, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::dr_checkpoints::DrConfig;
 use crate::restore::from_dir::restore_from_dir;
 use crate::runtime::Vmm;
 use devices::virtio::block::DiskConfig;
-
-/// Prints `e` with its causes on one line and returns exit status 1.
-pub fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("arkvm: error: {}", crate::error_chain(e));
-    ExitCode::from(1)
-}
 
 fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
     match path {
@@ -129,7 +124,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let built = match build_cold(&config, Box::new(std::io::stdout())) {
+    let built = match build(&config, None, Box::new(std::io::stdout())) {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
@@ -153,7 +148,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     let (dir, label) = match (&args.from, &args.repo, &args.id) {
         (Some(dir), _, _) => (dir.clone(), dir.display().to_string()),
         (None, Some(repo), Some(id)) => {
-            let r = match super::backup::open_repo(repo, args.key.as_deref()) {
+            let r = match super::common::open_repo(repo, args.key.as_deref()) {
                 Ok(r) => r,
                 Err(c) => return c,
             };

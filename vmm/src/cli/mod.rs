@@ -14,6 +14,7 @@ macro_rules! outln {
 }
 
 pub mod backup;
+pub mod common;
 pub mod control;
 pub mod dr;
 pub mod launch;
@@ -21,6 +22,10 @@ pub mod launch;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::{
+    check_memory, check_memory_fits_host, check_vm_name, host_memory_bytes, ConfigError,
+};
 
 /// arkvm: a KVM virtual machine monitor for backup and disaster recovery of running guests.
 #[derive(Parser)]
@@ -81,11 +86,42 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// The VM's name: backups in a repository are grouped and made incremental by it.
+    /// The VM's name: backups in a repository are grouped and made incremental by it. 1-64
+    /// characters of A-Z a-z 0-9 . _ -, not starting with '.'.
     #[arg(long, default_value = "vm")]
     pub name: String,
+    /// Allow --memory larger than the host's memory (MemTotal in /proc/meminfo).
+    #[arg(long)]
+    pub memory_overcommit: bool,
     #[command(flatten)]
     pub dr: DrRunArgs,
+}
+
+impl RunArgs {
+    /// Checks what can be checked before anything is created: the name by the repository's
+    /// rule, and the memory size, also against the host's memory unless
+    /// `--memory-overcommit`.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_vm_name(&self.name)?;
+        let bytes = check_memory(&self.memory)?;
+        if let Some(host) = host_memory_bytes() {
+            check_memory_fits_host(&self.memory, bytes, host, self.memory_overcommit)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses the command line and checks it; on a bad value, prints one line and exits with
+/// status 1 before anything starts.
+pub fn parse() -> Cli {
+    let cli = Cli::parse();
+    if let Command::Run(args) = &cli.command {
+        if let Err(e) = args.check() {
+            eprintln!("arkvm: error: {e}");
+            std::process::exit(1);
+        }
+    }
+    cli
 }
 
 /// Continuous protection from the start (the same as `PUT /dr` through the API).

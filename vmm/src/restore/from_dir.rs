@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use snapshot::{chunk_hash, SnapshotReader};
 
-use crate::builder::{build_restored, BuildError, BuiltVm};
+use crate::builder::{build, BuildError, BuiltVm, Restore};
 use crate::restore::lazy_memory::{MemorySource, RegionSource};
 use crate::saved_state::{disk_part_name, VmSnapshotState, MAX_STATE_LEN, MEMORY_PART, STATE_PART};
 
@@ -83,29 +83,30 @@ pub fn restore_from_dir(
     let file = part.file().try_clone().map_err(RestoreError::OpenMemory)?;
     let verifier = part.clone();
     let regions = state.memory.clone();
-    let built = build_restored(
-        &state,
-        move |layout| MemorySource {
-            file,
-            chunk_size,
-            regions: layout
-                .iter()
-                .zip(regions.iter())
-                .map(|(&(host, _, len), r)| RegionSource {
-                    host_addr: host,
-                    len,
-                    file_offset: r.part_offset,
-                })
-                .collect(),
-            zero_chunks,
-            verify: Box::new(move |index, data| {
-                verifier
-                    .verify_chunk(index as u64, data)
-                    .map_err(|e| crate::error_chain(&e))
-            }),
-        },
-        out,
-    )?;
+    let memory = Box::new(move |layout: &[(u64, u64, u64)]| MemorySource {
+        file,
+        chunk_size,
+        regions: layout
+            .iter()
+            .zip(regions.iter())
+            .map(|(&(host, _, len), r)| RegionSource {
+                host_addr: host,
+                len,
+                file_offset: r.part_offset,
+            })
+            .collect(),
+        zero_chunks,
+        verify: Box::new(move |index, data| {
+            verifier
+                .verify_chunk(index as u64, data)
+                .map_err(|e| crate::error_chain(&e))
+        }),
+    });
+    let restore = Restore {
+        state: &state,
+        memory,
+    };
+    let built = build(&state.config, Some(restore), out)?;
     Ok((built, state))
 }
 

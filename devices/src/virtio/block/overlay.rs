@@ -20,7 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -199,10 +199,12 @@ impl OverlayFile {
                 source,
             }
         };
+        // The overlay holds the guest's disk writes: private whatever the umask.
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
         {
             Ok(f) => f,
