@@ -2,7 +2,9 @@
 //! place where the typed results of the machine, the snapshot engine and continuous protection
 //! become HTTP statuses and bodies.
 
-use crate::api::{ApiRequest, ApiResponse, SnapshotStarted, VmConfigInfo, VmInfo, VmState};
+use crate::api::{
+    ApiRequest, ApiResponse, DiskInfo, SnapshotStarted, VmConfigInfo, VmInfo, VmState,
+};
 use crate::capture::CaptureEngine;
 use crate::dr_checkpoints::{DrControl, DrControlError};
 use crate::machine::{Machine, RunState};
@@ -30,7 +32,17 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 .then(|| machine.config.kernel.clone()),
             initrd: machine.config.initrd.clone(),
             cmdline: Some(machine.config.cmdline.clone()),
-            disks: Vec::new(),
+            disks: machine
+                .built
+                .devices
+                .info()
+                .into_iter()
+                .filter_map(|d| d.disk)
+                .map(|d| DiskInfo {
+                    path: d.path,
+                    read_only: d.read_only,
+                })
+                .collect(),
             restored_from: machine.restored_from.clone(),
         },
     }
