@@ -10,29 +10,127 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use snapshot::dr::{send_checkpoint, CheckpointInfo, LinkKey, SendReport};
-use snapshot::repo::{KeepPolicy, RepoKey, Repository};
+use serde::{Deserialize, Serialize};
+use snapshot::dr::{send_checkpoint, CheckpointInfo, DrError, LinkKey, SendReport};
+use snapshot::repo::{KeepPolicy, KeyError, RepoError, RepoKey, Repository};
 
-use crate::api::{
-    ApiResponse, DrCheckpoint, DrParams, DrState, DrStatus, SnapshotMode, SnapshotParams,
-    SnapshotStrategy, SnapshotTarget,
+use crate::capture::{
+    CaptureEngine, CaptureVm, SnapshotEnded, SnapshotMode, SnapshotRequest, SnapshotStrategy,
+    SnapshotTarget,
 };
-use crate::runtime::Vmm;
 
 /// How long one send may block on the link before it counts as failed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Points kept in the staging repository.
 const STAGING_KEEP: usize = 2;
+/// The shortest DR interval accepted.
+pub const MIN_DR_INTERVAL_MS: u64 = 10;
+
+/// Where to send checkpoints, how often, and the link key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrConfig {
+    /// The receiver, as `HOST:PORT`.
+    pub target: String,
+    /// Milliseconds between checkpoints, at least [`MIN_DR_INTERVAL_MS`].
+    pub interval_ms: u64,
+    /// Pre-shared key file that authenticates and encrypts the link.
+    pub key: PathBuf,
+}
+
+/// Whether DR checkpoints are being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrState {
+    Stopped,
+    /// Checkpoints are being sent every interval.
+    Running,
+    /// The link to the receiver is down; it is retried with backoff.
+    Retrying,
+}
+
+/// One checkpoint the receiver committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrCheckpoint {
+    pub id: String,
+    /// When the checkpoint's point in time was taken (Unix time, milliseconds).
+    pub taken_at_unix_ms: u64,
+    /// When the receiver confirmed the commit (Unix time, milliseconds).
+    pub committed_at_unix_ms: u64,
+    /// Bytes sent for this checkpoint (the chunks the receiver lacked and the manifest).
+    pub bytes_sent: u64,
+    /// How long the vCPUs were paused for it, in microseconds.
+    pub pause_us: u64,
+}
+
+/// The status of continuous protection (the API serves it as the body of `GET /dr`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrStatus {
+    pub state: DrState,
+    /// The receiver, as `HOST:PORT`; `null` when stopped and never started.
+    pub target: Option<String>,
+    pub interval_ms: Option<u64>,
+    /// The newest committed checkpoint.
+    pub last_checkpoint: Option<DrCheckpoint>,
+    /// Recovery point lag: now minus the newest committed checkpoint's point in time.
+    pub rpo_ms: Option<u64>,
+    pub checkpoints_committed: u64,
+    pub checkpoints_failed: u64,
+    /// Intervals skipped because the previous checkpoint was still being sent.
+    pub intervals_skipped: u64,
+    /// The most recent failure, if any.
+    pub last_error: Option<String>,
+}
+
+impl DrStatus {
+    /// The status of protection that is not running and never ran.
+    fn stopped() -> Self {
+        Self {
+            state: DrState::Stopped,
+            target: None,
+            interval_ms: None,
+            last_checkpoint: None,
+            rpo_ms: None,
+            checkpoints_committed: 0,
+            checkpoints_failed: 0,
+            intervals_skipped: 0,
+            last_error: None,
+        }
+    }
+}
 
 /// Why continuous protection could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DrSetupError {
     #[error("cannot load the DR key")]
-    Key(#[from] snapshot::repo::KeyError),
+    Key(#[from] KeyError),
     #[error("cannot prepare the staging repository {0}")]
-    Staging(PathBuf, #[source] snapshot::repo::RepoError),
+    Staging(PathBuf, #[source] RepoError),
     #[error("cannot create the staging directory {0}")]
     StagingDir(PathBuf, #[source] std::io::Error),
+}
+
+/// Why a start or stop request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DrControlError {
+    #[error("continuous protection is already running; stop it first")]
+    AlreadyRunning,
+    #[error("continuous protection is not running")]
+    NotRunning,
+    #[error(transparent)]
+    Setup(#[from] DrSetupError),
+}
+
+/// Why a checkpoint did not reach the receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum DrSendError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Link(#[from] DrError),
+    #[error("the sender thread panicked")]
+    Panicked,
 }
 
 /// A checkpoint waiting to be sent or being sent.
@@ -42,17 +140,19 @@ struct Outgoing {
     pause_us: u64,
 }
 
-/// The state of continuous protection.
-pub struct DrLoop {
+/// The state of continuous protection once started.
+struct DrLoop {
     target: String,
     interval: Duration,
     key: RepoKey,
     key_path: PathBuf,
     staging: PathBuf,
     next_due: Instant,
-    sending: Option<(Outgoing, JoinHandle<Result<SendReport, String>>)>,
+    sending: Option<(Outgoing, JoinHandle<Result<SendReport, DrSendError>>)>,
     status: DrStatus,
     last_taken_ms: Option<u64>,
+    /// Whether the running snapshot is one of this loop's checkpoints.
+    checkpoint_running: bool,
 }
 
 fn now_ms() -> u64 {
@@ -78,8 +178,8 @@ pub fn default_staging(name: &str) -> PathBuf {
 impl DrLoop {
     /// Prepares continuous protection (the staging repository uses the link's key, so chunk
     /// ids agree on both sides).
-    pub fn new(params: &DrParams, staging: &Path) -> Result<Self, DrSetupError> {
-        let key = RepoKey::load(&params.key)?;
+    fn new(config: &DrConfig, staging: &Path) -> Result<Self, DrSetupError> {
+        let key = RepoKey::load(&config.key)?;
         let open = Repository::open(staging, Some(key.clone()));
         if open.is_err() {
             std::fs::create_dir_all(staging)
@@ -88,30 +188,26 @@ impl DrLoop {
                 .map_err(|e| DrSetupError::Staging(staging.to_path_buf(), e))?;
         }
         Ok(Self {
-            target: params.target.clone(),
-            interval: Duration::from_millis(params.interval_ms),
+            target: config.target.clone(),
+            interval: Duration::from_millis(config.interval_ms),
             key,
-            key_path: params.key.clone(),
+            key_path: config.key.clone(),
             staging: staging.to_path_buf(),
             next_due: Instant::now(),
             sending: None,
             status: DrStatus {
                 state: DrState::Running,
-                target: Some(params.target.clone()),
-                interval_ms: Some(params.interval_ms),
-                last_checkpoint: None,
-                rpo_ms: None,
-                checkpoints_committed: 0,
-                checkpoints_failed: 0,
-                intervals_skipped: 0,
-                last_error: None,
+                target: Some(config.target.clone()),
+                interval_ms: Some(config.interval_ms),
+                ..DrStatus::stopped()
             },
             last_taken_ms: None,
+            checkpoint_running: false,
         })
     }
 
     /// The status, with the recovery point lag as of now.
-    pub fn status(&self) -> DrStatus {
+    fn status(&self) -> DrStatus {
         let mut s = self.status.clone();
         s.rpo_ms = self
             .status
@@ -128,13 +224,11 @@ impl DrLoop {
         let link = LinkKey::from_repo_key(&self.key);
         let point = out.point_id.clone();
         let pause = out.pause_us;
-        let handle = std::thread::Builder::new()
-            .name("dr-send".into())
-            .spawn(move || {
-                let key = RepoKey::load(&key_path).map_err(|e| crate::error_chain(&e))?;
-                let repo =
-                    Repository::open(&staging, Some(key)).map_err(|e| crate::error_chain(&e))?;
-                send_checkpoint(
+        let handle = std::thread::Builder::new().name("dr-send".into()).spawn(
+            move || -> Result<SendReport, DrSendError> {
+                let key = RepoKey::load(&key_path)?;
+                let repo = Repository::open(&staging, Some(key))?;
+                Ok(send_checkpoint(
                     &repo,
                     &point,
                     &target,
@@ -143,9 +237,9 @@ impl DrLoop {
                     &CheckpointInfo {
                         pause_us: Some(pause),
                     },
-                )
-                .map_err(|e| crate::error_chain(&e))
-            });
+                )?)
+            },
+        );
         match handle {
             Ok(h) => self.sending = Some((out, h)),
             Err(e) => {
@@ -154,109 +248,118 @@ impl DrLoop {
             }
         }
     }
+
+    /// Finishes a send whose thread has ended.
+    fn finish_send(&mut self) {
+        if !self.sending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            return;
+        }
+        let Some((out, h)) = self.sending.take() else {
+            return;
+        };
+        match h.join().unwrap_or(Err(DrSendError::Panicked)) {
+            Ok(report) => {
+                self.status.checkpoints_committed += 1;
+                self.status.last_error = None;
+                if self.status.state == DrState::Retrying {
+                    self.status.state = DrState::Running;
+                }
+                self.status.last_checkpoint = Some(DrCheckpoint {
+                    id: out.point_id.clone(),
+                    taken_at_unix_ms: out.taken_at_ms,
+                    committed_at_unix_ms: now_ms(),
+                    bytes_sent: report.bytes_sent,
+                    pause_us: out.pause_us,
+                });
+                tracing::debug!(
+                    "checkpoint {} sent: {} bytes",
+                    out.point_id,
+                    report.bytes_sent
+                );
+            }
+            Err(e) => {
+                let e = snapshot::error_chain(&e);
+                self.status.checkpoints_failed += 1;
+                if self.status.state == DrState::Running {
+                    self.status.state = DrState::Retrying;
+                }
+                tracing::warn!("checkpoint {} not delivered: {e}", out.point_id);
+                self.status.last_error = Some(e);
+            }
+        }
+    }
 }
 
-impl Vmm {
-    /// Starts continuous protection (API `PUT /dr` or `run --dr-target`).
-    pub(crate) fn start_dr(&mut self, params: &DrParams, staging: Option<&Path>) -> ApiResponse {
+/// Continuous protection of one VM: off until started, then a checkpoint every interval.
+#[derive(Default)]
+pub struct DrControl {
+    current: Option<DrLoop>,
+}
+
+impl DrControl {
+    /// Whether protection was ever started (the event loop then wakes more often).
+    pub fn is_started(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Starts continuous protection (API `PUT /dr` or `run --dr-target`) of the VM `vm_name`,
+    /// staging checkpoints in `staging` (default: [`default_staging`]).
+    pub fn start(
+        &mut self,
+        config: &DrConfig,
+        staging: Option<&Path>,
+        vm_name: &str,
+    ) -> Result<DrStatus, DrControlError> {
         if self
-            .dr
+            .current
             .as_ref()
             .is_some_and(|d| d.status.state != DrState::Stopped)
         {
-            return ApiResponse::conflict(
-                "continuous protection is already running; stop it first",
-            );
+            return Err(DrControlError::AlreadyRunning);
         }
         let staging = staging
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| default_staging(&self.config.name));
-        match DrLoop::new(params, &staging) {
-            Ok(d) => {
-                tracing::info!(
-                    "continuous protection to {} every {} ms (staging {})",
-                    params.target,
-                    params.interval_ms,
-                    staging.display()
-                );
-                let status = d.status();
-                self.dr = Some(d);
-                ApiResponse::dr_started(&status)
-            }
-            Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
-        }
+            .unwrap_or_else(|| default_staging(vm_name));
+        let mut d = DrLoop::new(config, &staging)?;
+        tracing::info!(
+            "continuous protection to {} every {} ms (staging {})",
+            config.target,
+            config.interval_ms,
+            staging.display()
+        );
+        // A checkpoint of the stopped loop still running ends in this one.
+        d.checkpoint_running = self.current.as_ref().is_some_and(|o| o.checkpoint_running);
+        let status = d.status();
+        self.current = Some(d);
+        Ok(status)
     }
 
     /// Stops continuous protection; a send in progress finishes in the background.
-    pub(crate) fn stop_dr(&mut self) -> ApiResponse {
-        match &mut self.dr {
+    pub fn stop(&mut self) -> Result<DrStatus, DrControlError> {
+        match &mut self.current {
             Some(d) if d.status.state != DrState::Stopped => {
                 d.status.state = DrState::Stopped;
-                ApiResponse::dr(&d.status())
+                Ok(d.status())
             }
-            _ => ApiResponse::conflict("continuous protection is not running"),
+            _ => Err(DrControlError::NotRunning),
         }
     }
 
-    /// The DR status, or a stopped one.
-    pub(crate) fn dr_status(&self) -> ApiResponse {
-        match &self.dr {
-            Some(d) => ApiResponse::dr(&d.status()),
-            None => ApiResponse::dr(&DrStatus {
-                state: DrState::Stopped,
-                target: None,
-                interval_ms: None,
-                last_checkpoint: None,
-                rpo_ms: None,
-                checkpoints_committed: 0,
-                checkpoints_failed: 0,
-                intervals_skipped: 0,
-                last_error: None,
-            }),
+    /// The status, or a stopped one.
+    pub fn status(&self) -> DrStatus {
+        match &self.current {
+            Some(d) => d.status(),
+            None => DrStatus::stopped(),
         }
     }
 
-    /// Called from the event loop: finishes sends, and starts a checkpoint when one is due.
-    pub(crate) fn poll_dr(&mut self) {
-        let Some(d) = self.dr.as_mut() else {
+    /// Called from the event loop: finishes sends, and starts a checkpoint through `engine`
+    /// when one is due.
+    pub fn poll(&mut self, engine: &mut CaptureEngine, vm: &mut dyn CaptureVm) {
+        let Some(d) = self.current.as_mut() else {
             return;
         };
-        // A finished send.
-        if d.sending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
-            let (out, h) = d.sending.take().expect("checked above");
-            match h
-                .join()
-                .unwrap_or_else(|_| Err("the sender thread panicked".into()))
-            {
-                Ok(report) => {
-                    d.status.checkpoints_committed += 1;
-                    d.status.last_error = None;
-                    if d.status.state == DrState::Retrying {
-                        d.status.state = DrState::Running;
-                    }
-                    d.status.last_checkpoint = Some(DrCheckpoint {
-                        id: out.point_id.clone(),
-                        taken_at_unix_ms: out.taken_at_ms,
-                        committed_at_unix_ms: now_ms(),
-                        bytes_sent: report.bytes_sent,
-                        pause_us: out.pause_us,
-                    });
-                    tracing::debug!(
-                        "checkpoint {} sent: {} bytes",
-                        out.point_id,
-                        report.bytes_sent
-                    );
-                }
-                Err(e) => {
-                    d.status.checkpoints_failed += 1;
-                    if d.status.state == DrState::Running {
-                        d.status.state = DrState::Retrying;
-                    }
-                    tracing::warn!("checkpoint {} not delivered: {e}", out.point_id);
-                    d.status.last_error = Some(e);
-                }
-            }
-        }
+        d.finish_send();
         if d.status.state == DrState::Stopped {
             return;
         }
@@ -265,7 +368,7 @@ impl Vmm {
             return;
         }
         // Never queue: skip this interval while the previous checkpoint is still in flight.
-        if d.sending.is_some() || self.snapshot.is_some() {
+        if d.sending.is_some() || engine.is_busy() {
             d.status.intervals_skipped += 1;
             d.next_due = now + d.interval;
             return;
@@ -281,55 +384,45 @@ impl Vmm {
             }
         }
         d.last_taken_ms = Some(now_ms());
-        let params = SnapshotParams {
+        let request = SnapshotRequest {
             target: SnapshotTarget::Repo(d.staging.clone()),
             mode: SnapshotMode::Live,
             strategy: SnapshotStrategy::Cow,
             key: Some(d.key_path.clone()),
         };
-        let r = self.start_snapshot(params);
-        if r.status() >= 300 {
-            let msg = r
-                .body()
-                .and_then(|b| b.get("error"))
-                .and_then(|e| e.as_str())
-                .unwrap_or("unknown error")
-                .to_string();
-            if let Some(d) = self.dr.as_mut() {
-                d.status.checkpoints_failed += 1;
-                d.status.last_error = Some(format!("checkpoint not taken: {msg}"));
-            }
-            return;
-        }
-        self.dr_checkpoint_running = true;
-    }
-
-    /// Called when a DR checkpoint's snapshot ended.
-    pub(crate) fn dr_checkpoint_done(
-        &mut self,
-        point_id: Option<String>,
-        pause_us: u64,
-        error: Option<String>,
-    ) {
-        self.dr_checkpoint_running = false;
-        let Some(d) = self.dr.as_mut() else {
-            return;
-        };
-        match (point_id, error) {
-            (Some(point_id), None) => {
-                let taken_at_ms = d.last_taken_ms.unwrap_or_else(now_ms);
-                d.start_send(Outgoing {
-                    point_id,
-                    taken_at_ms,
-                    pause_us,
-                });
-            }
-            (_, e) => {
+        match engine.start(vm, &request) {
+            Ok(_) => d.checkpoint_running = true,
+            Err(e) => {
                 d.status.checkpoints_failed += 1;
                 d.status.last_error = Some(format!(
-                    "checkpoint failed: {}",
-                    e.unwrap_or_else(|| "no point was stored".into())
+                    "checkpoint not taken: {}",
+                    snapshot::error_chain(&e)
                 ));
+            }
+        }
+    }
+
+    /// Called with every snapshot that ended; acts on this loop's checkpoints only.
+    pub fn snapshot_ended(&mut self, ended: &SnapshotEnded) {
+        let Some(d) = self.current.as_mut() else {
+            return;
+        };
+        if !std::mem::take(&mut d.checkpoint_running) {
+            return;
+        }
+        match &ended.result {
+            Ok(()) => {
+                let taken_at_ms = d.last_taken_ms.unwrap_or_else(now_ms);
+                d.start_send(Outgoing {
+                    point_id: ended.id.clone(),
+                    taken_at_ms,
+                    pause_us: ended.pause_us,
+                });
+            }
+            Err(e) => {
+                d.status.checkpoints_failed += 1;
+                d.status.last_error =
+                    Some(format!("checkpoint failed: {}", snapshot::error_chain(e)));
             }
         }
     }
@@ -352,10 +445,10 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if ms < crate::api::MIN_DR_INTERVAL_MS {
+    if ms < MIN_DR_INTERVAL_MS {
         return Err(format!(
             "interval '{text}' is below the minimum of {} ms",
-            crate::api::MIN_DR_INTERVAL_MS
+            MIN_DR_INTERVAL_MS
         ));
     }
     Ok(Duration::from_millis(ms))

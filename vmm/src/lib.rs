@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod device_manager;
 pub mod dr_checkpoints;
+pub mod machine;
 pub mod restore;
 pub mod runtime;
 pub mod saved_state;

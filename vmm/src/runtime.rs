@@ -1,10 +1,12 @@
-//! The running VMM: the event loop (event-manager) that serves stdin, guest exits and devices,
-//! and pause/resume of all vCPUs.
+//! The running VMM: the event loop (event-manager) that serves stdin, guest exits, devices, the
+//! control API, the snapshot engine and continuous protection. It owns the [`Machine`] (the
+//! built VM), the [`CaptureEngine`] and the [`DrControl`], and hands each call the parts it
+//! needs.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -13,12 +15,15 @@ use vmm_sys_util::terminal::Terminal;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::ApiServer;
+use crate::api_handler::{handle_request, ApiContext};
 use crate::builder::BuiltVm;
-use crate::capture::job::SnapshotJob;
-use crate::capture::progress::Progress;
+use crate::capture::CaptureEngine;
 use crate::config::VmConfig;
-use crate::vstate::vcpu::{ExitSignal, GuestExit, VcpuError, VcpuEvent};
+use crate::dr_checkpoints::{DrConfig, DrControl, DrControlError, DrStatus};
+use crate::machine::Machine;
+use crate::vstate::vcpu::{ExitSignal, GuestExit, VcpuError};
 use devices::legacy::serial::SerialDevice;
+use snapshot::lock;
 
 /// Why the running VMM failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +36,6 @@ pub enum RuntimeError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create an event fd")]
     EventFd(#[source] std::io::Error),
-}
-
-/// Whether the guest's vCPUs are running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    Running,
-    Paused,
 }
 
 /// The subscriber type of the event loop.
@@ -78,11 +75,7 @@ struct StdinHandler {
 impl MutEventSubscriber for StdinHandler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        let room = self
-            .serial
-            .lock()
-            .expect("serial lock poisoned")
-            .input_room();
+        let room = lock(&self.serial).input_room();
         let want = room.min(buf.len());
         if want == 0 {
             return;
@@ -93,10 +86,7 @@ impl MutEventSubscriber for StdinHandler {
                 let _ = ops.remove(events);
             }
             Ok(n) => {
-                self.serial
-                    .lock()
-                    .expect("serial lock poisoned")
-                    .enqueue_input(&buf[..n]);
+                lock(&self.serial).enqueue_input(&buf[..n]);
             }
         }
     }
@@ -164,31 +154,22 @@ impl MutEventSubscriber for ApiWake {
 
 /// A running VM and its event loop.
 pub struct Vmm {
-    pub built: BuiltVm,
-    pub config: VmConfig,
-    state: RunState,
+    machine: Machine,
     events: EventManager<Subscriber>,
-    pub(crate) api: Option<ApiServer>,
-    pub(crate) snapshot: Option<SnapshotJob>,
-    pub(crate) last_snapshot: Option<Progress>,
-    pub(crate) snapshot_done: Arc<EventFd>,
-    pub(crate) snapshot_count: u64,
-    pub(crate) restored_from: Option<String>,
-    /// The backup point whose instant the change tracking started at, while it is intact.
-    pub(crate) backup_parent: Option<String>,
-    /// Whether the running snapshot is a backup into a repository.
-    pub(crate) backup_parent_pending: bool,
-    /// Write-protection tracking, armed by the first live snapshot and kept from then on.
-    pub(crate) cow_tracker: Option<Arc<crate::capture::cow::CowTracker>>,
+    api: Option<ApiServer>,
+    engine: CaptureEngine,
     /// Continuous protection to a DR receiver, once started.
-    pub(crate) dr: Option<crate::dr_checkpoints::DrLoop>,
-    /// Whether the running snapshot is a DR checkpoint.
-    pub(crate) dr_checkpoint_running: bool,
+    dr: DrControl,
 }
 
 impl Vmm {
-    /// Wraps a built VM (vCPUs paused) with its event loop.
-    pub fn new(config: VmConfig, built: BuiltVm) -> Result<Self, RuntimeError> {
+    /// Wraps a built VM (vCPUs paused) with its event loop; `restored_from` names the snapshot
+    /// it was restored from, if any.
+    pub fn new(
+        config: VmConfig,
+        built: BuiltVm,
+        restored_from: Option<String>,
+    ) -> Result<Self, RuntimeError> {
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(RuntimeError::EventManager)?;
         let exit: Subscriber = Arc::new(Mutex::new(ExitHandler {
@@ -199,31 +180,20 @@ impl Vmm {
         }));
         events.add_subscriber(exit);
         events.add_subscriber(stdin);
-        let snapshot_done =
-            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RuntimeError::EventFd)?);
+        let engine = CaptureEngine::new().map_err(RuntimeError::EventFd)?;
         let wake: Subscriber = Arc::new(Mutex::new(WakeHandler {
-            evt: snapshot_done.clone(),
+            evt: engine.wake_evt().clone(),
         }));
         events.add_subscriber(wake);
         for device in built.devices.subscribers() {
             events.add_subscriber(device);
         }
         Ok(Self {
-            built,
-            config,
-            state: RunState::Paused,
+            machine: Machine::new(config, built, restored_from),
             events,
             api: None,
-            snapshot: None,
-            last_snapshot: None,
-            snapshot_done,
-            snapshot_count: 0,
-            restored_from: None,
-            backup_parent: None,
-            backup_parent_pending: false,
-            cow_tracker: None,
-            dr: None,
-            dr_checkpoint_running: false,
+            engine,
+            dr: DrControl::default(),
         })
     }
 
@@ -241,70 +211,72 @@ impl Vmm {
         self.events.add_subscriber(s);
     }
 
-    /// The current run state.
-    pub fn state(&self) -> RunState {
-        self.state
+    /// The VM.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
     }
 
-    /// Pauses every vCPU and returns how long it took.
-    pub fn pause(&mut self) -> Result<Duration, RuntimeError> {
-        let t = Instant::now();
-        for v in &self.built.vcpus {
-            v.send(VcpuEvent::Pause)?;
-        }
-        for v in &self.built.vcpus {
-            let r = v.recv()?;
-            if !matches!(r, crate::vstate::vcpu::VcpuResponse::Paused) {
-                return Err(VcpuError::Unexpected(v.index(), "other", "Paused").into());
-            }
-        }
-        self.state = RunState::Paused;
-        tracing::debug!(
-            "paused {} vCPUs in {:?}",
-            self.built.vcpus.len(),
-            t.elapsed()
-        );
-        Ok(t.elapsed())
-    }
-
-    /// Resumes every vCPU.
-    pub fn resume(&mut self) -> Result<(), RuntimeError> {
-        for v in &self.built.vcpus {
-            v.send(VcpuEvent::Resume)?;
-        }
-        for v in &self.built.vcpus {
-            v.recv()?;
-        }
-        self.state = RunState::Running;
-        Ok(())
+    /// Starts continuous protection (`run --dr-target`).
+    pub fn start_dr(
+        &mut self,
+        config: &DrConfig,
+        staging: Option<&Path>,
+    ) -> Result<DrStatus, DrControlError> {
+        self.dr.start(config, staging, &self.machine.config.name)
     }
 
     /// Runs the guest until it stops; returns why it stopped.
     pub fn run(&mut self) -> Result<GuestExit, RuntimeError> {
         let _raw = RawTerminal::enter();
-        self.resume()?;
-        tracing::info!("guest running with {} vCPUs", self.built.vcpus.len());
+        self.machine.resume()?;
+        tracing::info!(
+            "guest running with {} vCPUs",
+            self.machine.built.vcpus.len()
+        );
         loop {
-            if crate::signals::terminated() && self.built.exit.reason().is_none() {
-                self.built.exit.report(GuestExit::Requested);
+            let exit_signal = &self.machine.built.exit;
+            if crate::signals::terminated() && exit_signal.reason().is_none() {
+                exit_signal.report(GuestExit::Requested);
             }
-            if let Some(exit) = self.built.exit.reason() {
+            if let Some(exit) = self.machine.built.exit.reason() {
                 tracing::info!("guest stopped: {exit}");
-                self.stop_snapshot();
-                for v in &mut self.built.vcpus {
+                if let Some(ended) = self.engine.stop(&mut self.machine) {
+                    self.dr.snapshot_ended(&ended);
+                }
+                for v in &mut self.machine.built.vcpus {
                     v.finish();
                 }
                 // Dropping the server answers queued calls and removes the socket.
                 self.api = None;
                 return Ok(exit);
             }
-            let timeout = if self.dr.is_some() { 10 } else { 500 };
+            let timeout = if self.dr.is_started() { 10 } else { 500 };
             self.events
                 .run_with_timeout(timeout)
                 .map_err(RuntimeError::EventLoop)?;
             self.serve_api();
-            self.poll_snapshot();
-            self.poll_dr();
+            if let Some(ended) = self.engine.poll(&mut self.machine) {
+                self.dr.snapshot_ended(&ended);
+            }
+            self.dr.poll(&mut self.engine, &mut self.machine);
+        }
+    }
+
+    /// Answers every queued API call.
+    fn serve_api(&mut self) {
+        loop {
+            let Some(call) = self.api.as_ref().and_then(|a| a.try_recv()) else {
+                return;
+            };
+            let response = handle_request(
+                ApiContext {
+                    machine: &mut self.machine,
+                    engine: &mut self.engine,
+                    dr: &mut self.dr,
+                },
+                call.request,
+            );
+            call.responder.respond(response);
         }
     }
 }

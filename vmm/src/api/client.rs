@@ -80,7 +80,7 @@ impl ApiReply {
         })
     }
 
-    /// The body of a 2xx answer as `T` (e.g. [`super::VmInfo`] for `GET /vm`).
+    /// The body of a 2xx answer as `T` (e.g. [`VmInfo`](super::response::VmInfo) for `GET /vm`).
     pub fn parse<T: DeserializeOwned>(self) -> Result<T, ApiClientError> {
         let body = self.into_result()?.unwrap_or(serde_json::Value::Null);
         serde_json::from_value(body).map_err(ApiClientError::BadJson)

@@ -5,12 +5,17 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::capture::SnapshotRequest;
+pub use crate::capture::{SnapshotMode, SnapshotStrategy, SnapshotTarget};
+use crate::dr_checkpoints::DrConfig;
+pub use crate::dr_checkpoints::MIN_DR_INTERVAL_MS;
+
 /// One call on the control API, parsed and validated, for the VMM to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     /// `GET /vm`: the VM's run state and configuration. Answer with [`ApiResponse::vm`].
     ///
-    /// [`ApiResponse::vm`]: super::ApiResponse::vm
+    /// [`ApiResponse::vm`]: super::response::ApiResponse::vm
     GetVm,
     /// `PUT /vm/pause`: stop the vCPUs. 204, or 409 if the VM is not running.
     PauseVm,
@@ -18,54 +23,21 @@ pub enum ApiRequest {
     ResumeVm,
     /// `PUT /vm/shutdown`: stop the guest and exit. 204, sent before the VMM exits.
     ShutdownVm,
-    /// `PUT /snapshot`: start a snapshot. 202 with [`super::SnapshotStarted`], or 409 if one
-    /// is running.
+    /// `PUT /snapshot`: start a snapshot. 202 with
+    /// [`SnapshotStarted`](super::response::SnapshotStarted), or 409 if one is running.
     CreateSnapshot(SnapshotParams),
     /// `GET /snapshot`: progress of the running snapshot, or the outcome of the last one. 200
-    /// with [`super::SnapshotStatus`], or 404 if none was taken.
+    /// with [`SnapshotStatus`](crate::capture::SnapshotStatus), or 404 if none was taken.
     GetSnapshot,
     /// `DELETE /snapshot`: cancel the running snapshot. 204, or 409 if none is running.
     CancelSnapshot,
-    /// `PUT /dr`: start sending checkpoints to a DR receiver. 202 with [`super::DrStatus`], or
-    /// 409 if DR is already running.
+    /// `PUT /dr`: start sending checkpoints to a DR receiver. 202 with
+    /// [`DrStatus`](crate::dr_checkpoints::DrStatus), or 409 if DR is already running.
     StartDr(DrParams),
     /// `DELETE /dr`: stop sending checkpoints. 204, or 409 if DR is not running.
     StopDr,
-    /// `GET /dr`: DR status. 200 with [`super::DrStatus`].
+    /// `GET /dr`: DR status. 200 with [`DrStatus`](crate::dr_checkpoints::DrStatus).
     GetDr,
-}
-
-/// Whether the guest keeps running while its memory is copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotMode {
-    /// The guest runs while memory is copied; the pause covers only the state.
-    #[default]
-    Live,
-    /// The guest stays paused until everything is written.
-    Paused,
-}
-
-/// How a live snapshot keeps its memory image consistent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStrategy {
-    /// Write-protect memory and copy a page before the guest's first write to it. The point in
-    /// time is the request.
-    #[default]
-    Cow,
-    /// Copy while tracking dirty pages, re-copy, then pause briefly for the rest. The point in
-    /// time is the final pause.
-    Precopy,
-}
-
-/// Where a snapshot is written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SnapshotTarget {
-    /// A new snapshot directory (`"out"`), which must not exist yet.
-    Dir(PathBuf),
-    /// A backup point in a repository (`"repo"`).
-    Repo(PathBuf),
 }
 
 /// The body of `PUT /snapshot`, validated: exactly one of `out` and `repo`; absolute paths
@@ -80,6 +52,17 @@ pub struct SnapshotParams {
     pub strategy: SnapshotStrategy,
     /// Key file for encryption at rest in the repository.
     pub key: Option<PathBuf>,
+}
+
+impl From<SnapshotParams> for SnapshotRequest {
+    fn from(p: SnapshotParams) -> Self {
+        SnapshotRequest {
+            target: p.target,
+            mode: p.mode,
+            strategy: p.strategy,
+            key: p.key,
+        }
+    }
 }
 
 /// The wire form of [`SnapshotParams`].
@@ -151,8 +134,15 @@ pub struct DrParams {
     pub key: PathBuf,
 }
 
-/// The shortest DR interval accepted.
-pub const MIN_DR_INTERVAL_MS: u64 = 10;
+impl From<DrParams> for DrConfig {
+    fn from(p: DrParams) -> Self {
+        DrConfig {
+            target: p.target,
+            interval_ms: p.interval_ms,
+            key: p.key,
+        }
+    }
+}
 
 /// The wire form of [`DrParams`].
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{SnapshotMode, SnapshotStrategy};
+pub use crate::capture::{SnapshotState, SnapshotStatus};
+pub use crate::dr_checkpoints::{DrCheckpoint, DrState, DrStatus};
 
-/// The VMM's answer to one [`super::ApiRequest`]: an HTTP status and a JSON body (none for 204).
+/// The VMM's answer to one `ApiRequest`: an HTTP status and a JSON body (none for 204).
 /// Build it with the constructor that names the body; errors carry `{"error": "<sentence>"}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiResponse {
@@ -169,93 +170,10 @@ pub struct SnapshotStarted {
     pub id: String,
 }
 
-/// Where a snapshot is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotState {
-    Running,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-/// The body of `GET /snapshot`: the progress of the running snapshot, or the outcome of the
-/// last one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotStatus {
-    pub id: String,
-    pub state: SnapshotState,
-    pub mode: SnapshotMode,
-    pub strategy: SnapshotStrategy,
-    /// Bytes written to the target so far.
-    pub bytes_written: u64,
-    /// Bytes the snapshot will write in all (memory, state and disks), as far as known.
-    pub bytes_total: u64,
-    /// How long the vCPUs were paused, in microseconds; `null` until they have resumed.
-    pub pause_us: Option<u64>,
-    /// Milliseconds since the request: elapsed while running, total once finished.
-    pub total_ms: u64,
-    /// cow: pages copied ahead of the copier because the guest wrote to them.
-    pub pages_copied_early: u64,
-    /// precopy: pages copied again because they were dirtied after their first copy.
-    pub pages_recopied: u64,
-    /// precopy: copy rounds so far; `null` for cow and paused snapshots.
-    pub precopy_rounds: Option<u32>,
-    /// precopy: whether the dirty set shrank below the final-pause threshold within the round
-    /// limit; `false` means the final pause copied a large remainder. `null` for other modes.
-    #[serde(default)]
-    pub precopy_converged: Option<bool>,
-    /// Why the snapshot failed; `null` unless `state` is `failed`.
-    pub error: Option<String>,
-}
-
-/// Whether DR checkpoints are being sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DrState {
-    Stopped,
-    /// Checkpoints are being sent every interval.
-    Running,
-    /// The link to the receiver is down; it is retried with backoff.
-    Retrying,
-}
-
-/// One checkpoint the receiver committed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrCheckpoint {
-    pub id: String,
-    /// When the checkpoint's point in time was taken (Unix time, milliseconds).
-    pub taken_at_unix_ms: u64,
-    /// When the receiver confirmed the commit (Unix time, milliseconds).
-    pub committed_at_unix_ms: u64,
-    /// Bytes sent for this checkpoint (the chunks the receiver lacked and the manifest).
-    pub bytes_sent: u64,
-    /// How long the vCPUs were paused for it, in microseconds.
-    pub pause_us: u64,
-}
-
-/// The body of `GET /dr` and of the 202 answer to `PUT /dr`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrStatus {
-    pub state: DrState,
-    /// The receiver, as `HOST:PORT`; `null` when stopped and never started.
-    pub target: Option<String>,
-    pub interval_ms: Option<u64>,
-    /// The newest committed checkpoint.
-    pub last_checkpoint: Option<DrCheckpoint>,
-    /// Recovery point lag: now minus the newest committed checkpoint's point in time.
-    pub rpo_ms: Option<u64>,
-    pub checkpoints_committed: u64,
-    pub checkpoints_failed: u64,
-    /// Intervals skipped because the previous checkpoint was still being sent.
-    pub intervals_skipped: u64,
-    /// The most recent failure, if any.
-    pub last_error: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::{SnapshotMode, SnapshotStrategy};
     use serde_json::json;
 
     #[test]

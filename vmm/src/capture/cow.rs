@@ -23,14 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use snapshot::{lock, MappedLayout, MemorySink};
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::memory_copy::chunk_guest_range;
+use super::error::CaptureError;
+pub use super::error::CowError;
 use super::progress::Progress;
-use super::sink::MemoryOut;
-use super::CaptureError;
-use crate::saved_state::MemoryRegionState;
 use devices::GuestMemoryMmap;
 
 /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): write-protect page table entries that are not
@@ -38,39 +37,17 @@ use devices::GuestMemoryMmap;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const PAGE_SIZE: u64 = 4096;
 
-/// Why write tracking could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum CowError {
-    #[error("cannot create a write-protect userfaultfd (needs Linux 6.4+ and root)")]
-    Create(#[source] userfaultfd::Error),
-    #[error("cannot register guest memory for write-protection")]
-    Register(#[source] userfaultfd::Error),
-    #[error("cannot write-protect guest memory")]
-    Protect(#[source] userfaultfd::Error),
-    #[error("cannot start the copy-on-write fault thread")]
-    Spawn(#[source] std::io::Error),
-}
-
-/// One guest region as the fault thread sees it.
-#[derive(Clone, Copy)]
-struct Region {
-    host: u64,
-    guest: u64,
-    len: u64,
-}
-
 /// The snapshot being copied, while there is one.
 struct ActiveCopy {
-    part: Arc<MemoryOut>,
+    sink: Arc<dyn MemorySink>,
     progress: Progress,
 }
 
 struct Shared {
     uffd: Uffd,
     mem: GuestMemoryMmap,
-    layout: Vec<MemoryRegionState>,
-    regions: Vec<Region>,
-    chunk_size: u64,
+    /// Chunk <-> guest and host addresses.
+    layout: MappedLayout,
     chunk_count: u64,
     /// Per unit: copied into the active snapshot (or nothing to copy).
     copied: Vec<Mutex<bool>>,
@@ -80,7 +57,7 @@ struct Shared {
     stop: AtomicBool,
     pages_early: AtomicU64,
     /// The first error of the fault thread; the copier reports it.
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Arc<CaptureError>>>,
 }
 
 /// Write-protection over guest memory, with its fault thread.
@@ -101,54 +78,58 @@ impl Shared {
 
     /// Guest address and length of unit `unit` (its chunks are contiguous in one region).
     fn unit_guest_range(&self, unit: u64) -> Option<(u64, u64)> {
+        let layout = self.layout.layout();
         let chunks = self.unit_chunks(unit);
-        let (guest, _) = chunk_guest_range(&self.layout, self.chunk_size, chunks.start)?;
+        let (guest, _) = layout.chunk_guest_range(chunks.start)?;
         let len = chunks
-            .map(|c| chunk_guest_range(&self.layout, self.chunk_size, c).map_or(0, |(_, l)| l))
+            .map(|c| layout.chunk_guest_range(c).map_or(0, |(_, l)| l))
             .sum();
         Some((guest, len))
     }
 
+    /// Host address and length of unit `unit`.
     fn host_range(&self, unit: u64) -> Option<(u64, u64)> {
-        let (guest, len) = self.unit_guest_range(unit)?;
-        let r = self
-            .regions
-            .iter()
-            .find(|r| guest >= r.guest && guest < r.guest + r.len)?;
-        Some((r.host + (guest - r.guest), len))
+        let chunks = self.unit_chunks(unit);
+        let (host, _) = self.layout.chunk_host_range(chunks.start)?;
+        let len = chunks
+            .map(|c| self.layout.chunk_host_range(c).map_or(0, |(_, l)| l))
+            .sum();
+        Some((host, len))
     }
 
     fn unit_of_host(&self, host: u64) -> Option<u64> {
-        let r = self
-            .regions
-            .iter()
-            .find(|r| host >= r.host && host < r.host + r.len)?;
-        let guest = r.guest + (host - r.host);
-        super::memory_copy::chunk_of_guest_addr(&self.layout, self.chunk_size, guest)
+        self.layout
+            .chunk_of_host_addr(host)
             .map(|c| c / CHUNKS_PER_UNIT)
     }
 
-    fn active(&self) -> Option<(Arc<MemoryOut>, Progress)> {
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn active(&self) -> Option<(Arc<dyn MemorySink>, Progress)> {
+        lock(&self.active)
             .as_ref()
-            .map(|a| (a.part.clone(), a.progress.clone()))
+            .map(|a| (a.sink.clone(), a.progress.clone()))
+    }
+
+    /// Records the first error for the copier.
+    fn record_error(&self, e: CaptureError) {
+        lock(&self.error).get_or_insert_with(|| Arc::new(e));
     }
 
     /// Copies unit `unit` into the active snapshot unless done. Returns whether it copied.
     fn copy_unit(&self, unit: u64, buf: &mut Vec<u8>) -> Result<bool, CaptureError> {
-        let mut copied = self.copied[unit as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = self.copied.get(unit as usize) else {
+            return Err(CowError::UnitOutside(unit).into());
+        };
+        let mut copied = lock(slot);
         if *copied {
             return Ok(false);
         }
-        let Some((part, progress)) = self.active() else {
+        let Some((sink, progress)) = self.active() else {
             *copied = true;
             return Ok(false);
         };
-        let (guest, len) = self.unit_guest_range(unit).expect("unit within memory");
+        let (guest, len) = self
+            .unit_guest_range(unit)
+            .ok_or(CowError::UnitOutside(unit))?;
         buf.resize(len as usize, 0);
         self.mem
             .read_slice(buf, GuestAddress(guest))
@@ -159,9 +140,11 @@ impl Shared {
         // The lock stays held until the bytes are in the part, so that `end` can wait for
         // every copy in flight.
         for (i, chunk) in self.unit_chunks(unit).enumerate() {
-            let start = i * self.chunk_size as usize;
-            let end = (start + self.chunk_size as usize).min(buf.len());
-            part.put(chunk, &buf[start..end])?;
+            let chunk_size = self.layout.layout().chunk_size() as usize;
+            let start = i * chunk_size;
+            let end = (start + chunk_size).min(buf.len());
+            let data = buf.get(start..end).ok_or(CowError::UnitOutside(unit))?;
+            sink.write_chunk(chunk, data)?;
         }
         *copied = true;
         drop(copied);
@@ -169,14 +152,19 @@ impl Shared {
         Ok(true)
     }
 
+    /// Handles one write fault on `page`. Nothing here may panic: a writer to a protected page
+    /// stays blocked until its protection is lifted, so every path lifts it.
     fn handle_fault(&self, page: u64, buf: &mut Vec<u8>) {
         let Some(index) = self.unit_of_host(page) else {
-            let _ = self
-                .uffd
-                .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true);
+            self.lift_page(page);
             return;
         };
-        self.written[index as usize].store(true, Ordering::Release);
+        let Some(written) = self.written.get(index as usize) else {
+            self.record_error(CowError::UnitOutside(index).into());
+            self.lift_page(page);
+            return;
+        };
+        written.store(true, Ordering::Release);
         match self.copy_unit(index, buf) {
             Ok(true) => {
                 let pages = self.unit_guest_range(index).map_or(0, |(_, l)| l) / PAGE_SIZE;
@@ -186,13 +174,14 @@ impl Shared {
                 }
             }
             Ok(false) => {}
-            Err(e) => {
-                // Record it for the copier; the writer must go on regardless.
-                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
-                err.get_or_insert_with(|| crate::error_chain(&e));
-            }
+            // Recorded for the copier; the writer must go on regardless.
+            Err(e) => self.record_error(e),
         }
-        let (host, len) = self.host_range(index).expect("unit lies in a region");
+        let Some((host, len)) = self.host_range(index) else {
+            self.record_error(CowError::UnitOutside(index).into());
+            self.lift_page(page);
+            return;
+        };
         if let Err(e) = self
             .uffd
             .remove_write_protection(host as *mut _, len as usize, true)
@@ -201,12 +190,22 @@ impl Shared {
         }
     }
 
+    /// Lifts the protection of one page and wakes its writer.
+    fn lift_page(&self, page: u64) {
+        if let Err(e) = self
+            .uffd
+            .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true)
+        {
+            tracing::error!("cannot lift write-protection of page {page:#x}: {e}");
+        }
+    }
+
     fn unprotect_all(&self) {
-        for r in &self.regions {
+        for (host, len) in self.layout.host_regions() {
             let _ = self
                 .uffd
-                .remove_write_protection(r.host as *mut _, r.len as usize, true);
-            let _ = self.uffd.unregister(r.host as *mut _, r.len as usize);
+                .remove_write_protection(host as *mut _, len as usize, true);
+            let _ = self.uffd.unregister(host as *mut _, len as usize);
         }
     }
 }
@@ -237,12 +236,7 @@ fn fault_loop(shared: Arc<Shared>) {
 impl CowTracker {
     /// Write-protects all of guest memory and starts the fault thread. Nothing is copied
     /// until [`CowTracker::begin`].
-    pub fn arm(
-        mem: &GuestMemoryMmap,
-        layout: &[MemoryRegionState],
-        host_regions: &[(u64, u64, u64)],
-        chunk_size: u64,
-    ) -> Result<Self, CowError> {
+    pub fn arm(mem: &GuestMemoryMmap, layout: MappedLayout) -> Result<Self, CowError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -253,35 +247,24 @@ impl CowTracker {
             )
             .create()
             .map_err(CowError::Create)?;
-        let regions: Vec<Region> = host_regions
-            .iter()
-            .map(|&(host, guest, len)| Region { host, guest, len })
-            .collect();
-        for r in &regions {
-            uffd.register_with_mode(
-                r.host as *mut _,
-                r.len as usize,
-                RegisterMode::WRITE_PROTECT,
-            )
-            .map_err(CowError::Register)?;
+        for (host, len) in layout.host_regions() {
+            uffd.register_with_mode(host as *mut _, len as usize, RegisterMode::WRITE_PROTECT)
+                .map_err(CowError::Register)?;
         }
-        for r in &regions {
-            if let Err(e) = uffd.write_protect(r.host as *mut _, r.len as usize) {
-                for r in &regions {
-                    let _ = uffd.unregister(r.host as *mut _, r.len as usize);
+        for (host, len) in layout.host_regions() {
+            if let Err(e) = uffd.write_protect(host as *mut _, len as usize) {
+                for (host, len) in layout.host_regions() {
+                    let _ = uffd.unregister(host as *mut _, len as usize);
                 }
                 return Err(CowError::Protect(e));
             }
         }
-        let total: u64 = layout.iter().map(|r| r.len).sum();
-        let chunk_count = total.div_ceil(chunk_size);
+        let chunk_count = layout.layout().chunk_count();
         let units = chunk_count.div_ceil(CHUNKS_PER_UNIT) as usize;
         let shared = Arc::new(Shared {
             uffd,
             mem: mem.clone(),
-            layout: layout.to_vec(),
-            regions,
-            chunk_size,
+            layout,
             chunk_count,
             copied: (0..units).map(|_| Mutex::new(true)).collect(),
             written: (0..units).map(|_| AtomicBool::new(false)).collect(),
@@ -303,15 +286,15 @@ impl CowTracker {
 
     /// The snapshot instant (vCPUs paused, after [`Self::take_written`]): starts copying into
     /// `part`. Chunks marked in `clean` are taken from the parent point instead of copied.
-    pub fn begin(&self, part: Arc<MemoryOut>, progress: Progress, clean: Option<&[bool]>) {
+    pub fn begin(&self, sink: Arc<dyn MemorySink>, progress: Progress, clean: Option<&[bool]>) {
         let s = &self.shared;
         for (unit, c) in s.copied.iter().enumerate() {
             let unit_clean =
                 clean.is_some_and(|cl| s.unit_chunks(unit as u64).all(|chunk| cl[chunk as usize]));
-            *c.lock().unwrap_or_else(|p| p.into_inner()) = unit_clean;
+            *lock(c) = unit_clean;
         }
-        *s.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *s.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(ActiveCopy { part, progress });
+        *lock(&s.error) = None;
+        *lock(&s.active) = Some(ActiveCopy { sink, progress });
     }
 
     /// At a snapshot instant (vCPUs paused): returns which chunks were written since the
@@ -342,13 +325,15 @@ impl CowTracker {
         clean: Option<&[bool]>,
     ) -> Result<(), CaptureError> {
         let result = (|| {
-            if let (Some(clean), Some((part, _))) = (clean, self.shared.active()) {
+            if let (Some(clean), Some((sink, _))) = (clean, self.shared.active()) {
                 // Only chunks whose whole unit is clean are skipped; the others are copied.
                 for unit in 0..self.shared.copied.len() as u64 {
                     let chunks = self.shared.unit_chunks(unit);
                     if chunks.clone().all(|c| clean[c as usize]) {
                         for c in chunks {
-                            part.reuse(c)?;
+                            if !sink.reuse_unchanged(c)? {
+                                return Err(CaptureError::ReuseRefused(c));
+                            }
                         }
                     }
                 }
@@ -372,24 +357,15 @@ impl CowTracker {
         result
     }
 
-    fn take_error(&self) -> Option<String> {
-        self.shared
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn take_error(&self) -> Option<Arc<CaptureError>> {
+        lock(&self.shared.error).clone()
     }
 
     /// Detaches the active snapshot: faults only track writes from now on.
     pub fn end(&self) {
         // Hold every chunk lock while detaching, so no fault is mid-copy into the part.
-        let guards: Vec<_> = self
-            .shared
-            .copied
-            .iter()
-            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        *self.shared.active.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let guards: Vec<_> = self.shared.copied.iter().map(|c| lock(c)).collect();
+        *lock(&self.shared.active) = None;
         for mut g in guards {
             *g = true;
         }

@@ -1,25 +1,17 @@
 //! Disks in a snapshot: at the snapshot instant every disk switches to a fresh overlay file
 //! (the patent's "new log of uncommitted updates"), which freezes the image below it; the frozen
 //! image is copied into the snapshot while the guest keeps writing to the overlay, and the
-//! overlay is merged back once the snapshot has ended, whether it succeeded or not.
+//! overlay is merged back once the snapshot has ended, whether it succeeded or not. Freezing and
+//! merging belong to the VM (through the capture seam); copying belongs here.
 
 use std::sync::atomic::AtomicBool;
 
+use super::error::CaptureError;
 use super::progress::Progress;
 use super::sink::SnapshotOut;
-use super::CaptureError;
-use crate::runtime::Vmm;
 use crate::saved_state::disk_part_name;
 
 pub use crate::device_manager::FrozenDisk;
-
-/// Freezes every disk. Call with the vCPUs paused, after the device state was saved.
-pub fn freeze_disks(vmm: &Vmm) -> Result<Vec<FrozenDisk>, CaptureError> {
-    vmm.built
-        .devices
-        .freeze_disks()
-        .map_err(|e| CaptureError::Disk(e.id, e.source))
-}
 
 /// Total bytes of the frozen disks.
 pub fn frozen_bytes(frozen: &[FrozenDisk]) -> u64 {
@@ -40,11 +32,4 @@ pub fn copy_frozen_disks(
         out.write_disk(&disk_part_name(&f.id), &f.image, changed, progress, cancel)?;
     }
     Ok(())
-}
-
-impl Vmm {
-    /// Merges every disk's snapshot overlay back into its base, in the background.
-    pub(crate) fn merge_disk_overlays(&self) {
-        self.built.devices.merge_disk_overlays();
-    }
 }

@@ -1,5 +1,23 @@
-//! Capturing a VM: the state saved while the vCPUs are paused, and the copy of guest memory
-//! into a snapshot's memory part.
+//! Capturing a VM into a snapshot directory or a backup point, through a narrow handle on the
+//! VM ([`CaptureVm`]) and nothing else of the VMM.
+//!
+//! Files, lowest first (each imports only files above it):
+//! - `error`: [`CaptureError`], [`CowError`].
+//! - `request`, `status`: what a snapshot is asked to be, and its progress (the API serves
+//!   these as they are).
+//! - `progress`: the shared, updatable status of one snapshot.
+//! - `sink`: the destination ([`SnapshotOut`]), which hands out memory as a
+//!   [`snapshot::MemorySink`].
+//! - `memory_copy`, `dirty_log`, `disks`: copying memory chunks, reading the dirty logs, copying
+//!   frozen disks.
+//! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
+//! - `cow`: the userfaultfd write tracker.
+//! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
+//!   write tracker and the incremental-backup parent).
+//! - `job`: a running snapshot's worker.
+//! - `strategy`: the [`CaptureStrategy`] interface; `paused`, `live_cow` and `precopy`
+//!   implement it.
+//! - `engine`: [`CaptureEngine`], the job's life cycle and the one place strategies are chosen.
 //!
 //! Save order, for every mode: devices are saved before KVM state, so that an interrupt a device
 //! raises while it is being saved is already in the irqchip state saved after it; and guest
@@ -7,67 +25,29 @@
 //! dirty exactly like memory written by vCPUs.
 
 pub mod cow;
+pub mod dirty_log;
 pub mod disks;
+pub mod engine;
+pub mod error;
 pub mod job;
-pub mod live;
+pub mod live_cow;
 pub mod memory_copy;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
+pub mod request;
 pub mod sink;
-pub mod target;
+pub mod status;
+pub mod strategy;
+pub mod tracking;
+pub mod vm;
 
-/// Why a snapshot failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
-    #[error("cannot pause or resume the vCPUs")]
-    Runtime(#[source] Box<crate::runtime::RuntimeError>),
-    #[error("cannot save vCPU state")]
-    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
-    #[error("cannot save VM state")]
-    Vm(#[from] crate::vstate::vm::VmError),
-    #[error("cannot save device state")]
-    Devices(#[from] crate::device_manager::DeviceManagerError),
-    #[error("cannot read guest memory at {addr:#x}")]
-    ReadMemory {
-        addr: u64,
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
-    #[error("the snapshot was cancelled")]
-    Cancelled,
-    #[error("a snapshot is already running")]
-    Busy,
-    #[error(transparent)]
-    Cow(#[from] cow::CowError),
-    #[error("copy-on-write tracking failed: {0}")]
-    CowFault(String),
-    #[error("the restored VM's memory is still loading; try again shortly")]
-    LazyLoadPending,
-    #[error("the memory part is still in use")]
-    PartInUse,
-    #[error(transparent)]
-    Repo(#[from] snapshot::repo::RepoError),
-    #[error(transparent)]
-    Key(#[from] snapshot::repo::KeyError),
-    #[error("cannot freeze disk {0}")]
-    Disk(String, #[source] devices::virtio::block::DiskError),
-    #[error("cannot read frozen disk {0}")]
-    ReadDisk(String, #[source] std::io::Error),
-    #[error("cannot write disk {0} into the snapshot")]
-    WriteDisk(String, #[source] std::io::Error),
-    #[error("{0} is not available yet")]
-    Unsupported(&'static str),
-    #[error("the snapshot thread panicked")]
-    WorkerPanicked,
-    #[error("cannot start the snapshot thread")]
-    Spawn(#[source] std::io::Error),
-}
-
-impl From<crate::runtime::RuntimeError> for CaptureError {
-    fn from(e: crate::runtime::RuntimeError) -> Self {
-        Self::Runtime(Box::new(e))
-    }
-}
+pub use disks::FrozenDisk;
+pub use engine::{CaptureEngine, SnapshotEnded};
+pub use error::{CaptureError, CowError};
+pub use request::{SnapshotMode, SnapshotRequest, SnapshotStrategy, SnapshotTarget};
+pub use sink::SnapshotOut;
+pub use status::{SnapshotState, SnapshotStatus};
+pub use strategy::CaptureStrategy;
+pub use tracking::ChangeTracking;
+pub use vm::CaptureVm;

@@ -3,7 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::api::{SnapshotMode, SnapshotState, SnapshotStatus, SnapshotStrategy};
+use snapshot::lock;
+
+use super::request::{SnapshotMode, SnapshotStrategy};
+use super::status::{SnapshotState, SnapshotStatus};
 
 /// A shared, updatable snapshot status.
 #[derive(Clone)]
@@ -37,12 +40,12 @@ impl Progress {
 
     /// Changes the status.
     pub fn update(&self, f: impl FnOnce(&mut SnapshotStatus)) {
-        f(&mut self.inner.lock().expect("progress lock poisoned"));
+        f(&mut lock(&self.inner));
     }
 
     /// A copy of the status, with the elapsed time filled in while it runs.
     pub fn status(&self) -> SnapshotStatus {
-        let mut s = self.inner.lock().expect("progress lock poisoned").clone();
+        let mut s = lock(&self.inner).clone();
         if s.state == SnapshotState::Running {
             s.total_ms = self.started.elapsed().as_millis() as u64;
         }
@@ -51,7 +54,7 @@ impl Progress {
 
     /// Whether the snapshot is over.
     pub fn is_finished(&self) -> bool {
-        self.inner.lock().expect("progress lock poisoned").state != SnapshotState::Running
+        lock(&self.inner).state != SnapshotState::Running
     }
 
     /// Ends the status with `outcome`.

@@ -1,74 +1,42 @@
 //! Where a snapshot goes: a snapshot directory, or a backup point in a repository. Both take
-//! memory in 1 MiB chunks (a repository can also reuse a chunk of the parent point without
-//! reading it), disks as raw images, and the state.
+//! memory in 1 MiB chunks through a [`MemorySink`] (a repository can also reuse a chunk of the
+//! parent point without reading it), disks as raw images, and the state.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use devices::virtio::block::{ChangedBlocks, FrozenImage, CBT_BLOCK_SIZE};
-use snapshot::repo::{BackupWriter, ObjectWriter};
-use snapshot::{MemoryPartWriter, PartKind, SnapshotWriter, CHUNK_SIZE};
+use snapshot::repo::{BackupWriter, ObjectWriter, RepoKey, Repository};
+use snapshot::{MemoryPartWriter, MemorySink, PartKind, SnapshotWriter, CHUNK_SIZE};
 
+use super::error::CaptureError;
 use super::progress::Progress;
-use super::CaptureError;
+use super::request::SnapshotTarget;
 use crate::saved_state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 
-/// Where guest memory chunks go.
-pub enum MemoryOut {
-    Part(MemoryPartWriter),
-    Object(ObjectWriter),
+/// The memory part or object being written, kept here so that it can be finished once every
+/// copier has dropped its [`MemorySink`] handle.
+enum OpenMemory {
+    Part(Arc<MemoryPartWriter>),
+    Object(Arc<ObjectWriter>),
 }
 
-impl MemoryOut {
-    /// Bytes per chunk.
-    pub fn chunk_size(&self) -> u64 {
-        match self {
-            Self::Part(p) => p.chunk_size(),
-            Self::Object(o) => o.chunk_size(),
-        }
-    }
-
-    /// Number of chunks.
-    pub fn chunk_count(&self) -> u64 {
-        match self {
-            Self::Part(p) => p.chunk_count(),
-            Self::Object(o) => o.chunk_count(),
-        }
-    }
-
-    /// Stores chunk `index` (again, if it was stored before).
-    pub fn put(&self, index: u64, data: &[u8]) -> Result<(), CaptureError> {
-        match self {
-            Self::Part(p) => p.write_chunk(index, data)?,
-            Self::Object(o) => {
-                o.put_chunk(index, data)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes chunk `index` from the parent backup point without reading it.
-    pub fn reuse(&self, index: u64) -> Result<(), CaptureError> {
-        match self {
-            Self::Part(_) => Err(CaptureError::Unsupported(
-                "reusing chunks in a snapshot directory",
-            )),
-            Self::Object(o) => {
-                o.reuse_parent_chunk(index)?;
-                Ok(())
-            }
-        }
-    }
-}
-
-/// The destination of one snapshot.
-pub enum SnapshotOut {
+/// Where the snapshot goes.
+enum Destination {
     Dir(SnapshotWriter),
     Repo {
         writer: Box<BackupWriter>,
         repo: PathBuf,
     },
+}
+
+/// The destination of one snapshot.
+pub struct SnapshotOut {
+    dest: Destination,
+    memory: Option<OpenMemory>,
 }
 
 /// What a committed snapshot is called: its directory or `REPO#POINT`.
@@ -77,34 +45,96 @@ pub struct Committed {
     pub point_id: Option<String>,
 }
 
+/// How long [`SnapshotOut::finish_memory`] waits for the last copier to let go of the memory.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
 impl SnapshotOut {
-    /// Whether chunks of a parent point can be reused.
-    pub fn has_parent(&self) -> bool {
-        matches!(self, Self::Repo { writer, .. } if writer.parent().is_some())
+    /// Opens the destination of a snapshot of the VM called `vm_name`: a new snapshot directory,
+    /// or a new backup point whose parent is the VM's latest point in the repository.
+    pub fn open(
+        target: &SnapshotTarget,
+        key: Option<&Path>,
+        vm_name: &str,
+    ) -> Result<Self, CaptureError> {
+        let dest = match target {
+            SnapshotTarget::Dir(dir) => Destination::Dir(SnapshotWriter::create(dir)?),
+            SnapshotTarget::Repo(path) => {
+                let key = key.map(RepoKey::load).transpose()?;
+                let repo = Repository::open(path, key)?;
+                let parent = repo.latest_point(vm_name)?.map(|p| p.id);
+                let writer = repo.start_backup(vm_name, parent.as_deref())?;
+                Destination::Repo {
+                    writer: Box::new(writer),
+                    repo: path.clone(),
+                }
+            }
+        };
+        Ok(Self { dest, memory: None })
     }
 
-    /// Starts the memory part/object.
-    pub fn add_memory(&mut self, size: u64) -> Result<MemoryOut, CaptureError> {
-        Ok(match self {
-            Self::Dir(w) => {
-                MemoryOut::Part(w.add_memory_part(MEMORY_PART, size, CHUNK_SIZE as u64)?)
-            }
-            Self::Repo { writer, .. } => {
-                MemoryOut::Object(writer.add_object(MEMORY_PART, PartKind::Memory, size)?)
-            }
-        })
-    }
-
-    /// Finishes the memory part/object.
-    pub fn finish_memory(&mut self, m: MemoryOut) -> Result<(), CaptureError> {
-        match (self, m) {
-            (Self::Dir(w), MemoryOut::Part(p)) => {
-                w.finish_memory_part(p)?;
-            }
-            (Self::Repo { writer, .. }, MemoryOut::Object(o)) => writer.finish_object(o)?,
-            _ => return Err(CaptureError::PartInUse),
+    /// The parent point an incremental backup may take unchanged chunks from: None for a
+    /// snapshot directory or a first backup.
+    pub fn parent_point(&self) -> Option<String> {
+        match &self.dest {
+            Destination::Dir(_) => None,
+            Destination::Repo { writer, .. } => writer.parent().map(|p| p.id.clone()),
         }
-        Ok(())
+    }
+
+    /// Whether this is a backup point in a repository.
+    pub fn is_backup(&self) -> bool {
+        matches!(self.dest, Destination::Repo { .. })
+    }
+
+    /// Starts the memory part/object of `size` bytes; copiers write it through the sink.
+    pub fn add_memory(&mut self, size: u64) -> Result<Arc<dyn MemorySink>, CaptureError> {
+        if self.memory.is_some() {
+            return Err(CaptureError::PartInUse);
+        }
+        let (open, sink): (OpenMemory, Arc<dyn MemorySink>) = match &mut self.dest {
+            Destination::Dir(w) => {
+                let p = Arc::new(w.add_memory_part(MEMORY_PART, size, CHUNK_SIZE as u64)?);
+                (OpenMemory::Part(p.clone()), p)
+            }
+            Destination::Repo { writer, .. } => {
+                let o = Arc::new(writer.add_object(MEMORY_PART, PartKind::Memory, size)?);
+                (OpenMemory::Object(o.clone()), o)
+            }
+        };
+        self.memory = Some(open);
+        Ok(sink)
+    }
+
+    /// Finishes the memory part/object, once every sink handle is dropped (a fault handler may
+    /// take a moment to let go of its own).
+    pub fn finish_memory(&mut self) -> Result<(), CaptureError> {
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut open = self.memory.take().ok_or(CaptureError::PartInUse)?;
+        loop {
+            open = match (open, &mut self.dest) {
+                (OpenMemory::Part(p), Destination::Dir(w)) => match Arc::try_unwrap(p) {
+                    Ok(p) => {
+                        w.finish_memory_part(p)?;
+                        return Ok(());
+                    }
+                    Err(p) => OpenMemory::Part(p),
+                },
+                (OpenMemory::Object(o), Destination::Repo { writer, .. }) => {
+                    match Arc::try_unwrap(o) {
+                        Ok(o) => {
+                            writer.finish_object(o)?;
+                            return Ok(());
+                        }
+                        Err(o) => OpenMemory::Object(o),
+                    }
+                }
+                _ => return Err(CaptureError::PartInUse),
+            };
+            if Instant::now() >= deadline {
+                return Err(CaptureError::PartInUse);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Copies a frozen disk image. With `changed` (blocks written since the parent point),
@@ -124,8 +154,8 @@ impl SnapshotOut {
                 .read_at(off, buf)
                 .map_err(|e| CaptureError::ReadDisk(name.to_string(), e))
         };
-        match self {
-            Self::Dir(w) => {
+        match &mut self.dest {
+            Destination::Dir(w) => {
                 let mut part = w.add_part(name)?;
                 let mut off = 0;
                 while off < size {
@@ -141,7 +171,7 @@ impl SnapshotOut {
                 }
                 w.finish_part(part)?;
             }
-            Self::Repo { writer, .. } => {
+            Destination::Repo { writer, .. } => {
                 let object = writer.add_object(name, PartKind::Raw, size)?;
                 let reuse_ok = object.has_parent() && changed.is_some();
                 let per_chunk = CHUNK_SIZE as u64 / CBT_BLOCK_SIZE;
@@ -171,17 +201,17 @@ impl SnapshotOut {
 
     /// Stores the state.
     pub fn write_state(&mut self, state: &VmSnapshotState) -> Result<(), CaptureError> {
-        match self {
-            Self::Dir(w) => w.write_state_part(STATE_PART, state)?,
-            Self::Repo { writer, .. } => writer.put_state(STATE_PART, state)?,
+        match &mut self.dest {
+            Destination::Dir(w) => w.write_state_part(STATE_PART, state)?,
+            Destination::Repo { writer, .. } => writer.put_state(STATE_PART, state)?,
         }
         Ok(())
     }
 
     /// Makes the snapshot visible.
     pub fn commit(self) -> Result<Committed, CaptureError> {
-        match self {
-            Self::Dir(w) => {
+        match self.dest {
+            Destination::Dir(w) => {
                 let name = w.target().display().to_string();
                 w.commit()?;
                 Ok(Committed {
@@ -189,7 +219,7 @@ impl SnapshotOut {
                     point_id: None,
                 })
             }
-            Self::Repo { writer, repo } => {
+            Destination::Repo { writer, repo } => {
                 let point = writer.commit()?;
                 Ok(Committed {
                     name: format!("{}#{}", repo.display(), point.id),

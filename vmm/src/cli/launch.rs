@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use super::common::fail;
 use super::{RestoreArgs, RunArgs};
-use crate::api::{ApiServer, DrParams};
+use crate::api::ApiServer;
 use crate::builder::{build, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
+use crate::dr_checkpoints::DrConfig;
 use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
 use devices::virtio::block::DiskConfig;
@@ -25,7 +26,7 @@ fn run_vm(
     built: BuiltVm,
     api: Option<ApiServer>,
     restored_from: Option<String>,
-    dr: Option<(DrParams, Option<std::path::PathBuf>)>,
+    dr: Option<(DrConfig, Option<std::path::PathBuf>)>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -35,25 +36,22 @@ fn run_vm(
         t.load_us,
         t.vcpus_us
     );
-    let mut vmm = match Vmm::new(config, built) {
+    let mut vmm = match Vmm::new(config, built, restored_from) {
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
-    vmm.restored_from = restored_from;
-    crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(vmm.built.exit.eventfd()));
+    crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(
+        vmm.machine().built.exit.eventfd(),
+    ));
     if let Some(api) = api {
         vmm.attach_api(api);
     }
-    if let Some((params, staging)) = dr {
-        let r = vmm.start_dr(&params, staging.as_deref());
-        if r.status() >= 300 {
-            let msg = r
-                .body()
-                .and_then(|b| b.get("error"))
-                .and_then(|e| e.as_str())
-                .unwrap_or("unknown error")
-                .to_string();
-            eprintln!("arkvm: error: cannot start continuous protection: {msg}");
+    if let Some((config, staging)) = dr {
+        if let Err(e) = vmm.start_dr(&config, staging.as_deref()) {
+            eprintln!(
+                "arkvm: error: cannot start continuous protection: {}",
+                crate::error_chain(&e)
+            );
             return ExitCode::from(1);
         }
     }
@@ -113,7 +111,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                 Err(e) => return fail(&e),
             };
             Some((
-                DrParams {
+                DrConfig {
                     target: target.clone(),
                     interval_ms: interval.as_millis() as u64,
                     key,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::builder::{build_with_devices, BuildError, BuiltVm, ExtraDevices, Restore};
-use crate::runtime::Vmm;
+use crate::machine::Machine;
 use crate::saved_state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 use crate::vstate::memory::create_guest_memory;
 use devices::virtio::block::DiskConfig;
@@ -356,14 +356,25 @@ fn memory_guest() -> PathBuf {
 /// Takes a paused snapshot into `dir` the way `PUT /snapshot` with `"mode": "paused"` does.
 /// This is the test's one call into capture (with the capture seam: `CaptureEngine::start` with
 /// a paused `SnapshotRequest`, then `poll` until it ends).
-fn take_paused_snapshot(vmm: &mut Vmm, dir: &Path) {
-    use crate::api::{SnapshotMode, SnapshotStrategy};
-    use crate::capture::{paused::start_paused, progress::Progress, sink::SnapshotOut};
-    let out = SnapshotOut::Dir(snapshot::SnapshotWriter::create(dir).unwrap());
-    let progress = Progress::new("test", SnapshotMode::Paused, SnapshotStrategy::Cow);
-    let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    let mut job = start_paused(vmm, out, progress, done).unwrap();
-    job.join().unwrap();
+fn take_paused_snapshot(vmm: &mut Machine, dir: &Path) {
+    use crate::capture::{
+        CaptureEngine, SnapshotMode, SnapshotRequest, SnapshotStrategy, SnapshotTarget,
+    };
+    let mut engine = CaptureEngine::new().unwrap();
+    let request = SnapshotRequest {
+        target: SnapshotTarget::Dir(dir.to_path_buf()),
+        mode: SnapshotMode::Paused,
+        strategy: SnapshotStrategy::Cow,
+        key: None,
+    };
+    engine.start(vmm, &request).unwrap();
+    let ended = loop {
+        if let Some(ended) = engine.poll(vmm) {
+            break ended;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    ended.result.unwrap();
 }
 
 /// Guest memory from the snapshot's memory part, as `restore::from_dir` reads it.
@@ -409,7 +420,7 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
     let built = build_with_devices(&config, None, Box::new(console.clone()), &add_scratch).unwrap();
     assert_eq!(read_scratch(&built.buses), SCRATCH_RESET);
     assert!(built.buses.mmio.write(SCRATCH_BASE, &VALUE.to_le_bytes()));
-    let mut vmm = Vmm::new(config, built).unwrap();
+    let mut vmm = Machine::new(config, built, None);
     vmm.resume().unwrap();
     console.wait_pass(0);
     take_paused_snapshot(&mut vmm, &snap);
@@ -439,7 +450,7 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
     assert_eq!(read_scratch(&built.buses), VALUE);
 
     // And the restored guest runs on.
-    let mut vmm = Vmm::new(state.config.clone(), built).unwrap();
+    let mut vmm = Machine::new(state.config.clone(), built, None);
     vmm.resume().unwrap();
     console.wait_pass(0);
     vmm.pause().unwrap();

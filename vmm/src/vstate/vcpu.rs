@@ -17,7 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::vcpu_state::VcpuState;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use devices::Bus;
 
 /// Why a vCPU thread could not be driven.
@@ -36,11 +36,22 @@ pub enum VcpuError {
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, Duration),
     /// The vCPU answered with an error.
-    #[error("vCPU {0} failed: {1}")]
-    Failed(u8, String),
+    #[error("vCPU {0} failed")]
+    Failed(u8, #[source] VcpuRequestError),
     /// The vCPU answered something unexpected.
     #[error("vCPU {0} answered {1} where {2} was expected")]
     Unexpected(u8, &'static str, &'static str),
+}
+
+/// Why a vCPU thread could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuRequestError {
+    /// State is saved only while the vCPU is paused.
+    #[error("cannot save the state of a running vCPU")]
+    SaveWhileRunning,
+    /// KVM refused to give the state.
+    #[error(transparent)]
+    Save(#[from] VcpuStateError),
 }
 
 /// Why the guest stopped running; the process exit status follows from it.
@@ -152,7 +163,7 @@ pub enum VcpuResponse {
     Paused,
     Resumed,
     Saved(Box<VcpuState>),
-    Error(String),
+    Error(VcpuRequestError),
     Finished,
 }
 
@@ -361,11 +372,11 @@ impl Vcpu {
             VcpuEvent::Resume => (RunState::Running, VcpuResponse::Resumed),
             VcpuEvent::SaveState => {
                 let answer = if state == RunState::Running {
-                    VcpuResponse::Error("cannot save the state of a running vCPU".into())
+                    VcpuResponse::Error(VcpuRequestError::SaveWhileRunning)
                 } else {
                     match VcpuState::save(self.index, &self.fd, &self.cpuid, &self.msr_list) {
                         Ok(s) => VcpuResponse::Saved(Box::new(s)),
-                        Err(e) => VcpuResponse::Error(crate::error_chain(&e)),
+                        Err(e) => VcpuResponse::Error(e.into()),
                     }
                 };
                 (state, answer)

@@ -1,0 +1,68 @@
+//! The live copy-on-write snapshot (the default): the snapshot instant is the request. The
+//! vCPUs pause only to save state, take the written set, freeze the disks and start the
+//! tracker's copy (see [`super::cow`]); the copy runs afterwards while the guest runs.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::disks::{copy_frozen_disks, frozen_bytes};
+use super::error::CaptureError;
+use super::job::SnapshotJob;
+use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
+use crate::vstate::memory::memory_size;
+
+/// Copy-on-write capture through the userfaultfd write tracker.
+pub struct CowCapture;
+
+impl CaptureStrategy for CowCapture {
+    fn start(&self, ctx: CaptureContext<'_>) -> Result<SnapshotJob, CaptureError> {
+        let CaptureContext {
+            vm,
+            tracking,
+            mut out,
+            progress,
+            done,
+        } = ctx;
+        wait_memory_loaded(vm)?;
+        let mem_size = memory_size(vm.memory());
+        let sink = out.add_memory(mem_size)?;
+        progress.update(|s| s.bytes_total = mem_size);
+        let was_running = vm.is_running();
+
+        // The snapshot instant: the vCPUs are stopped only for this block.
+        let paused_at = Instant::now();
+        vm.pause()?;
+        let armed = (|| {
+            let state = vm.save_state()?;
+            let tracker = tracking.arm_cow(&*vm)?;
+            let clean = tracking.plan_incremental(&*vm, &out)?;
+            let disks = vm.freeze_disks()?;
+            tracker.begin(sink, progress.clone(), clean.as_deref());
+            Ok::<_, CaptureError>((state, tracker, disks, clean))
+        })();
+        if was_running {
+            vm.resume()?;
+        }
+        let pause_us = paused_at.elapsed().as_micros() as u64;
+        progress.update(|s| s.pause_us = Some(pause_us));
+        let (state, tracker, disks, clean) = armed?;
+        progress.update(|s| s.bytes_total += frozen_bytes(&disks));
+        tracing::info!("cow snapshot armed; vCPUs paused {pause_us} us");
+
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        let p = progress.clone();
+        SnapshotJob::spawn(progress, cancel, done, move || {
+            let incremental = clean.is_some();
+            let copied = tracker.copy_remaining(&c, clean.as_deref());
+            drop(tracker);
+            copied?;
+            out.finish_memory()?;
+            copy_frozen_disks(&mut out, disks, incremental, &p, &c)?;
+            out.write_state(&state)?;
+            out.commit()
+        })
+        .map_err(CaptureError::Spawn)
+    }
+}

@@ -1,0 +1,45 @@
+//! The progress and outcome of a snapshot as the outside sees it. The API serves
+//! [`SnapshotStatus`] as the body of `GET /snapshot`, so its serde form is the wire format.
+
+use serde::{Deserialize, Serialize};
+
+use super::request::{SnapshotMode, SnapshotStrategy};
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// The progress of the running snapshot, or the outcome of the last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    pub id: String,
+    pub state: SnapshotState,
+    pub mode: SnapshotMode,
+    pub strategy: SnapshotStrategy,
+    /// Bytes written to the target so far.
+    pub bytes_written: u64,
+    /// Bytes the snapshot will write in all (memory, state and disks), as far as known.
+    pub bytes_total: u64,
+    /// How long the vCPUs were paused, in microseconds; `null` until they have resumed.
+    pub pause_us: Option<u64>,
+    /// Milliseconds since the request: elapsed while running, total once finished.
+    pub total_ms: u64,
+    /// cow: pages copied ahead of the copier because the guest wrote to them.
+    pub pages_copied_early: u64,
+    /// precopy: pages copied again because they were dirtied after their first copy.
+    pub pages_recopied: u64,
+    /// precopy: copy rounds so far; `null` for cow and paused snapshots.
+    pub precopy_rounds: Option<u32>,
+    /// precopy: whether the dirty set shrank below the final-pause threshold within the round
+    /// limit; `false` means the final pause copied a large remainder. `null` for other modes.
+    #[serde(default)]
+    pub precopy_converged: Option<bool>,
+    /// Why the snapshot failed; `null` unless `state` is `failed`.
+    pub error: Option<String>,
+}
