@@ -93,15 +93,15 @@ impl CaptureEngine {
         self.count += 1;
         let id = format!("snap-{}", self.count);
         let progress = Progress::new(&id, request.mode, request.strategy);
-        let is_backup = out.is_backup();
-        let job = strategy_for(request.mode, request.strategy).start(CaptureContext {
+        self.tracking.starting(out.is_backup());
+        let started = strategy_for(request.mode, request.strategy).start(CaptureContext {
             vm,
             tracking: &mut self.tracking,
             out,
             progress,
             done: self.done.clone(),
-        })?;
-        self.tracking.started(is_backup);
+        });
+        let job = started.inspect_err(|_| self.tracking.not_started())?;
         self.job = Some(job);
         Ok(id)
     }

@@ -38,6 +38,9 @@ impl ChangeTracking {
         }
         let tracker = Arc::new(CowTracker::arm(vm.memory(), mapped_layout(vm.memory()))?);
         self.cow = Some(tracker.clone());
+        // The tracker knows only the writes from now on: the dirty-log tracking since the parent
+        // point ends here, so the next backup must read everything.
+        self.parent = None;
         Ok(tracker)
     }
 
@@ -87,14 +90,21 @@ impl ChangeTracking {
         Ok(Some(written.iter().map(|w| !w).collect()))
     }
 
-    /// A pre-copy snapshot uses the dirty log itself: the tracking since the parent is gone.
+    /// A pre-copy snapshot uses the dirty log itself and turns it off at its final pause: the
+    /// tracking since the parent is gone, and its own point cannot be a parent either.
     pub fn consume_dirty_log(&mut self) {
         self.parent = None;
+        self.pending_backup = false;
     }
 
-    /// A snapshot into `out` has started.
-    pub fn started(&mut self, out_is_backup: bool) {
+    /// A snapshot into `out` is starting (call before the strategy starts it).
+    pub fn starting(&mut self, out_is_backup: bool) {
         self.pending_backup = out_is_backup;
+    }
+
+    /// The snapshot that was starting did not start.
+    pub fn not_started(&mut self) {
+        self.pending_backup = false;
     }
 
     /// The running snapshot ended: a committed backup point becomes the parent of the next
@@ -126,19 +136,23 @@ mod tests {
     #[test]
     fn a_committed_backup_becomes_the_parent_and_a_failure_breaks_it() {
         let mut t = ChangeTracking::default();
-        t.started(true);
+        t.starting(true);
         t.ended(Ok(&committed(Some("p1"))));
         assert_eq!(t.parent.as_deref(), Some("p1"));
         // A directory snapshot's end leaves the parent to plan_incremental.
-        t.started(false);
+        t.starting(false);
         t.ended(Ok(&committed(None)));
         assert_eq!(t.parent.as_deref(), Some("p1"));
-        t.started(true);
+        t.starting(true);
         t.ended(Err(&CaptureError::Cancelled));
         assert_eq!(t.parent, None);
-        t.started(true);
+        t.starting(true);
         t.ended(Ok(&committed(Some("p2"))));
+        // A pre-copy backup breaks the chain and does not become a parent itself.
+        t.starting(true);
         t.consume_dirty_log();
+        assert_eq!(t.parent, None);
+        t.ended(Ok(&committed(Some("p3"))));
         assert_eq!(t.parent, None);
     }
 }
