@@ -219,6 +219,57 @@ fn rotating_writes_between_backups_are_captured_exactly() {
     }
 }
 
+/// Every mode of backup may follow every other: a paused or pre-copy backup followed by a live
+/// one must not leave the live one taking memory from its parent unread (the first live snapshot
+/// arms fresh write tracking, which knows nothing of what was written before it).
+#[test]
+fn backups_of_every_mode_in_a_row_each_hold_later_memory() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("bk-modes");
+    let repo = dir.path().join("repo");
+    init_repo(&repo, None);
+    let sock = dir.path().join("vm.sock");
+    let cmdline = "arkvm.hot_pct=100 arkvm.rate_pages=1";
+    let mut vm = start_vm("memory", "256M", "modes", &sock, &["--cmdline", cmdline]);
+    vm.wait_line("MEMGUEST hot_pages", LINE_TIMEOUT)
+        .unwrap_or_else(|| panic!("memory guest did not start\n{}", vm.dump()));
+    let take = |extra: &[&str]| {
+        let mut a = snapshot_args(&sock, &repo, None);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let (st, out, err) = ark(&a);
+        assert!(st.success(), "snapshot {extra:?} failed: {out:?} {err:?}");
+        let v = json_line(&out);
+        assert_eq!(v["state"], "done", "{v}");
+        v["id"].as_str().expect("id").to_string()
+    };
+    let mut ids = Vec::new();
+    for extra in [
+        &["--paused"][..],
+        &[],
+        &["--strategy", "precopy"],
+        &[],
+        &["--paused"],
+        &[],
+    ] {
+        std::thread::sleep(Duration::from_millis(500));
+        ids.push((extra.join(" "), take(extra)));
+    }
+    assert_not_broken(&vm);
+    vm.kill();
+    let lib = Repository::open(&repo, None).expect("open repository");
+    let mut prev = (0, 0);
+    for (mode, id) in &ids {
+        let picture = memory_picture(&lib, id);
+        eprintln!("backup [{mode}] {id}: gen {} up to page {}", picture.0, picture.1);
+        assert!(
+            picture > prev,
+            "the backup [{mode}] holds memory no later than the one before it: {picture:?} {prev:?}"
+        );
+        prev = picture;
+    }
+}
+
 /// The disk of the disk test: a ring of 16 MiB (16 repository chunks, of which the guest
 /// rewrites a few between two backups) and 4 MiB that stay zero.
 const DISK_BYTES: u64 = 20 << 20;
