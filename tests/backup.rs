@@ -261,7 +261,10 @@ fn backups_of_every_mode_in_a_row_each_hold_later_memory() {
     let mut prev = (0, 0);
     for (mode, id) in &ids {
         let picture = memory_picture(&lib, id);
-        eprintln!("backup [{mode}] {id}: gen {} up to page {}", picture.0, picture.1);
+        eprintln!(
+            "backup [{mode}] {id}: gen {} up to page {}",
+            picture.0, picture.1
+        );
         assert!(
             picture > prev,
             "the backup [{mode}] holds memory no later than the one before it: {picture:?} {prev:?}"

@@ -50,7 +50,7 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let mut map = self.devices.write().expect("bus lock poisoned");
+        let mut map = snapshot::write_lock(&self.devices);
         let end = base
             .checked_add(len)
             .ok_or(BusError::Overlap { base, len })?;
@@ -70,7 +70,7 @@ impl Bus {
     }
 
     fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
-        let map = self.devices.read().expect("bus lock poisoned");
+        let map = snapshot::read_lock(&self.devices);
         let (base, entry) = map.range(..=addr).next_back()?;
         if addr - base < entry.len {
             Some((addr - base, entry.device.clone()))
@@ -83,7 +83,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                dev.lock().expect("device lock poisoned").read(offset, data);
+                snapshot::lock(&dev).read(offset, data);
                 true
             }
             None => false,
@@ -94,9 +94,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .expect("device lock poisoned")
-                    .write(offset, data);
+                snapshot::lock(&dev).write(offset, data);
                 true
             }
             None => false,

@@ -1,7 +1,7 @@
 //! Error helpers shared by every arkvm crate: one way to print an error with its causes, and one
 //! policy for poisoned locks.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Formats an error and its chain of sources as one line: "what failed: why: why".
 ///
@@ -30,6 +30,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// writer blocked in the kernel.
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes `l` for reading, under the same policy as [`lock`].
+pub fn read<T: ?Sized>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes `l` for writing, under the same policy as [`lock`].
+pub fn write<T: ?Sized>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

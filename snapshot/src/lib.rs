@@ -40,6 +40,7 @@ pub use dir::{
     SnapshotWriter, VerifyProgress,
 };
 pub use error::{error_chain, lock};
+pub use error::{read as read_lock, write as write_lock};
 pub use layout::{LayoutError, MappedLayout, MemoryLayout, MemoryRegionState};
 pub use manifest::{Manifest, PartEntry, PartKind};
 pub use persist::Persist;

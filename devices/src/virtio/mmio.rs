@@ -124,7 +124,7 @@ impl MmioTransport {
         let interrupt =
             Arc::new(VirtioInterrupt::new().map_err(MmioTransportError::InterruptEvent)?);
         let (device_type, queue_evts) = {
-            let dev = device.lock().expect("virtio device lock poisoned");
+            let dev = snapshot::lock(&device);
             let evts = dev
                 .queue_events()
                 .iter()
@@ -178,7 +178,7 @@ impl MmioTransport {
     }
 
     fn locked_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().expect("virtio device lock poisoned")
+        snapshot::lock(&self.device)
     }
 
     /// Queue registers may only change between FEATURES_OK and DRIVER_OK, on a queue that

@@ -327,11 +327,11 @@ impl Disk {
     }
 
     fn read_stack(&self) -> std::sync::RwLockReadGuard<'_, LayerStack> {
-        self.stack.read().expect("disk layer lock poisoned")
+        snapshot::read_lock(&self.stack)
     }
 
     fn write_stack(&self) -> std::sync::RwLockWriteGuard<'_, LayerStack> {
-        self.stack.write().expect("disk layer lock poisoned")
+        snapshot::write_lock(&self.stack)
     }
 
     fn check_range(&self, offset: u64, len: usize) -> Result<(), DiskError> {

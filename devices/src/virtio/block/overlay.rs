@@ -343,7 +343,7 @@ impl OverlayFile {
             }),
         };
         if !same_boot {
-            let st = ovl.state.get_mut().expect("overlay lock poisoned");
+            let st = ovl.state.get_mut().unwrap_or_else(|p| p.into_inner());
             st.header.boot_id = boot_id;
             st.header.synced_end = durable_end.max(data_start);
         }
@@ -357,7 +357,7 @@ impl OverlayFile {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, OverlayMap> {
-        self.state.lock().expect("overlay lock poisoned")
+        snapshot::lock(&self.state)
     }
 
     /// Where cluster `cluster`'s data sits in the file, if this overlay holds it.
