@@ -104,7 +104,8 @@ pub fn check_memory_fits_host(
     host_bytes: u64,
     overcommit: bool,
 ) -> Result<(), ConfigError> {
-    if bytes > host_bytes && !overcommit {
+    // More than KVM can map at all is refused when memory is created, with that reason.
+    if bytes > host_bytes && bytes <= crate::vstate::memory::MAX_MEMORY && !overcommit {
         return Err(ConfigError::MoreThanHost {
             asked: text.to_string(),
             host_mib: host_bytes >> 20,
@@ -196,6 +197,11 @@ mod tests {
         );
         assert!(err.to_string().contains("--memory-overcommit"), "{err}");
         assert_eq!(check_memory_fits_host("7T", 7 << 40, host, true), Ok(()));
+        // Beyond KVM's limit the builder refuses with that reason instead.
+        assert_eq!(
+            check_memory_fits_host("1000T", 1000 << 40, host, false),
+            Ok(())
+        );
     }
 
     #[test]
