@@ -22,8 +22,9 @@
 //! pieces of at most 65519 bytes, each a Noise transport message (at most 65535 bytes: the
 //! piece and a 16-byte tag). On the wire it is `S (u32 BE) | the messages`, where S is the
 //! sum of the messages' lengths; the receiver cuts them at every 65535 bytes. S is checked
-//! against the limit before anything is allocated, and the sealed copy inside the first
-//! message authenticates it. See `docs/dr-protocol.md`.
+//! against the limit before anything past it is read, the copy of S sealed inside the first
+//! message authenticates it, and the frame's buffer grows only as authenticated messages
+//! arrive. See `docs/dr-protocol.md`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -388,9 +389,10 @@ impl SecureLink {
             .checked_sub(TAG_LEN * pieces + HEADER_LEN)
             .filter(|&plain| sealed_len(plain) == sealed)
             .ok_or(DrError::FrameUnauthentic)?;
-        let mut plain = vec![0u8; plain_len];
+        // The buffer grows as authenticated messages arrive (doubling, up to the frame's
+        // length), so a length header alone costs the receiver no memory.
+        let mut plain = Vec::new();
         let mut left = sealed;
-        let mut filled = 0;
         for index in 0..pieces {
             let message_len = left.min(MAX_MESSAGE_LEN);
             left -= message_len;
@@ -400,6 +402,7 @@ impl SecureLink {
                 .map_err(|e| DrError::io("read a frame", e))?;
             self.bytes_received += message_len as u64;
             let opened_len = message_len - TAG_LEN;
+            let filled = plain.len();
             if index == 0 {
                 // The first message opens into scratch space, to check and drop the header.
                 let opened = &mut self.opened[..opened_len];
@@ -409,15 +412,18 @@ impl SecureLink {
                 if opened[..HEADER_LEN] != header {
                     return Err(DrError::FrameUnauthentic);
                 }
-                filled = opened_len - HEADER_LEN;
-                plain[..filled].copy_from_slice(&opened[HEADER_LEN..]);
+                plain.reserve_exact((2 * MAX_PIECE_LEN).min(plain_len));
+                plain.extend_from_slice(&opened[HEADER_LEN..]);
             } else {
+                let want = (filled + opened_len).max(2 * plain.capacity()).min(plain_len);
+                plain.reserve_exact(want - filled);
+                plain.resize(filled + opened_len, 0);
                 self.noise
-                    .read_message(message, &mut plain[filled..filled + opened_len])
+                    .read_message(message, &mut plain[filled..])
                     .map_err(|_| DrError::FrameUnauthentic)?;
-                filled += opened_len;
             }
         }
+        let filled = plain.len();
         self.bytes_received += 4;
         debug_assert_eq!(filled, plain_len);
         Ok(Some(plain))
