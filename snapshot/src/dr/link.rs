@@ -415,7 +415,9 @@ impl SecureLink {
                 plain.reserve_exact((2 * MAX_PIECE_LEN).min(plain_len));
                 plain.extend_from_slice(&opened[HEADER_LEN..]);
             } else {
-                let want = (filled + opened_len).max(2 * plain.capacity()).min(plain_len);
+                let want = (filled + opened_len)
+                    .max(2 * plain.capacity())
+                    .min(plain_len);
                 plain.reserve_exact(want - filled);
                 plain.resize(filled + opened_len, 0);
                 self.noise
