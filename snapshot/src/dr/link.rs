@@ -221,9 +221,11 @@ impl SecureLink {
                     "read the receiver's handshake",
                     std::io::Error::new(
                         ErrorKind::UnexpectedEof,
-                        "the receiver closed the connection: it has no free connection slot, \
-                         or it is an older arkvm that speaks another DR protocol version \
-                         (this side speaks version 2)",
+                        format!(
+                            "the receiver closed the connection: it has no free connection \
+                             slot, or it is an older arkvm that speaks another DR protocol \
+                             version (this side speaks version {PROTOCOL_VERSION})"
+                        ),
                     ),
                 )
             } else {
