@@ -1,46 +1,95 @@
-//! The DR link: a pre-shared-key handshake over TCP, then length-prefixed frames sealed with
-//! ChaCha20-Poly1305 under per-direction session keys and counter nonces.
+//! The DR link: a Noise handshake with a pre-shared key over TCP
+//! (`Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`), then frames sealed by Noise's transport ciphers.
 //!
 //! ```text
-//! client -> server   "ARKVMDR1" | client nonce (32)
-//! server -> client   "ARKVMDR1" | server nonce (32)
-//! client -> server   client proof = blake3_keyed(auth key, "client" | magic | nonces) (32)
-//! server -> client   server proof = blake3_keyed(auth key, "server" | magic | nonces) (32)
-//! then, each way:    u32 BE ciphertext length | ChaCha20-Poly1305(session key, counter, aad = length)
+//! client -> server   hello: "ARKVMDR2" | client nonce (32)
+//! server -> client   hello: "ARKVMDR2" | server nonce (32)
+//!                    both hellos (client's first) are the Noise prologue
+//! client -> server   Noise message 1 (psk, e): ephemeral key (32) | tag (16)
+//! server -> client   Noise message 2 (e, ee):  ephemeral key (32) | tag (16)
+//! then, each way:    frames, see below
 //! ```
 //!
-//! The server checks the client's proof before it sends anything but its random nonce, and
-//! closes the connection on a wrong proof. The server gives a peer one absolute deadline for the
-//! whole handshake ([`SecureLink::server_by`]): a peer that trickles its bytes cannot stretch it,
-//! since every read waits only for what is left of it. See `docs/dr-protocol.md`.
+//! The pre-shared key comes from the repository key ([`LinkKey`]) and authenticates both ends;
+//! the ephemeral-ephemeral Diffie-Hellman makes the session keys, so a key that leaks later
+//! does not open recorded sessions. The server checks the client's first Noise message (which
+//! only the key's holder can make for this server nonce) before it sends anything but its
+//! hello, and closes the connection if it does not authenticate. The server gives a peer one
+//! absolute deadline for the whole handshake ([`SecureLink::server_by`]): a peer that trickles
+//! its bytes cannot stretch it, since every read waits only for what is left of it.
+//!
+//! A frame of L plaintext bytes is sealed as the plaintext `S (u32 BE) | the L bytes`, cut into
+//! pieces of at most 65519 bytes, each a Noise transport message (at most 65535 bytes: the
+//! piece and a 16-byte tag). On the wire it is `S (u32 BE) | the messages`, where S is the
+//! sum of the messages' lengths; the receiver cuts them at every 65535 bytes. S is checked
+//! against the limit before anything past it is read, the copy of S sealed inside the first
+//! message authenticates it, and the frame's buffer grows only as authenticated messages
+//! arrive. See `docs/dr-protocol.md`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use chacha20poly1305::aead::{KeyInit, OsRng};
+use chacha20poly1305::ChaCha20Poly1305;
+use snow::{HandshakeState, TransportState};
 
 use super::DrError;
 use crate::chunk::MAX_CHUNK_SIZE;
 use crate::repo::RepoKey;
 
+/// The version of the DR protocol this build speaks; the last byte of [`LINK_MAGIC`].
+pub const PROTOCOL_VERSION: u8 = 2;
+
 /// The first bytes each side sends: protocol name and version.
-pub const LINK_MAGIC: &[u8; 8] = b"ARKVMDR1";
+pub const LINK_MAGIC: &[u8; 8] = b"ARKVMDR2";
+
+/// The protocol name before its version byte: a hello that starts with it but carries another
+/// version comes from another release of arkvm.
+const MAGIC_NAME: &[u8; 7] = b"ARKVMDR";
+
+/// The Noise protocol of the handshake and the transport.
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
 /// The largest plaintext frame either side accepts: one chunk of the largest chunk size with
 /// room for its encoding, or an offer of two million chunk ids.
 pub const MAX_FRAME_LEN: usize = MAX_CHUNK_SIZE as usize + 4096;
 
+/// Bytes of a hello: the magic and a random nonce.
+const HELLO_LEN: usize = LINK_MAGIC.len() + 32;
+
+/// Bytes of each Noise handshake message: an ephemeral public key and the tag of an empty
+/// payload.
+const HANDSHAKE_MESSAGE_LEN: usize = 32 + TAG_LEN;
+
 /// Bytes of a Poly1305 tag.
 const TAG_LEN: usize = 16;
+
+/// The longest Noise message (the Noise specification's limit).
+const MAX_MESSAGE_LEN: usize = 65535;
+
+/// The most plaintext one Noise message carries.
+const MAX_PIECE_LEN: usize = MAX_MESSAGE_LEN - TAG_LEN;
+
+/// Bytes of the sealed length repeated at the start of a frame's plaintext.
+const HEADER_LEN: usize = 4;
+
+/// The sealed length of a frame of `plain` bytes: its header and bytes, plus one tag per
+/// Noise message.
+const fn sealed_len(plain: usize) -> usize {
+    let inner = HEADER_LEN + plain;
+    inner + TAG_LEN * inner.div_ceil(MAX_PIECE_LEN)
+}
+
+/// The largest sealed frame either side accepts.
+const MAX_SEALED_LEN: usize = sealed_len(MAX_FRAME_LEN);
 
 /// The link secret derived from a repository key; both ends must hold the same one.
 #[derive(Clone)]
 pub struct LinkKey {
-    auth: [u8; 32],
-    session: [u8; 32],
+    /// The Noise pre-shared key.
+    psk: [u8; 32],
 }
 
 impl std::fmt::Debug for LinkKey {
@@ -55,8 +104,9 @@ impl LinkKey {
     /// [`RepoKey`] exposes one pseudo-random function of its secret: the keyed blake3 it names
     /// chunks with. It is applied here to an input longer than any chunk may be (a label padded
     /// past [`MAX_CHUNK_SIZE`]), so the result can never be the name of a stored chunk, and is
-    /// then split with `blake3::derive_key`. That costs one hash of 64 MiB of zeros (tens of
-    /// milliseconds), so the result is cached in this process, per key.
+    /// then turned into the Noise pre-shared key with `blake3::derive_key`. That costs one hash
+    /// of 64 MiB of zeros (tens of milliseconds), so the result is cached in this process, per
+    /// key.
     pub fn from_repo_key(key: &RepoKey) -> Self {
         static CACHE: Mutex<Vec<([u8; 32], LinkKey)>> = Mutex::new(Vec::new());
         // Only an in-memory lookup tag: it reveals nothing about the link key.
@@ -79,61 +129,62 @@ impl LinkKey {
     /// Builds the link key from a 32-byte secret.
     pub fn from_secret(secret: [u8; 32]) -> Self {
         Self {
-            auth: blake3::derive_key("arkvm dr link auth v1", &secret),
-            session: blake3::derive_key("arkvm dr link session v1", &secret),
+            psk: blake3::derive_key("arkvm dr link noise psk v2", &secret),
         }
     }
 
-    /// The proof of `role` ("client" or "server") for this pair of nonces.
-    fn proof(&self, role: &str, client: &[u8; 32], server: &[u8; 32]) -> blake3::Hash {
-        let mut hasher = blake3::Hasher::new_keyed(&self.auth);
-        hasher.update(role.as_bytes());
-        hasher.update(LINK_MAGIC);
-        hasher.update(client);
-        hasher.update(server);
-        hasher.finalize()
-    }
-
-    /// The session key of one direction ("c2s" or "s2c") for this pair of nonces.
-    fn direction_key(&self, direction: &str, client: &[u8; 32], server: &[u8; 32]) -> [u8; 32] {
-        let mut material = Vec::with_capacity(32 * 3 + direction.len());
-        material.extend_from_slice(&self.session);
-        material.extend_from_slice(client);
-        material.extend_from_slice(server);
-        material.extend_from_slice(direction.as_bytes());
-        blake3::derive_key("arkvm dr link direction key v1", &material)
-    }
-}
-
-/// 32 random bytes from the OS.
-fn random_nonce() -> [u8; 32] {
-    ChaCha20Poly1305::generate_key(&mut OsRng).into()
-}
-
-/// One direction's cipher and frame counter.
-struct Direction {
-    cipher: ChaCha20Poly1305,
-    counter: u64,
-}
-
-impl Direction {
-    fn new(key: [u8; 32]) -> Self {
-        Self {
-            cipher: ChaCha20Poly1305::new(&key.into()),
-            counter: 0,
+    /// A Noise handshake with this key, bound to both hellos.
+    fn handshake(
+        &self,
+        client_hello: &[u8; HELLO_LEN],
+        server_hello: &[u8; HELLO_LEN],
+        initiator: bool,
+    ) -> Result<HandshakeState, DrError> {
+        let mut prologue = [0u8; 2 * HELLO_LEN];
+        prologue[..HELLO_LEN].copy_from_slice(client_hello);
+        prologue[HELLO_LEN..].copy_from_slice(server_hello);
+        let builder =
+            snow::Builder::new(NOISE_PARAMS.parse().expect("a valid Noise protocol name"))
+                .psk(0, &self.psk)
+                .and_then(|b| b.prologue(&prologue))
+                .map_err(DrError::Noise)?;
+        if initiator {
+            builder.build_initiator()
+        } else {
+            builder.build_responder()
         }
+        .map_err(DrError::Noise)
     }
+}
 
-    /// The nonce of the next frame; each is used once.
-    fn next_nonce(&mut self) -> Result<Nonce, DrError> {
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&self.counter.to_le_bytes());
-        self.counter = self
-            .counter
-            .checked_add(1)
-            .ok_or_else(|| DrError::Protocol("the frame counter is exhausted".into()))?;
-        Ok(nonce.into())
+/// A hello: the magic and 32 random bytes from the OS.
+fn new_hello() -> [u8; HELLO_LEN] {
+    let nonce: [u8; 32] = ChaCha20Poly1305::generate_key(&mut OsRng).into();
+    let mut hello = [0u8; HELLO_LEN];
+    hello[..LINK_MAGIC.len()].copy_from_slice(LINK_MAGIC);
+    hello[LINK_MAGIC.len()..].copy_from_slice(&nonce);
+    hello
+}
+
+/// Checks the magic of the peer's hello.
+fn check_hello(hello: &[u8; HELLO_LEN]) -> Result<(), DrError> {
+    match peer_version(hello) {
+        Some(PROTOCOL_VERSION) => Ok(()),
+        Some(theirs) => Err(DrError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        }),
+        None => Err(DrError::Protocol(format!(
+            "the peer does not speak the arkvm DR protocol (version {PROTOCOL_VERSION})"
+        ))),
     }
+}
+
+/// The protocol version a hello announces, if it is an arkvm DR hello at all.
+fn peer_version(hello: &[u8; HELLO_LEN]) -> Option<u8> {
+    let version = hello[MAGIC_NAME.len()];
+    (hello[..MAGIC_NAME.len()] == MAGIC_NAME[..] && version.is_ascii_digit())
+        .then(|| version - b'0')
 }
 
 impl std::fmt::Debug for SecureLink {
@@ -149,8 +200,11 @@ impl std::fmt::Debug for SecureLink {
 /// An authenticated, encrypted connection.
 pub struct SecureLink {
     stream: TcpStream,
-    send: Direction,
-    recv: Direction,
+    noise: TransportState,
+    /// One sealed Noise message as read from the wire.
+    piece: Vec<u8>,
+    /// The first Noise message of a frame, opened.
+    opened: Vec<u8>,
     bytes_sent: u64,
     bytes_received: u64,
 }
@@ -158,39 +212,50 @@ pub struct SecureLink {
 impl SecureLink {
     /// Runs the client side of the handshake on a connected stream.
     pub fn client(mut stream: TcpStream, key: &LinkKey) -> Result<Self, DrError> {
-        let client_nonce = random_nonce();
-        let mut hello = LINK_MAGIC.to_vec();
-        hello.extend_from_slice(&client_nonce);
-        write_raw(&mut stream, &hello, "send the handshake")?;
-        let server_nonce = read_hello(&mut stream)?;
-        let proof = key.proof("client", &client_nonce, &server_nonce);
-        write_raw(&mut stream, proof.as_bytes(), "send the key proof")?;
-        let mut answer = [0u8; 32];
-        stream.read_exact(&mut answer).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                DrError::AuthFailed("the receiver closed the connection: it holds another key")
+        let client_hello = new_hello();
+        write_raw(&mut stream, &client_hello, "send the handshake")?;
+        let mut server_hello = [0u8; HELLO_LEN];
+        stream.read_exact(&mut server_hello).map_err(|e| {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                DrError::io(
+                    "read the receiver's handshake",
+                    std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        format!(
+                            "the receiver closed the connection: it has no free connection \
+                             slot, or it is an older arkvm that speaks another DR protocol \
+                             version (this side speaks version {PROTOCOL_VERSION})"
+                        ),
+                    ),
+                )
             } else {
-                DrError::io("read the receiver's key proof", e)
+                DrError::io("read the receiver's handshake", e)
             }
         })?;
-        // blake3::Hash compares in constant time.
-        if key.proof("server", &client_nonce, &server_nonce) != blake3::Hash::from(answer) {
-            return Err(DrError::AuthFailed(
-                "the receiver's key proof is wrong: it holds another key",
-            ));
-        }
-        Ok(Self::established(
-            stream,
-            key,
-            &client_nonce,
-            &server_nonce,
-            true,
-        ))
+        check_hello(&server_hello)?;
+        let mut noise = key.handshake(&client_hello, &server_hello, true)?;
+        let mut message = [0u8; HANDSHAKE_MESSAGE_LEN];
+        let len = noise
+            .write_message(&[], &mut message)
+            .map_err(DrError::Noise)?;
+        debug_assert_eq!(len, HANDSHAKE_MESSAGE_LEN);
+        write_raw(&mut stream, &message, "send the key exchange")?;
+        stream.read_exact(&mut message).map_err(|e| {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                DrError::AuthFailed("the receiver closed the connection: it holds another key")
+            } else {
+                DrError::io("read the receiver's key exchange", e)
+            }
+        })?;
+        noise.read_message(&message, &mut []).map_err(|_| {
+            DrError::AuthFailed("the receiver's key exchange is wrong: it holds another key")
+        })?;
+        Self::established(stream, noise)
     }
 
     /// Runs the server side of the handshake on an accepted stream, with the stream's own
-    /// timeouts. A peer that does not prove the key is refused before anything but a random
-    /// nonce is sent to it.
+    /// timeouts. A peer that does not prove the key is refused before anything but a hello
+    /// is sent to it.
     pub fn server(stream: TcpStream, key: &LinkKey) -> Result<Self, DrError> {
         Self::server_within(stream, key, None)
     }
@@ -207,58 +272,51 @@ impl SecureLink {
         key: &LinkKey,
         deadline: Option<Instant>,
     ) -> Result<Self, DrError> {
-        let mut hello = [0u8; 40];
-        read_exact_by(&mut stream, &mut hello, deadline, "read the handshake")?;
-        let client_nonce = check_hello(&hello)?;
-        let server_nonce = random_nonce();
-        let mut hello = LINK_MAGIC.to_vec();
-        hello.extend_from_slice(&server_nonce);
-        write_by(&mut stream, &hello, deadline, "send the handshake")?;
-        let mut proof = [0u8; 32];
+        let mut client_hello = [0u8; HELLO_LEN];
         read_exact_by(
             &mut stream,
-            &mut proof,
+            &mut client_hello,
             deadline,
-            "read the sender's key proof",
+            "read the handshake",
         )?;
-        if key.proof("client", &client_nonce, &server_nonce) != blake3::Hash::from(proof) {
-            return Err(DrError::AuthFailed(
-                "the peer's key proof is wrong: it does not hold the key",
-            ));
+        let server_hello = new_hello();
+        if let Err(e) = check_hello(&client_hello) {
+            // Another release of arkvm gets this side's hello, so that it can say which
+            // version it met; anything else gets nothing.
+            if matches!(e, DrError::VersionMismatch { .. }) {
+                let _ = write_by(&mut stream, &server_hello, deadline, "send the handshake");
+            }
+            return Err(e);
         }
-        let answer = key.proof("server", &client_nonce, &server_nonce);
-        write_by(
+        write_by(&mut stream, &server_hello, deadline, "send the handshake")?;
+        let mut noise = key.handshake(&client_hello, &server_hello, false)?;
+        let mut message = [0u8; HANDSHAKE_MESSAGE_LEN];
+        read_exact_by(
             &mut stream,
-            answer.as_bytes(),
+            &mut message,
             deadline,
-            "send the key proof",
+            "read the sender's key exchange",
         )?;
-        Ok(Self::established(
-            stream,
-            key,
-            &client_nonce,
-            &server_nonce,
-            false,
-        ))
+        noise.read_message(&message, &mut []).map_err(|_| {
+            DrError::AuthFailed("the peer's key exchange is wrong: it does not hold the key")
+        })?;
+        let len = noise
+            .write_message(&[], &mut message)
+            .map_err(DrError::Noise)?;
+        debug_assert_eq!(len, HANDSHAKE_MESSAGE_LEN);
+        write_by(&mut stream, &message, deadline, "send the key exchange")?;
+        Self::established(stream, noise)
     }
 
-    fn established(
-        stream: TcpStream,
-        key: &LinkKey,
-        client_nonce: &[u8; 32],
-        server_nonce: &[u8; 32],
-        is_client: bool,
-    ) -> Self {
-        let c2s = Direction::new(key.direction_key("c2s", client_nonce, server_nonce));
-        let s2c = Direction::new(key.direction_key("s2c", client_nonce, server_nonce));
-        let (send, recv) = if is_client { (c2s, s2c) } else { (s2c, c2s) };
-        Self {
+    fn established(stream: TcpStream, noise: HandshakeState) -> Result<Self, DrError> {
+        Ok(Self {
             stream,
-            send,
-            recv,
+            noise: noise.into_transport_mode().map_err(DrError::Noise)?,
+            piece: vec![0u8; MAX_MESSAGE_LEN],
+            opened: vec![0u8; MAX_PIECE_LEN],
             bytes_sent: 0,
             bytes_received: 0,
-        }
+        })
     }
 
     /// The underlying stream (for timeouts and shutdown).
@@ -284,60 +342,94 @@ impl SecureLink {
                 limit: MAX_FRAME_LEN as u64,
             });
         }
-        let len = ((plain.len() + TAG_LEN) as u32).to_be_bytes();
-        let nonce = self.send.next_nonce()?;
-        let sealed = self
-            .send
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plain,
-                    aad: &len,
-                },
-            )
-            .map_err(|_| DrError::Protocol("frame encryption failed".into()))?;
-        let mut wire = Vec::with_capacity(4 + sealed.len());
-        wire.extend_from_slice(&len);
-        wire.extend_from_slice(&sealed);
+        let sealed = sealed_len(plain.len());
+        let header = (sealed as u32).to_be_bytes();
+        let mut wire = vec![0u8; 4 + sealed];
+        wire[..4].copy_from_slice(&header);
+        // The first message carries the header and the start of the frame.
+        let first = plain.len().min(MAX_PIECE_LEN - HEADER_LEN);
+        let mut piece = Vec::with_capacity(HEADER_LEN + first);
+        piece.extend_from_slice(&header);
+        piece.extend_from_slice(&plain[..first]);
+        let mut at = 4 + self.seal(&piece, &mut wire[4..])?;
+        for part in plain[first..].chunks(MAX_PIECE_LEN) {
+            at += self.seal(part, &mut wire[at..])?;
+        }
+        debug_assert_eq!(at, wire.len());
         write_raw(&mut self.stream, &wire, "send a frame")?;
         self.bytes_sent += wire.len() as u64;
         Ok(())
     }
 
+    /// Seals one piece into the start of `out`; returns the sealed length.
+    fn seal(&mut self, piece: &[u8], out: &mut [u8]) -> Result<usize, DrError> {
+        self.noise
+            .write_message(piece, out)
+            .map_err(|_| DrError::Protocol("the frame counter is exhausted".into()))
+    }
+
     /// Receives and opens one frame. `Ok(None)` is a clean end of stream between frames.
     pub fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, DrError> {
-        let mut len = [0u8; 4];
-        match read_full(&mut self.stream, &mut len)? {
+        let mut header = [0u8; 4];
+        match read_full(&mut self.stream, &mut header)? {
             0 => return Ok(None),
             4 => {}
             _ => return Err(DrError::io("read a frame", eof())),
         }
-        let sealed_len = u32::from_be_bytes(len) as usize;
+        let sealed = u32::from_be_bytes(header) as usize;
         // Checked before allocating: a peer cannot make this side reserve more.
-        if !(TAG_LEN..=MAX_FRAME_LEN + TAG_LEN).contains(&sealed_len) {
+        if !(sealed_len(0)..=MAX_SEALED_LEN).contains(&sealed) {
             return Err(DrError::FrameTooLarge {
-                len: sealed_len as u64,
-                limit: (MAX_FRAME_LEN + TAG_LEN) as u64,
+                len: sealed as u64,
+                limit: MAX_SEALED_LEN as u64,
             });
         }
-        let mut sealed = vec![0u8; sealed_len];
-        self.stream
-            .read_exact(&mut sealed)
-            .map_err(|e| DrError::io("read a frame", e))?;
-        self.bytes_received += 4 + sealed_len as u64;
-        let nonce = self.recv.next_nonce()?;
-        let plain = self
-            .recv
-            .cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &sealed,
-                    aad: &len,
-                },
-            )
-            .map_err(|_| DrError::FrameUnauthentic)?;
+        // The plaintext length follows from the sealed one; a sealed length that no frame
+        // has was altered on the way.
+        let pieces = sealed.div_ceil(MAX_MESSAGE_LEN);
+        let plain_len = sealed
+            .checked_sub(TAG_LEN * pieces + HEADER_LEN)
+            .filter(|&plain| sealed_len(plain) == sealed)
+            .ok_or(DrError::FrameUnauthentic)?;
+        // The buffer grows as authenticated messages arrive (doubling, up to the frame's
+        // length), so a length header alone costs the receiver no memory.
+        let mut plain = Vec::new();
+        let mut left = sealed;
+        for index in 0..pieces {
+            let message_len = left.min(MAX_MESSAGE_LEN);
+            left -= message_len;
+            let message = &mut self.piece[..message_len];
+            self.stream
+                .read_exact(message)
+                .map_err(|e| DrError::io("read a frame", e))?;
+            self.bytes_received += message_len as u64;
+            let opened_len = message_len - TAG_LEN;
+            let filled = plain.len();
+            if index == 0 {
+                // The first message opens into scratch space, to check and drop the header.
+                let opened = &mut self.opened[..opened_len];
+                self.noise
+                    .read_message(message, opened)
+                    .map_err(|_| DrError::FrameUnauthentic)?;
+                if opened[..HEADER_LEN] != header {
+                    return Err(DrError::FrameUnauthentic);
+                }
+                plain.reserve_exact((2 * MAX_PIECE_LEN).min(plain_len));
+                plain.extend_from_slice(&opened[HEADER_LEN..]);
+            } else {
+                let want = (filled + opened_len)
+                    .max(2 * plain.capacity())
+                    .min(plain_len);
+                plain.reserve_exact(want - filled);
+                plain.resize(filled + opened_len, 0);
+                self.noise
+                    .read_message(message, &mut plain[filled..])
+                    .map_err(|_| DrError::FrameUnauthentic)?;
+            }
+        }
+        let filled = plain.len();
+        self.bytes_received += 4;
+        debug_assert_eq!(filled, plain_len);
         Ok(Some(plain))
     }
 
@@ -353,27 +445,6 @@ fn eof() -> std::io::Error {
         std::io::ErrorKind::UnexpectedEof,
         "the peer closed the connection",
     )
-}
-
-/// Reads the peer's hello and returns its nonce.
-fn read_hello(stream: &mut TcpStream) -> Result<[u8; 32], DrError> {
-    let mut hello = [0u8; 40];
-    stream
-        .read_exact(&mut hello)
-        .map_err(|e| DrError::io("read the handshake", e))?;
-    check_hello(&hello)
-}
-
-/// Checks a hello's magic and returns its nonce.
-fn check_hello(hello: &[u8; 40]) -> Result<[u8; 32], DrError> {
-    if &hello[..8] != LINK_MAGIC {
-        return Err(DrError::Protocol(
-            "the peer does not speak the arkvm DR protocol (version 1)".into(),
-        ));
-    }
-    let mut nonce = [0u8; 32];
-    nonce.copy_from_slice(&hello[8..]);
-    Ok(nonce)
 }
 
 /// The error of a handshake that ran past its deadline.
@@ -461,169 +532,4 @@ fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> Result<usize, DrError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    fn pair(
-        client_key: LinkKey,
-        server_key: LinkKey,
-    ) -> (Result<SecureLink, DrError>, Result<SecureLink, DrError>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            SecureLink::server(stream, &server_key)
-        });
-        let client = SecureLink::client(TcpStream::connect(addr).unwrap(), &client_key);
-        (client, server.join().unwrap())
-    }
-
-    #[test]
-    fn handshake_and_frames_both_ways() {
-        let key = LinkKey::from_secret([7; 32]);
-        let (client, server) = pair(key.clone(), key);
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        client.send_frame(b"hello receiver").unwrap();
-        client.send_frame(b"").unwrap();
-        assert_eq!(server.recv_frame().unwrap().unwrap(), b"hello receiver");
-        assert_eq!(server.recv_frame().unwrap().unwrap(), b"");
-        server.send_frame(b"hello sender").unwrap();
-        assert_eq!(client.recv_frame().unwrap().unwrap(), b"hello sender");
-        assert_eq!(client.bytes_sent(), server.bytes_received());
-        drop(client);
-        assert!(server.recv_frame().unwrap().is_none());
-    }
-
-    #[test]
-    fn wrong_key_fails_on_both_sides() {
-        let (client, server) = pair(LinkKey::from_secret([1; 32]), LinkKey::from_secret([2; 32]));
-        assert!(matches!(server, Err(DrError::AuthFailed(_))), "{server:?}");
-        assert!(matches!(client, Err(DrError::AuthFailed(_))), "{client:?}");
-    }
-
-    #[test]
-    fn repo_keys_derive_distinct_link_keys() {
-        let a = RepoKey::from_secret([3; 32]);
-        let b = RepoKey::from_secret([4; 32]);
-        let (ka, ka2, kb) = (
-            LinkKey::from_repo_key(&a),
-            LinkKey::from_repo_key(&a),
-            LinkKey::from_repo_key(&b),
-        );
-        assert_eq!(ka.auth, ka2.auth);
-        assert_ne!(ka.auth, kb.auth);
-        // The cached keys are the derived ones.
-        let mut input = b"arkvm dr link root v1 (padded past the largest chunk)".to_vec();
-        input.resize(MAX_CHUNK_SIZE as usize + 64, 0);
-        let fresh = LinkKey::from_secret(*b.chunk_id(&input).as_bytes());
-        assert_eq!((kb.auth, kb.session), (fresh.auth, fresh.session));
-        assert_eq!(LinkKey::from_repo_key(&b).auth, fresh.auth);
-        assert_ne!(ka.auth, ka.session);
-        // The link secret is no chunk id of the label.
-        assert_ne!(
-            &ka.auth,
-            a.chunk_id(b"arkvm dr link root v1 (padded past the largest chunk)")
-                .as_bytes()
-        );
-    }
-
-    #[test]
-    fn replayed_or_reordered_frames_are_refused() {
-        // Record what the client sends, then replay it out of order to a fresh server half.
-        let key = LinkKey::from_secret([9; 32]);
-        let (client, server) = pair(key.clone(), key);
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        client.send_frame(b"first").unwrap();
-        client.send_frame(b"second").unwrap();
-        // Swap the two frames by reading raw bytes from the server's socket.
-        let mut raw = vec![0u8; client.bytes_sent() as usize];
-        server.stream.read_exact(&mut raw).unwrap();
-        let first_len = 4 + u32::from_be_bytes(raw[..4].try_into().unwrap()) as usize;
-        let (first, second) = raw.split_at(first_len);
-        let mut swapped = second.to_vec();
-        swapped.extend_from_slice(first);
-        let (mut tx, rx) = loopback();
-        let mut forged = SecureLink {
-            stream: rx,
-            send: Direction::new([0; 32]),
-            recv: std::mem::replace(&mut server.recv, Direction::new([0; 32])),
-            bytes_sent: 0,
-            bytes_received: 0,
-        };
-        tx.write_all(&swapped).unwrap();
-        assert!(matches!(
-            forged.recv_frame(),
-            Err(DrError::FrameUnauthentic)
-        ));
-    }
-
-    #[test]
-    fn oversized_length_is_refused_before_allocating() {
-        let key = LinkKey::from_secret([5; 32]);
-        let (client, server) = pair(key.clone(), key);
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        client.stream.write_all(&u32::MAX.to_be_bytes()).unwrap();
-        assert!(matches!(
-            server.recv_frame(),
-            Err(DrError::FrameTooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn a_trickling_peer_cannot_stretch_the_handshake_past_its_deadline() {
-        let key = LinkKey::from_secret([3; 32]);
-        let (mut peer, stream) = loopback();
-        // A per-read timeout of 1 s would never fire: a byte comes every 200 ms.
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
-        let started = Instant::now();
-        let deadline = started + std::time::Duration::from_secs(1);
-        let server = std::thread::spawn(move || SecureLink::server_by(stream, &key, deadline));
-        let mut hello = LINK_MAGIC.to_vec();
-        hello.extend_from_slice(&[0u8; 32]);
-        for byte in hello.iter().cycle().take(200) {
-            if peer.write_all(&[*byte]).is_err() || server.is_finished() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        let result = server.join().unwrap();
-        let took = started.elapsed();
-        assert!(
-            matches!(&result, Err(DrError::Io { source, .. }) if source.kind() == ErrorKind::TimedOut),
-            "{result:?}"
-        );
-        // 1 s deadline; the rest is slack for a loaded machine (the whole trickle lasts 40 s).
-        assert!(
-            took < std::time::Duration::from_secs(6),
-            "held for {took:?}"
-        );
-    }
-
-    #[test]
-    fn a_handshake_within_its_deadline_succeeds() {
-        let key = LinkKey::from_secret([4; 32]);
-        let (client, stream) = loopback();
-        let server_key = key.clone();
-        let server = std::thread::spawn(move || {
-            SecureLink::server_by(
-                stream,
-                &server_key,
-                Instant::now() + std::time::Duration::from_secs(30),
-            )
-        });
-        let mut client = SecureLink::client(client, &key).unwrap();
-        let mut server = server.join().unwrap().unwrap();
-        client.send_frame(b"ok").unwrap();
-        assert_eq!(server.recv_frame().unwrap().unwrap(), b"ok");
-    }
-
-    fn loopback() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (b, _) = listener.accept().unwrap();
-        (a, b)
-    }
-}
+mod tests;

@@ -1,7 +1,8 @@
 //! Disaster recovery: checkpoints (backup points) sent from a primary's repository to a receiver
 //! on a second host over an authenticated, encrypted TCP link.
 //!
-//! - [`link`]: the pre-shared-key handshake and the sealed frames.
+//! - [`link`]: the Noise handshake (pre-shared key, ephemeral Diffie-Hellman) and the sealed
+//!   frames.
 //! - [`message`]: the protocol messages.
 //! - [`sender`]: [`send_point`], [`query_status`] and the retrying [`DrSender`].
 //! - [`receiver`]: [`Receiver`], which verifies checkpoints and commits them whole or not at all.
@@ -24,7 +25,7 @@ mod tests;
 
 use std::io;
 
-pub use link::{LinkKey, SecureLink, LINK_MAGIC, MAX_FRAME_LEN};
+pub use link::{LinkKey, SecureLink, LINK_MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{CommitReport, Message, OfferHeader};
 pub use receiver::{CheckpointRecord, Receiver, ReceiverConfig, ReceiverStatus, VmStatus};
 pub use sender::{
@@ -55,6 +56,20 @@ pub enum DrError {
         #[source]
         source: io::Error,
     },
+    /// The peer speaks another version of the DR protocol.
+    #[error(
+        "the peer speaks DR protocol version {theirs} and this side speaks protocol version \
+         {ours}: run the same arkvm release on both hosts"
+    )]
+    VersionMismatch {
+        /// This side's version.
+        ours: u8,
+        /// The peer's version.
+        theirs: u8,
+    },
+    /// The Noise handshake or transport could not be set up.
+    #[error("the Noise protocol state could not be set up")]
+    Noise(#[source] snow::Error),
     /// The handshake showed the peer does not hold the same key.
     #[error("authentication failed: {0}")]
     AuthFailed(&'static str),

@@ -150,14 +150,14 @@ fn decode_plain(stored: &[u8]) -> Result<Vec<u8>, ChunkCodecError> {
             if crc32fast::hash(body) != crc {
                 return Err(ChunkCodecError::StoredChecksum);
             }
-            let decoder =
+            let mut decoder =
                 zstd::stream::read::Decoder::new(body).map_err(ChunkCodecError::Decompress)?;
-            let mut out = Vec::with_capacity(crate::CHUNK_SIZE);
+            // No chunk needs a window larger than itself: a frame header asking for more is
+            // refused before the decoder allocates it.
             decoder
-                .take(MAX_CHUNK_SIZE + 1)
-                .read_to_end(&mut out)
+                .window_log_max(MAX_CHUNK_SIZE.ilog2())
                 .map_err(ChunkCodecError::Decompress)?;
-            out
+            read_capped(&mut decoder)?
         }
         _ => return Err(ChunkCodecError::UnknownEncoding),
     };
@@ -167,6 +167,50 @@ fn decode_plain(stored: &[u8]) -> Result<Vec<u8>, ChunkCodecError> {
         });
     }
     Ok(data)
+}
+
+/// Reads `reader` to its end into a buffer that never grows past [`MAX_CHUNK_SIZE`]:
+/// `read_to_end` alone doubles a full buffer before it finds the end, so reading the limit
+/// plus one byte would reserve twice the limit (fuzz_parsers found a 2 KiB object that made
+/// this decoder allocate 128 MiB).
+fn read_capped(reader: &mut impl Read) -> Result<Vec<u8>, ChunkCodecError> {
+    let limit = MAX_CHUNK_SIZE as usize;
+    let mut out = Vec::with_capacity(crate::CHUNK_SIZE.min(limit));
+    loop {
+        // Fill the room there is; a Take of exactly that room never makes the vector grow.
+        let room = out.capacity() - out.len();
+        reader
+            .by_ref()
+            .take(room as u64)
+            .read_to_end(&mut out)
+            .map_err(ChunkCodecError::Decompress)?;
+        if out.len() < out.capacity() {
+            return Ok(out);
+        }
+        if out.len() >= limit {
+            return if read_one_more(reader)? {
+                Err(ChunkCodecError::TooLarge {
+                    limit: MAX_CHUNK_SIZE,
+                })
+            } else {
+                Ok(out)
+            };
+        }
+        let grown = (2 * out.capacity()).min(limit);
+        out.reserve_exact(grown - out.len());
+    }
+}
+
+/// Whether `reader` has another byte.
+fn read_one_more(reader: &mut impl Read) -> Result<bool, ChunkCodecError> {
+    let mut one = [0u8; 1];
+    loop {
+        match reader.read(&mut one) {
+            Ok(n) => return Ok(n == 1),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ChunkCodecError::Decompress(e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +281,45 @@ mod tests {
         // A sealed chunk moved under another id does not open.
         let other = chunk_id(b"other", Some(&key));
         assert!(decode_chunk(&other, &stored, Some(&key)).is_err());
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_window_larger_than_any_chunk_is_refused() {
+        use std::io::Write;
+        // A streamed frame without a content size keeps the 128 MiB window it was made with.
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        encoder.window_log(27).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        encoder.write_all(&data[..100_000]).unwrap();
+        encoder.flush().unwrap();
+        encoder.write_all(&data[100_000..]).unwrap();
+        let compressed = encoder.finish().unwrap();
+        // zstd's own default limit would decode it.
+        assert_eq!(zstd::stream::decode_all(&compressed[..]).unwrap(), data);
+        let mut stored = vec![TAG_ZSTD];
+        stored.extend_from_slice(&compressed);
+        stored.extend_from_slice(&crc32fast::hash(&compressed).to_le_bytes());
+        let result = decode_chunk(&chunk_hash(&data), &stored, None);
+        assert!(
+            matches!(result, Err(ChunkCodecError::Decompress(_))),
+            "{result:?}"
+        );
+        // The chunk as arkvm stores it decodes.
+        let stored = encode_chunk(&chunk_hash(&data), &data, None);
+        assert_eq!(
+            decode_chunk(&chunk_hash(&data), &stored, None).unwrap(),
+            data
+        );
+    }
+
+    #[test]
+    fn a_chunk_of_the_largest_size_decodes() {
+        let data = vec![1u8; MAX_CHUNK_SIZE as usize];
+        let id = chunk_hash(&data);
+        let stored = encode_chunk(&id, &data, None);
+        assert_eq!(stored[0], TAG_ZSTD);
+        assert!(decode_chunk(&id, &stored, None).unwrap() == data);
     }
 
     #[test]
