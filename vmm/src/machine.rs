@@ -9,7 +9,7 @@ use crate::builder::BuiltVm;
 use crate::capture::{CaptureError, CaptureVm, FrozenDisk};
 use crate::config::VmConfig;
 use crate::saved_state::VmSnapshotState;
-use crate::vstate::memory::region_layout;
+use crate::vstate::memory::mapped_layout;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuResponse};
 use crate::vstate::vm::Vm;
 use devices::GuestMemoryMmap;
@@ -115,13 +115,9 @@ impl CaptureVm for Machine {
             }
         }
         let vm = self.built.vm.save_state()?;
-        let regions: Vec<(u64, u64)> = region_layout(&self.built.mem)
-            .into_iter()
-            .map(|(_, g, l)| (g, l))
-            .collect();
         Ok(VmSnapshotState {
             config: self.config.clone(),
-            memory: VmSnapshotState::memory_layout(&regions),
+            memory: mapped_layout(&self.built.mem).layout().regions().to_vec(),
             vm,
             vcpus,
             devices,

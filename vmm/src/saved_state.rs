@@ -48,22 +48,3 @@ pub struct VmSnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
 }
-
-impl VmSnapshotState {
-    /// Memory regions laid out back to back in the memory part.
-    pub fn memory_layout(regions: &[(u64, u64)]) -> Vec<MemoryRegionState> {
-        let mut offset = 0;
-        regions
-            .iter()
-            .map(|&(guest_addr, len)| {
-                let r = MemoryRegionState {
-                    guest_addr,
-                    len,
-                    part_offset: offset,
-                };
-                offset += len;
-                r
-            })
-            .collect()
-    }
-}

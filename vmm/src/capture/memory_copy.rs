@@ -52,24 +52,3 @@ pub fn copy_all(
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use crate::saved_state::VmSnapshotState;
-    use snapshot::MemoryLayout;
-
-    #[test]
-    fn chunk_mapping_across_the_hole() {
-        let cs = 1 << 20;
-        let layout = MemoryLayout::new(
-            VmSnapshotState::memory_layout(&[(0, 3 << 30), (4 << 30, 1 << 30)]),
-            cs,
-        )
-        .unwrap();
-        assert_eq!(layout.chunk_of_guest_addr(0x1000), Some(0));
-        assert_eq!(layout.chunk_of_guest_addr(4 << 30), Some(3072));
-        assert_eq!(layout.chunk_of_guest_addr(3 << 30), None);
-        assert_eq!(layout.chunk_guest_range(3072), Some((4 << 30, cs)));
-        assert_eq!(layout.chunk_guest_range(4096), None);
-    }
-}
