@@ -140,14 +140,9 @@ mod tests {
         (out, zeros)
     }
 
-    #[test]
-    fn same_memory_from_a_directory_and_from_repositories() {
-        let tmp = TestDir::new("source");
-        let mut mem = vec![0u8; 3 * CHUNK_SIZE + 100];
-        mem[..CHUNK_SIZE].fill(1);
-        mem[2 * CHUNK_SIZE..].fill(9);
-        let dir = tmp.path().join("snap");
-        let mut snap = SnapshotWriter::create(&dir).unwrap();
+    /// A snapshot directory at `dir` holding `mem` as its memory part, opened for reading.
+    fn memory_snapshot(dir: &std::path::Path, mem: &[u8]) -> SnapshotReader {
+        let mut snap = SnapshotWriter::create(dir).unwrap();
         let part = snap
             .add_memory_part("memory", mem.len() as u64, CHUNK_SIZE as u64)
             .unwrap();
@@ -156,7 +151,16 @@ mod tests {
         }
         snap.finish_memory_part(part).unwrap();
         snap.commit().unwrap();
-        let reader = SnapshotReader::open(&dir).unwrap();
+        SnapshotReader::open(dir).unwrap()
+    }
+
+    #[test]
+    fn same_memory_from_a_directory_and_from_repositories() {
+        let tmp = TestDir::new("source");
+        let mut mem = vec![0u8; 3 * CHUNK_SIZE + 100];
+        mem[..CHUNK_SIZE].fill(1);
+        mem[2 * CHUNK_SIZE..].fill(9);
+        let reader = memory_snapshot(&tmp.path().join("snap"), &mem);
         let part = reader.memory_part("memory").unwrap();
         assert_eq!(read_all(&part), (mem.clone(), vec![1]));
 
@@ -177,16 +181,7 @@ mod tests {
         let tmp = TestDir::new("source-hole");
         let mem = vec![0u8; 2 * CHUNK_SIZE];
         let dir = tmp.path().join("snap");
-        let mut snap = SnapshotWriter::create(&dir).unwrap();
-        let part = snap
-            .add_memory_part("memory", mem.len() as u64, CHUNK_SIZE as u64)
-            .unwrap();
-        for (i, chunk) in mem.chunks(CHUNK_SIZE).enumerate() {
-            part.write_chunk(i as u64, chunk).unwrap();
-        }
-        snap.finish_memory_part(part).unwrap();
-        snap.commit().unwrap();
-        let reader = SnapshotReader::open(&dir).unwrap();
+        let reader = memory_snapshot(&dir, &mem);
         let part = reader.memory_part("memory").unwrap();
         if !is_hole(part.file(), 0, 2 * CHUNK_SIZE as u64) {
             eprintln!("this file system does not report holes; nothing to check");
