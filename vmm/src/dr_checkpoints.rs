@@ -376,10 +376,7 @@ impl DrControl {
         d.next_due = now + d.interval;
         // Keep the staging repository small (no backup is open in this process right now).
         if let Ok(repo) = Repository::open(&d.staging, Some(d.key.clone())) {
-            if let Err(e) = repo.prune(&KeepPolicy {
-                keep_last: STAGING_KEEP,
-                keep_daily: 0,
-            }) {
+            if let Err(e) = repo.prune(&KeepPolicy::last(STAGING_KEEP)) {
                 tracing::debug!("cannot prune the DR staging repository: {e}");
             }
         }

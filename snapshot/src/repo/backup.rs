@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -169,6 +169,15 @@ impl BackupWriter {
     /// Makes the point visible: checks that every reused chunk is still stored, then creates
     /// the point manifest (create-if-absent; every chunk was durable before this).
     pub fn commit(self) -> Result<PointManifest, RepoError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.commit_at(now)
+    }
+
+    /// [`BackupWriter::commit`] with the point's creation time given as a duration since the
+    /// Unix epoch: for importing points with their original times, and for retention tests.
+    pub fn commit_at(self, now: Duration) -> Result<PointManifest, RepoError> {
         if let Some(name) = self.pending.first() {
             return Err(RepoError::ObjectMisuse {
                 name: name.clone(),
@@ -180,9 +189,6 @@ impl BackupWriter {
                 return Err(RepoError::ChunkMissing { id: id.to_hex() });
             }
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let nonce = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
             (now, self.token, std::process::id()),

@@ -23,6 +23,8 @@ mod key;
 mod point;
 mod reader;
 mod repository;
+mod resolve;
+mod retention;
 mod store;
 mod transfer;
 
@@ -40,9 +42,10 @@ pub use point::{
 };
 pub use reader::ObjectReader;
 pub use repository::{
-    DamagedChunk, GcReport, KeepPolicy, PointEntry, PruneReport, RepoVerifyProgress, Repository,
-    VerifyReport,
+    DamagedChunk, GcReport, PointEntry, PruneReport, RepoVerifyProgress, Repository, VerifyReport,
 };
+pub use resolve::LATEST;
+pub use retention::{KeepPolicy, KeepReason};
 pub use store::{ChunkStore, LocalDirStore, LockMode, StoreError, StoreLock};
 
 use crate::sealed_json::SealError;
@@ -111,6 +114,20 @@ pub enum RepoError {
     NoSuchPoint {
         /// The id.
         id: String,
+    },
+    /// A point id prefix names more than one point.
+    #[error("'{prefix}' is the start of {count} backup point ids (give more of the id)")]
+    AmbiguousPoint {
+        /// The prefix given.
+        prefix: String,
+        /// How many ids start with it.
+        count: usize,
+    },
+    /// `latest` was asked of a repository (or VM) with no readable point.
+    #[error("the repository has no readable backup point{}", vm.as_ref().map(|v| format!(" of VM '{v}'")).unwrap_or_default())]
+    NoLatestPoint {
+        /// The VM asked for, if any.
+        vm: Option<String>,
     },
     /// A point manifest is damaged, truncated, or of another version.
     #[error("backup point '{id}' cannot be used")]

@@ -285,10 +285,7 @@ fn prune_collects_exactly_the_unused_chunks() {
     }
     let before = chunk_files(tmp.path()).len();
     let report = repo
-        .prune(&KeepPolicy {
-            keep_last: 2,
-            keep_daily: 0,
-        })
+        .prune(&KeepPolicy::last(2))
         .unwrap();
     assert_eq!(report.removed, ids[..2].to_vec());
     assert_eq!(report.kept, ids[2..].to_vec());
