@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::common::fail;
 use super::{SnapshotArgs, StatusArgs, StrategyArg};
 use crate::api::{
-    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotState, SnapshotStatus,
+    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState, SnapshotStatus,
     SnapshotStrategy, SnapshotTarget, VmInfo,
 };
 
@@ -80,14 +80,6 @@ pub fn status(args: StatusArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn human_bytes(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    }
-}
-
 /// `arkvm snapshot`: starts a snapshot and follows it to its end.
 pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     let abs = |p: &std::path::Path| std::path::absolute(p);
@@ -96,7 +88,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
         (None, Some(repo)) => abs(repo).map(SnapshotTarget::Repo),
         (None, None) => {
             eprintln!("arkvm: error: snapshot needs --out DIR or --repo DIR");
-            return ExitCode::from(1);
+            return super::exit::code(super::exit::USAGE);
         }
     };
     let target = match target {
@@ -125,14 +117,20 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
         Err(code) => return code,
     };
     let body = serde_json::to_value(&params).expect("snapshot parameters serialize");
-    if let Err(e) = client
+    let started = match client
         .put("/snapshot", Some(&body))
-        .and_then(|r| r.into_result())
+        .and_then(|r| r.parse::<SnapshotStarted>())
     {
-        return fail(&e);
-    }
+        Ok(started) => started,
+        Err(e) => return fail(&e),
+    };
     if args.no_wait {
-        crate::outln!("snapshot started");
+        let id = started.id;
+        if args.json {
+            crate::outln!("{}", serde_json::json!({ "id": id, "state": "running" }));
+        } else {
+            crate::outln!("snapshot {id} started");
+        }
         return ExitCode::SUCCESS;
     }
     let bar = std::io::stdout().is_terminal().then(|| {
@@ -175,7 +173,7 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
         crate::outln!(
             "snapshot {} done: {} in {} ms, vCPUs paused {} us, {} pages copied early, {} re-copied",
             s.id,
-            human_bytes(s.bytes_written),
+            super::format::bytes(s.bytes_written),
             s.total_ms,
             s.pause_us.unwrap_or(0),
             s.pages_copied_early,

@@ -243,7 +243,7 @@ pub fn send(args: DrSendArgs) -> Result<(), DrCommandError> {
         other => other?,
     };
     let id = match &args.id {
-        Some(id) => id.clone(),
+        Some(id) => repo.resolve_point(id, None)?,
         None => repo
             .point_ids()?
             .pop()
@@ -368,10 +368,10 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
     })?;
     let (point, dir) = export_newest(&repo, &args, &work_dir)?;
     crate::outln!(
-        "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), exported to {}",
+        "dr: recovering checkpoint {} of VM '{}' (created {} UTC), exported to {}",
         point.id,
         point.vm,
-        point.created_unix_ms,
+        super::format::date_utc(point.created_unix_ms),
         dir.display()
     );
     let _ = std::io::stdout().flush();
@@ -408,6 +408,7 @@ fn export_newest(
     work_dir: &Path,
 ) -> Result<(PointManifest, PathBuf), DrCommandError> {
     if let Some(id) = &args.id {
+        let id = &repo.resolve_point(id, args.vm.as_deref())?;
         let point = repo.read_point(id)?;
         let dir = fresh_dir(work_dir, id);
         repo.export_point(id, &dir)?;

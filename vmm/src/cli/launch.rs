@@ -59,7 +59,7 @@ fn run_vm(
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
         Ok(exit) => {
             eprintln!("arkvm: guest stopped: {exit}");
-            ExitCode::from(2)
+            super::exit::code(super::exit::GUEST_CRASH)
         }
         Err(e) => fail(&e),
     }
@@ -146,10 +146,13 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     let source = match (&args.from, &args.repo, &args.id) {
         (Some(dir), _, _) => RestoreSource::Dir(dir.clone()),
         (None, Some(repo), Some(id)) => match super::common::open_repo(repo, args.key.as_deref()) {
-            Ok(r) => RestoreSource::Point {
-                repo: r,
-                repo_path: repo.clone(),
-                id: id.clone(),
+            Ok(r) => match r.resolve_point(id, None) {
+                Ok(id) => RestoreSource::Point {
+                    repo: r,
+                    repo_path: repo.clone(),
+                    id,
+                },
+                Err(e) => return fail(&e),
             },
             Err(c) => return c,
         },

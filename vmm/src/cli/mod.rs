@@ -16,12 +16,15 @@ macro_rules! outln {
 pub mod backup;
 pub mod common;
 pub mod control;
+pub mod docs;
 pub mod dr;
+pub mod exit;
+pub mod format;
 pub mod launch;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{
     check_memory, check_memory_fits_host, check_vm_name, host_memory_bytes, ConfigError,
@@ -31,10 +34,14 @@ use crate::config::{
 #[derive(Parser)]
 #[command(name = "arkvm", version, about, long_about = None)]
 pub struct Cli {
-    /// Log level for messages on stderr (error, warn, info, debug, trace). The ARKVM_LOG
-    /// environment variable takes tracing filter syntax and wins when set.
-    #[arg(long, global = true, default_value = "warn")]
+    /// Log level for messages on stderr. The ARKVM_LOG environment variable takes tracing
+    /// filter syntax and wins when set.
+    #[arg(long, global = true, default_value = "warn",
+        value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+    /// Log format on stderr: text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,6 +68,19 @@ pub enum Command {
     /// Disaster recovery: receive checkpoints on a second host, query it, recover from it.
     #[command(subcommand)]
     Dr(dr::DrCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for arkvm and every subcommand into a directory.
+    Man(docs::ManArgs),
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, fields, message).
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -111,14 +131,30 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line and checks it; on a bad value, prints one line and exits with
-/// status 1 before anything starts.
+/// The command line's definition (for completions and man pages).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Parses the command line and checks it before anything starts: bad usage (clap's errors)
+/// exits with [`exit::USAGE`], a bad value (memory size, VM name) with [`exit::FAILURE`].
 pub fn parse() -> Cli {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let status = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
+            let _ = e.print();
+            std::process::exit(i32::from(status));
+        }
+    };
     if let Command::Run(args) = &cli.command {
         if let Err(e) = args.check() {
             eprintln!("arkvm: error: {e}");
-            std::process::exit(1);
+            std::process::exit(i32::from(exit::FAILURE));
         }
     }
     cli
@@ -175,14 +211,14 @@ pub struct RestoreArgs {
 #[derive(clap::Args)]
 pub struct SocketArg {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
 }
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -201,7 +237,7 @@ pub enum StrategyArg {
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
     /// Write the snapshot to this directory (it must not exist).
     #[arg(
@@ -217,16 +253,17 @@ pub struct SnapshotArgs {
     /// The repository's key file.
     #[arg(long, requires = "repo")]
     pub key: Option<PathBuf>,
-    /// Pause the guest for the whole snapshot instead of taking it live.
-    #[arg(long)]
+    /// Pause the guest for the whole snapshot instead of taking it live (no --strategy).
+    #[arg(long, conflicts_with = "strategy")]
     pub paused: bool,
     /// Live capture strategy.
     #[arg(long, value_enum, default_value = "cow")]
     pub strategy: StrategyArg,
-    /// Return once the snapshot has started, without waiting for it to finish.
+    /// Return once the snapshot has started, without waiting for it to finish; prints the
+    /// snapshot's id.
     #[arg(long)]
     pub no_wait: bool,
-    /// Print the final report as JSON.
+    /// Print the final report (with --no-wait: the snapshot's id) as JSON.
     #[arg(long)]
     pub json: bool,
 }
