@@ -293,7 +293,10 @@ mod tests {
             keep_within: Some(Duration::from_secs(3 * 3600)),
             ..KeepPolicy::default()
         };
-        assert_eq!(kept(&within, &points), [6, 7, 8, 9].map(|h| 100 * DAY + h * HOUR));
+        assert_eq!(
+            kept(&within, &points),
+            [6, 7, 8, 9].map(|h| 100 * DAY + h * HOUR)
+        );
         // Hours 0..9 UTC are one UTC day, but two days in UTC-5 (0..4 UTC are the evening
         // before).
         let utc_minus_5 = TimeZone::fixed(jiff::tz::Offset::constant(-5));

@@ -284,9 +284,7 @@ fn prune_collects_exactly_the_unused_chunks() {
         mems.push(mem);
     }
     let before = chunk_files(tmp.path()).len();
-    let report = repo
-        .prune(&KeepPolicy::last(2))
-        .unwrap();
+    let report = repo.prune(&KeepPolicy::last(2)).unwrap();
     assert_eq!(report.removed, ids[..2].to_vec());
     assert_eq!(report.kept, ids[2..].to_vec());
     // Each removed point had its own chunk 3 and its own state chunk.

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::common::fail;
 use super::{SnapshotArgs, StatusArgs, StrategyArg};
 use crate::api::{
-    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState, SnapshotStatus,
-    SnapshotStrategy, SnapshotTarget, VmInfo,
+    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState,
+    SnapshotStatus, SnapshotStrategy, SnapshotTarget, VmInfo,
 };
 
 fn connect(path: &std::path::Path) -> Result<ApiClient, ExitCode> {

@@ -24,7 +24,12 @@ pub struct ExportArgs {
     #[arg(long, value_name = "VM")]
     pub name: Option<String>,
     /// Write the point as a snapshot directory here (it must not exist).
-    #[arg(long, value_name = "DIR", required_unless_present = "disk", conflicts_with = "disk")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "disk",
+        conflicts_with = "disk"
+    )]
     pub out: Option<PathBuf>,
     /// Write only this disk (its device id, e.g. `disk0`) as a raw image, to --to.
     #[arg(long, value_name = "NAME", requires = "to")]
