@@ -322,7 +322,7 @@ fn fault_loop(shared: Arc<Shared>, exit: Arc<ExitSignal>) {
                 // the process is the only way left that neither hangs nor shows wrong bytes.
                 // Not eprintln!, which panics if stderr is gone.
                 let _ = writeln!(std::io::stderr(), "arkvm: error: restore failed: {detail}");
-                std::process::exit(2);
+                std::process::exit(4);
             }
         }
         let mut pfd = libc::pollfd {
