@@ -179,3 +179,37 @@ fn completions_and_man_pages() {
     );
     assert!(dir.path().join("arkvm.1").exists());
 }
+
+#[test]
+fn a_qcow2_image_is_refused_with_the_conversion_command() {
+    let dir = ScratchDir::new("qcow2");
+    // A qcow2 header (version 3, 1 MiB virtual size), padded to a multiple of 512 bytes: it
+    // would pass for a raw disk by its size.
+    let mut image = vec![0u8; 64 * 1024];
+    image[..8].copy_from_slice(b"QFI\xfb\x00\x00\x00\x03");
+    image[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    let path = dir.path().join("guest.qcow2");
+    std::fs::write(&path, &image).unwrap();
+    let kernel = arkvm_tests::tiny_guest("disk");
+    let (code, out, err) = ark(
+        &[],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--disk",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(err.contains("is a qcow2 image, not a raw one"), "{err}");
+    assert!(err.contains("qemu-img convert -f qcow2 -O raw"), "{err}");
+    assert!(out.is_empty(), "the guest must not start: {out}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        image,
+        "the image was changed"
+    );
+}

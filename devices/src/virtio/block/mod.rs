@@ -11,6 +11,7 @@ pub mod cbt;
 pub mod config;
 pub mod device;
 pub mod disk;
+pub mod image_format;
 pub mod overlay;
 pub mod request;
 
