@@ -12,6 +12,8 @@ pub mod config;
 pub mod device_manager;
 pub mod dr_checkpoints;
 pub mod machine;
+pub mod metrics;
+pub mod observe;
 pub mod restore;
 pub mod runtime;
 pub mod saved_state;

@@ -39,7 +39,7 @@ pub use request::{
     MIN_DR_INTERVAL_MS,
 };
 pub use response::{
-    ApiResponse, DiskInfo, DrCheckpoint, DrState, DrStatus, ErrorBody, SnapshotStarted,
+    ApiResponse, DiskInfo, DrCheckpoint, DrState, DrStatus, ErrorBody, RootInfo, SnapshotStarted,
     SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
 };
 pub use server::{

@@ -13,6 +13,11 @@ pub use crate::dr_checkpoints::MIN_DR_INTERVAL_MS;
 /// One call on the control API, parsed and validated, for the VMM to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
+    /// `GET /`: arkvm's version and the VM's state. 200 with
+    /// [`RootInfo`](super::response::RootInfo).
+    GetRoot,
+    /// `GET /metrics`: counters in the Prometheus text format. 200, `text/plain`.
+    GetMetrics,
     /// `GET /vm`: the VM's run state and configuration. Answer with [`ApiResponse::vm`].
     ///
     /// [`ApiResponse::vm`]: super::response::ApiResponse::vm
@@ -224,6 +229,8 @@ impl RouteError {
 
 /// The endpoints: path, and the methods it accepts.
 pub(super) const ENDPOINTS: &[(&str, &str)] = &[
+    ("/", "GET"),
+    ("/metrics", "GET"),
     ("/vm", "GET"),
     ("/vm/pause", "PUT"),
     ("/vm/resume", "PUT"),
@@ -247,6 +254,8 @@ pub(crate) fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiReques
         ));
     };
     let request = match (path, method) {
+        ("/", "GET") => ApiRequest::GetRoot,
+        ("/metrics", "GET") => ApiRequest::GetMetrics,
         ("/vm", "GET") => ApiRequest::GetVm,
         ("/vm/pause", "PUT") => ApiRequest::PauseVm,
         ("/vm/resume", "PUT") => ApiRequest::ResumeVm,

@@ -445,10 +445,25 @@ fn serve_request(
             return keep_alive;
         }
     };
+    if let Some(text) = response.text() {
+        return http::write_typed_response(
+            stream,
+            response.status(),
+            &[],
+            Some(text.as_bytes()),
+            METRICS_CONTENT_TYPE,
+            keep_alive,
+        )
+        .is_ok()
+            && keep_alive;
+    }
     let body = response.body().map(|b| b.to_string().into_bytes());
     http::write_response(stream, response.status(), &[], body.as_deref(), keep_alive).is_ok()
         && keep_alive
 }
+
+/// The content type of a text answer: the Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Answers a framing error (if it deserves an answer) and closes the connection.
 fn refuse(stream: &UnixStream, e: &HttpError) -> bool {

@@ -52,6 +52,12 @@ struct FakeVmm {
 impl FakeVmm {
     fn answer(&mut self, request: &ApiRequest) -> ApiResponse {
         match request {
+            ApiRequest::GetRoot => ApiResponse::root(&RootInfo {
+                name: "arkvm".into(),
+                version: "0".into(),
+                state: VmState::Running,
+            }),
+            ApiRequest::GetMetrics => ApiResponse::metrics("arkvm_up 1\n".into()),
             ApiRequest::GetVm => ApiResponse::vm(&VmInfo {
                 state: if self.paused {
                     VmState::Paused
