@@ -425,30 +425,24 @@ impl DrControl {
     }
 }
 
-/// Parses an interval such as `1s`, `500ms`, `2m`.
+/// Parses an interval in humantime's syntax (`500ms`, `1s`, `2m`, `1h`, `1m 30s`); a bare
+/// number is seconds.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid interval '{text}': use e.g. 500ms, 1s or 2m"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        _ => {
-            return Err(format!(
-                "invalid interval '{text}': use e.g. 500ms, 1s or 2m"
-            ))
-        }
+    let parsed = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(t).ok()
     };
-    if ms < MIN_DR_INTERVAL_MS {
+    let interval = parsed
+        .ok_or_else(|| format!("invalid interval '{text}': use e.g. 500ms, 1s, 2m or 1h"))?;
+    if interval < Duration::from_millis(MIN_DR_INTERVAL_MS) {
         return Err(format!(
             "interval '{text}' is below the minimum of {} ms",
             MIN_DR_INTERVAL_MS
         ));
     }
-    Ok(Duration::from_millis(ms))
+    Ok(interval)
 }
 
 #[cfg(test)]
@@ -460,7 +454,8 @@ mod tests {
         assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_interval("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_interval("1h").is_err());
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_interval("5"), Ok(Duration::from_secs(5)));
         assert!(parse_interval("1ms").is_err());
         assert!(parse_interval("x").is_err());
     }

@@ -166,7 +166,7 @@ pub struct DrRunArgs {
     /// Send a checkpoint every --dr-interval to the `arkvm dr serve` receiver at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", requires = "key")]
     pub dr_target: Option<String>,
-    /// Time between checkpoints (e.g. 500ms, 1s, 2m).
+    /// Time between checkpoints (e.g. 500ms, 1s, 2m, 1h).
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub dr_interval: String,
     /// Pre-shared key file of the DR link (the receiver's repository key).
