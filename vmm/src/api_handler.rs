@@ -105,7 +105,7 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
         }
         ApiRequest::CreateSnapshot(params) => match engine.start(machine, &params.into()) {
             Ok(id) => {
-                crate::observe::snapshot_started();
+                crate::capture::metrics::snapshot_started();
                 ApiResponse::snapshot_started(&SnapshotStarted { id })
             }
             Err(e) if e.is_conflict() => ApiResponse::conflict(snapshot::error_chain(&e)),

@@ -434,8 +434,8 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
     } else {
         humantime::parse_duration(t).ok()
     };
-    let interval = parsed
-        .ok_or_else(|| format!("invalid interval '{text}': use e.g. 500ms, 1s, 2m or 1h"))?;
+    let interval =
+        parsed.ok_or_else(|| format!("invalid interval '{text}': use e.g. 500ms, 1s, 2m or 1h"))?;
     if interval < Duration::from_millis(MIN_DR_INTERVAL_MS) {
         return Err(format!(
             "interval '{text}' is below the minimum of {} ms",

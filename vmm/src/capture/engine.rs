@@ -177,7 +177,7 @@ impl CaptureEngine {
             cancelled,
         );
         self.last = Some(job.progress.clone());
-        crate::observe::snapshot_ended(&job.progress.status());
+        super::metrics::snapshot_ended(&job.progress.status());
         Some(SnapshotEnded {
             id: status.id,
             pause_us: status.pause_us.unwrap_or(0),

@@ -32,6 +32,7 @@ pub mod error;
 pub mod job;
 pub mod live_cow;
 pub mod memory_copy;
+pub mod metrics;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
