@@ -151,7 +151,8 @@ impl Hydration {
         Ok(())
     }
 
-    fn ensure_chunk(&self, index: u64) -> io::Result<()> {
+    /// Makes chunk `index` local; returns the bytes this call read from the source.
+    fn ensure_chunk(&self, index: u64) -> io::Result<u64> {
         let Some(flag) = self.present.get(index as usize) else {
             return Err(fail(&format!(
                 "{}: chunk {index} is past the end of the disk",
@@ -159,11 +160,11 @@ impl Hydration {
             )));
         };
         if flag.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(0);
         }
         let _stripe = snapshot::lock(&self.stripes[index as usize % STRIPES]);
         if flag.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(0);
         }
         if let Some(why) = self.failure.get() {
             return Err(fail(why));
@@ -172,12 +173,17 @@ impl Hydration {
         let len = self.chunk_size.min(self.size - start);
         let source = snapshot::read_lock(&self.source).clone();
         let Some(source) = source else {
-            return Err(fail(&format!("{}: the point is no longer open", self.label)));
+            return Err(fail(&format!(
+                "{}: the point is no longer open",
+                self.label
+            )));
         };
+        let mut read = 0;
         if !source.is_zero_chunk(index) {
             let mut buf = vec![0u8; len as usize];
             self.fetch(source.as_ref(), index, start, &mut buf)?;
             self.file.write_all_at(&buf, start)?;
+            read = len;
         }
         // A zero chunk stays a hole of the sparse file, which reads as zeros.
         flag.store(true, Ordering::Release);
@@ -185,7 +191,7 @@ impl Hydration {
         if self.chunks_left.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.finish()?;
         }
-        Ok(())
+        Ok(read)
     }
 
     /// Reads chunk `index`, retrying for the bounded time; records the failure after that.
@@ -241,15 +247,17 @@ impl Hydration {
         Ok(())
     }
 
-    /// Fetches every chunk not yet local, in order, until done, cancelled or failed. Returns
+    /// Fetches every chunk not yet local, in order, until done, cancelled or failed; `paced` is
+    /// told the bytes read from the source after each chunk (to limit the rate). Returns
     /// whether the disk is whole.
-    pub fn hydrate_all(&self) -> bool {
+    pub fn hydrate_all(&self, paced: &mut dyn FnMut(u64)) -> bool {
         for index in 0..self.present.len() as u64 {
             if self.cancelled.load(Ordering::SeqCst) {
                 return false;
             }
-            if self.ensure_chunk(index).is_err() {
-                return false;
+            match self.ensure_chunk(index) {
+                Ok(read) => paced(read),
+                Err(_) => return false,
             }
         }
         self.is_done()

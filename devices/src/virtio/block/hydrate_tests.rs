@@ -31,9 +31,11 @@ impl ChunkSource for MemSource {
     fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         if self.bad.contains(&index) {
-            return Err(ChunkSourceError::Repo(snapshot::repo::RepoError::ChunkMissing {
-                id: format!("chunk{index}"),
-            }));
+            return Err(ChunkSourceError::Repo(
+                snapshot::repo::RepoError::ChunkMissing {
+                    id: format!("chunk{index}"),
+                },
+            ));
         }
         let s = (index * CHUNK) as usize;
         buf.copy_from_slice(&self.data[s..s + buf.len()]);
@@ -99,7 +101,7 @@ fn reads_come_from_the_point_and_the_file_ends_as_point_plus_writes() {
     disk.write_at(4 * CHUNK + 512, &[0xEE; 1024]).unwrap();
     let p = h.progress();
     assert!(!p.done && p.bytes_done < p.bytes_total, "{p:?}");
-    assert!(h.hydrate_all());
+    assert!(h.hydrate_all(&mut |_| {}));
     let p = h.progress();
     assert!(p.done && p.bytes_done == p.bytes_total && p.error.is_none());
     let mut expect = fx.data.clone();
@@ -127,7 +129,7 @@ fn a_chunk_that_cannot_be_read_is_never_served_and_fails_once() {
     assert_eq!(buf, vec![0u8; 4096], "bytes were handed out");
     // A write to it is refused too, and the background pass stops at it.
     assert!(disk.write_at(3 * CHUNK, &[1; 512]).is_err());
-    assert!(!h.hydrate_all());
+    assert!(!h.hydrate_all(&mut |_| {}));
     let p = h.progress();
     assert!(!p.done);
     assert!(p.error.as_deref().unwrap_or("").contains("point test"));
