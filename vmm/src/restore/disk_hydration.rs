@@ -267,6 +267,8 @@ impl DiskHydration {
                 t.error = p.error;
             }
         }
+        // Done once the background pass has also closed the directory's books (the marker).
+        t.done &= self.finished_ms.get().is_some();
         t.elapsed_ms = match self.finished_ms.get() {
             Some(ms) if t.done => *ms,
             _ => self.started.elapsed().as_millis() as u64,

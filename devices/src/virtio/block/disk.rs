@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use super::cbt::{ChangedBlockTracker, ChangedBlocks};
 use super::config::DiskConfig;
-use super::hydrate::Hydration;
+use super::hydrate::{unavailable, Hydration};
 use super::overlay::{sync_parent_dir, OverlayError, OverlayFile, CLUSTER_SIZE};
 
 /// Why a disk operation failed.
@@ -48,6 +48,10 @@ pub enum DiskError {
     /// The disk is read-only.
     #[error("the disk is read-only")]
     ReadOnly,
+    /// A chunk of a disk hydrating from a backup point cannot be had (the VM is stopped; the
+    /// request must not be answered).
+    #[error("{0}")]
+    Unavailable(String),
     /// There is no snapshot overlay to merge (the `overlay=` file is never merged away).
     #[error("the disk has no snapshot overlay to merge")]
     NoOverlay,
@@ -169,7 +173,11 @@ fn write_layer(
             };
             if let Some(fill) = fill {
                 // A partial write must land on the point's bytes, not on the sparse hole.
-                fill.ensure(offset, data.len() as u64).map_err(io_err)?;
+                fill.ensure(offset, data.len() as u64)
+                    .map_err(|e| match unavailable(&e) {
+                        Some(why) => DiskError::Unavailable(why),
+                        None => io_err(e),
+                    })?;
             }
             dirty.store(true, Ordering::SeqCst);
             file.write_all_at(data, offset).map_err(io_err)
@@ -374,13 +382,16 @@ impl Disk {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check_range(offset, buf.len())?;
         let st = self.read_stack();
-        read_layers(&st.layers, offset, buf).map_err(|source| DiskError::Io {
-            path: st
-                .layers
-                .last()
-                .map(|l| l.path().to_path_buf())
-                .unwrap_or_default(),
-            source,
+        read_layers(&st.layers, offset, buf).map_err(|source| match unavailable(&source) {
+            Some(why) => DiskError::Unavailable(why),
+            None => DiskError::Io {
+                path: st
+                    .layers
+                    .last()
+                    .map(|l| l.path().to_path_buf())
+                    .unwrap_or_default(),
+                source,
+            },
         })
     }
 

@@ -74,8 +74,21 @@ impl std::fmt::Debug for Hydration {
     }
 }
 
+/// The error inside the `io::Error` of a chunk that cannot be had: [`super::Disk`] turns it into
+/// [`super::DiskError::Unavailable`], whose request is held, never answered.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChunkUnavailable(pub String);
+
 fn fail(msg: &str) -> io::Error {
-    io::Error::other(msg.to_string())
+    io::Error::other(ChunkUnavailable(msg.to_string()))
+}
+
+/// The message, if `e` says a hydrating disk's chunk cannot be had.
+pub fn unavailable(e: &io::Error) -> Option<String> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<ChunkUnavailable>())
+        .map(|c| c.0.clone())
 }
 
 impl Hydration {
@@ -182,7 +195,13 @@ impl Hydration {
         if !source.is_zero_chunk(index) {
             let mut buf = vec![0u8; len as usize];
             self.fetch(source.as_ref(), index, start, &mut buf)?;
-            self.file.write_all_at(&buf, start)?;
+            // A local write failure is the disk directory's problem, not the point's.
+            self.file.write_all_at(&buf, start).map_err(|e| {
+                fail(&format!(
+                    "{}: cannot write chunk {index} to the local file: {e}",
+                    self.label
+                ))
+            })?;
             read = len;
         }
         // A zero chunk stays a hole of the sparse file, which reads as zeros.
