@@ -167,7 +167,11 @@ fn a_restored_disk_works_while_it_hydrates_and_ends_as_point_plus_writes() {
             "256K",
         ],
     ));
-    assert!(wait_for_path(&sock, Duration::from_secs(60)), "{}", vm.dump());
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(60)),
+        "{}",
+        vm.dump()
+    );
     let first = hydration(&sock);
     assert_eq!(first["done"], false, "{first}");
     assert_eq!(first["bytes_total"], DISK_BYTES, "{first}");
@@ -187,7 +191,10 @@ fn a_restored_disk_works_while_it_hydrates_and_ends_as_point_plus_writes() {
         assert!(Instant::now() < deadline, "hydration did not end: {h}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!disk_dir.join("HYDRATING").exists(), "marker left when done");
+    assert!(
+        !disk_dir.join("HYDRATING").exists(),
+        "marker left when done"
+    );
     // ... and after: two more generations, then a clean stop.
     let (i, _) = wait_parsed(&vm, i + 1, diskgen);
     let (_, (done_gen, _)) = wait_parsed(&vm, i + 1, diskgen);
@@ -196,7 +203,10 @@ fn a_restored_disk_works_while_it_hydrates_and_ends_as_point_plus_writes() {
     assert_not_broken(&vm);
     let hydrated = std::fs::read(disk_dir.join("disk0.img")).expect("read hydrated disk");
     check_hydrated(&p.image, &hydrated, done_gen);
-    assert!(vm.stderr().iter().any(|l| l.contains("no longer needs the repository")));
+    assert!(vm
+        .stderr()
+        .iter()
+        .any(|l| l.contains("no longer needs the repository")));
 }
 
 #[test]
@@ -210,16 +220,28 @@ fn kill_during_hydration_leaves_a_dir_the_next_restore_removes() {
         &p,
         &["--api-socket", &s(&sock), "--hydrate-rate", "64K"],
     ));
-    assert!(wait_for_path(&sock, Duration::from_secs(60)), "{}", killed.dump());
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(60)),
+        "{}",
+        killed.dump()
+    );
     assert_eq!(hydration(&sock)["done"], false);
     let left = default_disk_dir(killed.pid());
-    assert!(left.join("disk0.img").exists(), "no disk in {}", left.display());
+    assert!(
+        left.join("disk0.img").exists(),
+        "no disk in {}",
+        left.display()
+    );
     killed.kill();
     assert!(left.exists(), "kill -9 removed {}", left.display());
     let _ = std::fs::remove_file(&sock);
 
     let mut next = Vmm::spawn(&restore_args(&p, &["--api-socket", &s(&sock)]));
-    assert!(wait_for_path(&sock, Duration::from_secs(60)), "{}", next.dump());
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(60)),
+        "{}",
+        next.dump()
+    );
     assert!(!left.exists(), "{} was not removed", left.display());
     let mine = default_disk_dir(next.pid());
     assert!(mine.exists(), "the new restore has no disk dir");
@@ -227,7 +249,11 @@ fn kill_during_hydration_leaves_a_dir_the_next_restore_removes() {
     wait_parsed(&next, i + 1, diskgen);
     assert_not_broken(&next);
     shutdown(&mut next, &sock);
-    assert!(!mine.exists(), "{} left after a normal exit", mine.display());
+    assert!(
+        !mine.exists(),
+        "{} left after a normal exit",
+        mine.display()
+    );
 }
 
 /// Damages chunk `index` of the point's disk, restores, and expects one clear error.
