@@ -20,6 +20,8 @@ pub enum BackupCommand {
     Verify(RepoArgs),
     /// Remove points by policy, then collect chunks no point uses.
     Prune(PruneArgs),
+    /// Boot points in isolation and check that their guests run (docs/recovery.md).
+    Drill(super::drill::DrillArgs),
 }
 
 #[derive(clap::Args)]
@@ -133,6 +135,7 @@ fn list(args: RepoArgs) -> ExitCode {
                     "bytes_stored": p.stats.bytes_stored, "bytes_hashed": p.stats.bytes_hashed,
                     "chunks_total": p.stats.chunks_total, "chunks_new": p.stats.chunks_new,
                     "chunks_reused": p.stats.chunks_reused, "chunks_hashed": p.stats.chunks_hashed,
+                    "last_drill": super::drill::last_drill(&repo, id),
                 }),
                 Err(e) => serde_json::json!({ "id": id, "error": vmm_error(e) }),
             })
@@ -141,7 +144,7 @@ fn list(args: RepoArgs) -> ExitCode {
         return list_status(&points);
     }
     crate::outln!(
-        "{:<44} {:<19} {:<10} {:>12} {:>12}",
+        "{:<44} {:<19} {:<10} {:>12} {:>12}  LAST DRILL",
         "ID",
         "TIME (UTC)",
         "VM",
@@ -149,14 +152,19 @@ fn list(args: RepoArgs) -> ExitCode {
         "NEW STORED"
     );
     for (id, p) in &points {
+        let drill = super::drill::last_drill(&repo, id).map_or("-".to_string(), |d| {
+            let verdict = if d.passed { "pass" } else { "FAIL" };
+            format!("{verdict} {}", time_text(d.started_unix_ms))
+        });
         match p {
             Ok(p) => crate::outln!(
-                "{:<44} {:<19} {:<10} {:>12} {:>12}",
+                "{:<44} {:<19} {:<10} {:>12} {:>12}  {}",
                 id,
                 time_text(p.created_unix_ms),
                 p.vm,
                 mib(p.stats.bytes_total),
-                mib(p.stats.bytes_stored)
+                mib(p.stats.bytes_stored),
+                drill
             ),
             Err(e) => crate::outln!("{id:<44} unreadable: {}", vmm_error(e)),
         }
@@ -288,6 +296,7 @@ pub fn run(cmd: BackupCommand) -> ExitCode {
         BackupCommand::List(a) => list(a),
         BackupCommand::Verify(a) => verify(a),
         BackupCommand::Prune(a) => prune(a),
+        BackupCommand::Drill(a) => super::drill::drill(a),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod backup;
 pub mod common;
 pub mod control;
 pub mod dr;
+pub mod drill;
 pub mod hydrate_bar;
 pub mod launch;
 
