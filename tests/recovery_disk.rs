@@ -3,7 +3,9 @@
 //! (`arkvm.mode=numbered`) checks every block it rewrites and prints DISK-TORN on a mismatch.
 //! Here: the disk keeps working during and after hydration and the hydrated file is the point
 //! plus the guest's writes; a kill -9 during hydration leaves a directory the next restore
-//! removes; a damaged disk chunk stops the VM with one error naming the point and the chunk.
+//! removes; a damaged disk chunk stops the VM with one error naming the point and the chunk;
+//! `backup drill` passes a good point, fails an unmet `--expect`, records both for `backup
+//! list`, and changes no repository file.
 
 #[allow(dead_code)]
 #[path = "backup_support.rs"]
@@ -298,4 +300,85 @@ fn a_damaged_disk_chunk_the_guest_reads_stops_the_vm() {
     require_kvm();
     let _serial = serial();
     damaged_chunk_stops_the_vm("rec-bad-ring", 0);
+}
+
+/// Every chunk and manifest file of the repository: (relative path, contents).
+fn repo_files(repo: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![repo.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("list repository").flatten() {
+            let path = e.path();
+            let rel = path.strip_prefix(repo).expect("under repo").to_path_buf();
+            let top = rel.components().next().map(|c| c.as_os_str().to_owned());
+            // Drill records are the drill's own output; the lock file is not data.
+            if top.as_deref() == Some("drills".as_ref()) || rel == Path::new(".lock") {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((rel, std::fs::read(&path).expect("read repository file")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn drill(p: &Point, extra: &[&str]) -> (bool, Vec<String>, Vec<String>) {
+    let mut a = args(&["backup", "drill", "--repo", &s(&p.repo)]);
+    a.extend(args(extra));
+    let (st, out, err) = ark(&a);
+    (st.success(), out, err)
+}
+
+#[test]
+fn a_drill_passes_a_good_point_fails_an_unmet_expectation_and_changes_nothing() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("rec-drill");
+    let p = disk_point(dir.path());
+    let before = repo_files(&p.repo);
+    assert!(before.len() > 2, "no repository files to compare");
+
+    let (ok, out, err) = drill(&p, &["--latest", "--timeout", "60s"]);
+    assert!(ok, "a good point failed its drill: {out:?} {err:?}");
+    assert!(
+        out.iter().any(|l| l.starts_with(&format!("PASS {}", p.id))),
+        "{out:?}"
+    );
+    let rows = list(&p.repo, None);
+    let last = &row(&rows, &p.id)["last_drill"];
+    assert_eq!(last["passed"], true, "{last}");
+    assert!(last["first_output_ms"].as_u64().is_some(), "{last}");
+
+    let (ok, out, err) = drill(
+        &p,
+        &["--id", &p.id, "--expect", "^NEVER-PRINTED$", "--timeout", "5s", "--json"],
+    );
+    assert!(!ok, "an unmet --expect passed: {out:?}");
+    assert!(err.iter().any(|l| l.contains("1 of 1 drills failed")), "{err:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.join("\n")).expect("drill JSON");
+    assert_eq!(v[0]["passed"], false, "{v}");
+    assert_eq!(v[0]["point"], p.id.as_str(), "{v}");
+    // The guest did run; only the expected line was missing.
+    assert!(v[0]["first_output_ms"].as_u64().is_some(), "{v}");
+
+    let rows = list(&p.repo, None);
+    assert_eq!(row(&rows, &p.id)["last_drill"]["passed"], false);
+    let (st, text, _) = ark(&args(&["backup", "list", "--repo", &s(&p.repo)]));
+    assert!(st.success());
+    let line = text
+        .iter()
+        .find(|l| l.starts_with(&p.id))
+        .expect("the point in backup list");
+    assert!(line.contains("FAIL 20"), "no drill column: {line}");
+
+    let after = repo_files(&p.repo);
+    assert_eq!(before.len(), after.len(), "the drills added or removed files");
+    for ((pa, a), (pb, b)) in before.iter().zip(&after) {
+        assert_eq!(pa, pb);
+        assert!(a == b, "{} changed during the drills", pa.display());
+    }
 }
