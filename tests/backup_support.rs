@@ -245,10 +245,9 @@ pub fn restore(repo: &Path, id: &str, key: Option<&Path>, extra: &[String]) -> R
     Restored(Vmm::spawn(&a))
 }
 
-/// A VM restored from a repository. `arkvm restore --repo` copies the point to
-/// `$TMPDIR/arkvm-restore-<pid>-<id>` and removes the copy only when the VM ends by itself
-/// (tests/backup_safety.rs shows that a kill leaves it), so dropping this kills the VM and
-/// removes that copy.
+/// A VM restored from a repository. `arkvm restore --repo` hydrates the point's disks into
+/// `$TMPDIR/arkvm-restore-<pid>-disks` and removes it when the VM ends (a kill leaves it for
+/// the next restore to remove), so dropping this kills the VM and removes that directory.
 pub struct Restored(pub Vmm);
 
 impl std::ops::Deref for Restored {

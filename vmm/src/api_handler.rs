@@ -3,7 +3,8 @@
 //! become HTTP statuses and bodies.
 
 use crate::api::{
-    ApiRequest, ApiResponse, DiskInfo, SnapshotStarted, VmConfigInfo, VmInfo, VmState,
+    ApiRequest, ApiResponse, DiskHydrationInfo, DiskInfo, SnapshotStarted, VmConfigInfo, VmInfo,
+    VmState,
 };
 use crate::capture::CaptureEngine;
 use crate::dr_checkpoints::{DrControl, DrControlError};
@@ -45,6 +46,18 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 .collect(),
             restored_from: machine.restored_from.clone(),
         },
+        disk_hydration: machine.built.disk_hydration.as_ref().map(|h| {
+            let t = h.totals();
+            DiskHydrationInfo {
+                bytes_done: t.bytes_done,
+                bytes_total: t.bytes_total,
+                done: t.done,
+                error: t.error,
+                dir: t.dir,
+                temporary: h.is_temporary(),
+                elapsed_ms: t.elapsed_ms,
+            }
+        }),
     }
 }
 

@@ -28,6 +28,7 @@ use crate::arch::{boot_params, cpuid, gdt, mptable, regs};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::restore::disk_hydration::DiskHydration;
 use crate::restore::lazy_memory::{LazyMemory, LazyMemoryError};
 use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::{create_guest_memory, mapped_layout, region_layout, MemoryError};
@@ -93,6 +94,8 @@ pub struct BuiltVm {
     pub timings: BootTimings,
     /// The lazy memory loader of a restored VM, until every chunk is in.
     pub lazy_memory: Option<LazyMemory>,
+    /// The disks of a VM restored from a backup point, while they are hydrated (and after).
+    pub disk_hydration: Option<Arc<DiskHydration>>,
     /// Every device: serial, i8042, disks, and any registered beyond the configuration.
     pub devices: DeviceManager,
 }
@@ -347,6 +350,7 @@ pub fn build_with_devices(
         exit,
         timings,
         lazy_memory,
+        disk_hydration: None,
         devices,
     })
 }

@@ -195,6 +195,28 @@ pub struct VmConfigInfo {
 pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfigInfo,
+    /// For a VM restored from a backup point: its disks' hydration from the point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_hydration: Option<DiskHydrationInfo>,
+}
+
+/// How far the disks of a VM restored from a backup point are hydrated into local files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHydrationInfo {
+    /// Bytes of all disks that are local.
+    pub bytes_done: u64,
+    /// Bytes of all disks.
+    pub bytes_total: u64,
+    /// Every disk is local: the VM no longer needs the repository.
+    pub done: bool,
+    /// Why hydration stopped (a chunk that could not be read), if it did.
+    pub error: Option<String>,
+    /// The directory holding the disk files.
+    pub dir: PathBuf,
+    /// Whether `dir` is removed when the VM exits.
+    pub temporary: bool,
+    /// Milliseconds from the start of the restore to done (or until now).
+    pub elapsed_ms: u64,
 }
 
 /// The body of the 202 answer to `PUT /snapshot`.

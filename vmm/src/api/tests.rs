@@ -73,6 +73,7 @@ impl FakeVmm {
                     disks: vec![],
                     restored_from: None,
                 },
+                disk_hydration: None,
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {

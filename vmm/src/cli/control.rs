@@ -69,6 +69,22 @@ pub fn status(args: StatusArgs) -> ExitCode {
             if d.read_only { " (read-only)" } else { "" }
         );
     }
+    if let Some(h) = &info.disk_hydration {
+        crate::outln!(
+            "hydrate:  {} of {} ({}){}",
+            human_bytes(h.bytes_done),
+            human_bytes(h.bytes_total),
+            match (&h.error, h.done) {
+                (Some(_), _) => "failed",
+                (None, true) => "done, the repository is no longer needed",
+                (None, false) => "in progress",
+            },
+            h.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(s) = snap {
         crate::outln!(
             "snapshot: {} {:?}{}",

@@ -128,8 +128,8 @@ pub struct DrRecoverArgs {
     /// Only consider checkpoints of this VM.
     #[arg(long)]
     pub vm: Option<String>,
-    /// Where the checkpoint is exported as a snapshot directory (default: DIR.recover beside
-    /// the repository).
+    /// With --export-only: where the checkpoint is exported as a snapshot directory (default:
+    /// DIR.recover beside the repository).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
     /// Where the restored disks go (passed to `arkvm restore`).
@@ -138,7 +138,9 @@ pub struct DrRecoverArgs {
     /// Serve the restored VM's control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// Export the checkpoint and print its directory, without starting the VM.
+    /// Export the checkpoint and print its directory, without starting the VM (without this,
+    /// the VM starts at once from the checkpoint in the repository, its disks hydrated into
+    /// --disk-dir in the background).
     #[arg(long)]
     pub export_only: bool,
 }
@@ -348,14 +350,27 @@ fn status_text(target: &str, status: &ReceiverStatus) -> String {
     out
 }
 
-/// `arkvm dr recover`: exports the chosen checkpoint as a snapshot directory, then becomes
-/// `arkvm restore --from` that directory (unless `--export-only`).
+/// `arkvm dr recover`: becomes `arkvm restore --repo` of the chosen checkpoint, read in place
+/// (memory and disks straight from the repository, the disks hydrated in the background); with
+/// `--export-only`, exports it as a snapshot directory instead.
 pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
     let key = args.key.as_deref().map(RepoKey::load).transpose()?;
-    let repo = match Repository::open(&args.repo, key) {
-        Err(RepoError::KeyNotUsed) => Repository::open(&args.repo, None)?,
-        other => other?,
+    let (repo, keyed) = match Repository::open(&args.repo, key) {
+        Err(RepoError::KeyNotUsed) => (Repository::open(&args.repo, None)?, false),
+        other => (other?, args.key.is_some()),
     };
+    if !args.export_only {
+        let point = newest_complete(&repo, &args)?;
+        crate::outln!(
+            "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), in place",
+            point.id,
+            point.vm,
+            point.created_unix_ms
+        );
+        let _ = std::io::stdout().flush();
+        drop(repo);
+        return exec_restore(&args, &point.id, keyed);
+    }
     let work_dir = args
         .work_dir
         .clone()
@@ -375,29 +390,90 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
         dir.display()
     );
     let _ = std::io::stdout().flush();
-    if args.export_only {
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// Becomes `arkvm restore --repo REPO --id ID` (only returns on failure).
+fn exec_restore(args: &DrRecoverArgs, id: &str, keyed: bool) -> Result<(), DrCommandError> {
     let exe = std::env::current_exe().map_err(|source| DrCommandError::Io {
         action: "find",
         target: "the arkvm executable".into(),
         source,
     })?;
     let mut restore = Command::new(exe);
-    restore.arg("restore").arg("--from").arg(&dir);
+    restore
+        .arg("restore")
+        .arg("--repo")
+        .arg(&args.repo)
+        .arg("--id")
+        .arg(id);
+    if let (true, Some(key)) = (keyed, &args.key) {
+        restore.arg("--key").arg(key);
+    }
     if let Some(disk_dir) = &args.disk_dir {
         restore.arg("--disk-dir").arg(disk_dir);
     }
     if let Some(socket) = &args.api_socket {
         restore.arg("--api-socket").arg(socket);
     }
-    // Only returns on failure.
     let source = restore.exec();
     Err(DrCommandError::Io {
         action: "start",
         target: "arkvm restore".into(),
         source,
     })
+}
+
+/// The point `--id`, or the newest point (of `--vm`) whose chunks are all present.
+fn newest_complete(
+    repo: &Repository,
+    args: &DrRecoverArgs,
+) -> Result<PointManifest, DrCommandError> {
+    if let Some(id) = &args.id {
+        return Ok(repo.read_point(id)?);
+    }
+    candidates(repo, args)?
+        .into_iter()
+        .find(|point| all_chunks_present(repo, point))
+        .ok_or_else(|| DrCommandError::NothingToRecover {
+            repo: args.repo.display().to_string(),
+            vm: args.vm.clone(),
+        })
+}
+
+/// The readable points (of `--vm`), newest first.
+fn candidates(
+    repo: &Repository,
+    args: &DrRecoverArgs,
+) -> Result<Vec<PointManifest>, DrCommandError> {
+    let mut candidates: Vec<PointManifest> = repo
+        .points()?
+        .into_iter()
+        .filter_map(|(id, point)| match point {
+            Ok(point) => Some(point),
+            Err(e) => {
+                tracing::warn!(%id, error = %crate::error_chain(&e), "skipping unreadable checkpoint");
+                None
+            }
+        })
+        .filter(|p| args.vm.as_ref().is_none_or(|vm| &p.vm == vm))
+        .collect();
+    candidates.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
+    Ok(candidates)
+}
+
+/// Whether every chunk `point` names is in the store (a checkpoint cut off mid-transfer is not).
+fn all_chunks_present(repo: &Repository, point: &PointManifest) -> bool {
+    let missing = point.chunk_ids().find(|id| {
+        !repo
+            .store()
+            .contains(&chunk_object_name(id))
+            .unwrap_or(false)
+    });
+    if let Some(id) = &missing {
+        tracing::warn!(point = %point.id, chunk = %id, "checkpoint incomplete; trying an older one");
+    }
+    missing.is_none()
 }
 
 /// Exports the point `--id`, or the newest point (of `--vm`) whose chunks are all present and
@@ -414,28 +490,8 @@ fn export_newest(
         repo.export_point(id, &dir)?;
         return Ok((point, dir));
     }
-    let mut candidates: Vec<PointManifest> = repo
-        .points()?
-        .into_iter()
-        .filter_map(|(id, point)| match point {
-            Ok(point) => Some(point),
-            Err(e) => {
-                tracing::warn!(%id, error = %crate::error_chain(&e), "skipping unreadable checkpoint");
-                None
-            }
-        })
-        .filter(|p| args.vm.as_ref().is_none_or(|vm| &p.vm == vm))
-        .collect();
-    candidates.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
-    for point in candidates {
-        let missing = point.chunk_ids().find(|id| {
-            !repo
-                .store()
-                .contains(&chunk_object_name(id))
-                .unwrap_or(false)
-        });
-        if let Some(id) = missing {
-            tracing::warn!(point = %point.id, chunk = %id, "checkpoint incomplete; trying an older one");
+    for point in candidates(repo, args)? {
+        if !all_chunks_present(repo, &point) {
             continue;
         }
         let dir = fresh_dir(work_dir, &point.id);

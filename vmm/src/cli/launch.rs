@@ -139,6 +139,22 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&e),
     };
+    let fetch_retry = match crate::dr_checkpoints::parse_interval(&args.fetch_timeout) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("arkvm: error: --fetch-timeout: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rate = match args.hydrate_rate.as_deref().map(parse_rate).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("arkvm: error: --hydrate-rate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // What killed restores left behind (their process is gone).
+    crate::restore::disk_hydration::cleanup_stale();
     let api = match bind_api(&args.api_socket) {
         Ok(a) => a,
         Err(code) => return code,
@@ -165,16 +181,44 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         source,
         expect_memory,
         args.disk_dir.as_deref(),
+        crate::restore::from_dir::DiskOptions { fetch_retry, rate },
         Box::new(std::io::stdout()),
     ) {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };
-    run_vm(
+    let hydration = restored.built.disk_hydration.clone();
+    let bar = hydration.clone().and_then(super::hydrate_bar::start);
+    let code = run_vm(
         restored.state.config.clone(),
         restored.built,
         api,
         Some(restored.label),
         None,
-    )
+    );
+    drop(bar);
+    if let Some(h) = hydration {
+        h.finish();
+    }
+    code
+}
+
+/// Parses a rate in bytes per second: a number with an optional K, M or G suffix (powers of
+/// 1024).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid rate '{text}': use e.g. 512K, 50M or 1G"))?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err(format!("invalid rate '{text}': use e.g. 512K, 50M or 1G")),
+    };
+    n.checked_shl(shift)
+        .filter(|v| *v > 0 && v >> shift == n)
+        .ok_or_else(|| format!("invalid rate '{text}'"))
 }

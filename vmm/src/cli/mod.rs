@@ -18,8 +18,10 @@ pub mod common;
 pub mod control;
 pub mod docs;
 pub mod dr;
+pub mod drill;
 pub mod exit;
 pub mod format;
+pub mod hydrate_bar;
 pub mod launch;
 
 use std::path::PathBuf;
@@ -196,10 +198,19 @@ pub struct RestoreArgs {
     /// The repository's key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
-    /// Where to put the restored disks (default: DIR.disks beside the snapshot; it must not
-    /// exist yet).
+    /// Where to put the restored disks; it must not exist yet. Default: DIR.disks beside a
+    /// snapshot directory; for a backup point a private temporary directory removed at exit
+    /// (a point's disks are served from the repository and hydrated into it in the background).
     #[arg(long, value_name = "DIR")]
     pub disk_dir: Option<PathBuf>,
+    /// How long a disk chunk of a point that cannot be read is retried before the VM stops
+    /// (e.g. 500ms, 10s, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub fetch_timeout: String,
+    /// Limit the background hydration of a point's disks to this many bytes per second
+    /// (K, M, G suffixes); the guest's own reads are never limited.
+    #[arg(long, value_name = "RATE")]
+    pub hydrate_rate: Option<String>,
     /// Refuse the snapshot unless it was taken with this much memory.
     #[arg(long)]
     pub memory: Option<String>,

@@ -4,10 +4,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::builder::{build, BuildError, BuiltVm, Restore};
+use crate::restore::disk_hydration::DiskHydration;
 use crate::restore::lazy_memory::LazyMemoryError;
-use crate::restore::source::{RestoreSource, SourceError};
+use crate::restore::source::{OpenedSource, RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
 
 /// Why a snapshot could not be restored.
@@ -19,6 +22,8 @@ pub enum RestoreError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Memory(#[from] LazyMemoryError),
+    #[error("cannot start hydrating the disks")]
+    Hydrate(#[source] std::io::Error),
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
 }
@@ -31,17 +36,63 @@ pub struct RestoredVm {
     pub label: String,
 }
 
-/// Builds the restored VM (paused): disks copied to `disk_dir` (or the source's default), memory
-/// loaded from the source while the guest runs, or before it runs for a backup point.
+/// How the disks of a backup point are hydrated.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskOptions {
+    /// How long a chunk that cannot be read is retried before the VM stops.
+    pub fetch_retry: Duration,
+    /// The background pass's limit in bytes per second (`None`: as fast as it goes).
+    pub rate: Option<u64>,
+}
+
+/// Builds the restored VM (paused), memory loaded from the source while the guest runs, or
+/// before it runs for a backup point. The disks of a snapshot directory are copied to
+/// `disk_dir` (or `DIR.disks`); those of a backup point are served from the point and hydrated
+/// into `disk_dir` (or a temporary directory) while the guest runs, a chunk that cannot be read
+/// being retried for `disk_options.fetch_retry` ([`DiskHydration`]).
 pub fn restore(
     source: RestoreSource,
     expect_memory: Option<u64>,
     disk_dir: Option<&Path>,
+    disk_options: DiskOptions,
     out: Box<dyn Write + Send>,
 ) -> Result<RestoredVm, RestoreError> {
     let default_disk_dir = source.default_disk_dir();
     let mut opened = source.open()?;
-    opened.materialize_disks(disk_dir.unwrap_or(&default_disk_dir))?;
+    let hydration = DiskHydration::prepare(
+        &mut opened,
+        disk_dir,
+        disk_options.fetch_retry,
+        disk_options.rate,
+    )?
+    .map(Arc::new);
+    let result = build_restored(
+        opened,
+        hydration.clone(),
+        expect_memory,
+        disk_dir,
+        &default_disk_dir,
+        out,
+    );
+    if result.is_err() {
+        if let Some(h) = &hydration {
+            h.abandon();
+        }
+    }
+    result
+}
+
+fn build_restored(
+    mut opened: OpenedSource,
+    hydration: Option<Arc<DiskHydration>>,
+    expect_memory: Option<u64>,
+    disk_dir: Option<&Path>,
+    default_disk_dir: &Path,
+    out: Box<dyn Write + Send>,
+) -> Result<RestoredVm, RestoreError> {
+    if hydration.is_none() {
+        opened.materialize_disks(disk_dir.unwrap_or(default_disk_dir))?;
+    }
     let state = &opened.state;
     if let Some(asked) = expect_memory {
         if asked != state.config.memory_bytes {
@@ -55,12 +106,16 @@ pub fn restore(
         state,
         memory: opened.memory,
     };
-    let built = build(&state.config, Some(restore), out)?;
+    let mut built = build(&state.config, Some(restore), out)?;
     if opened.load_before_resume {
         if let Some(lazy) = &built.lazy_memory {
             lazy.wait_all_loaded()?;
         }
     }
+    if let Some(h) = &hydration {
+        h.start(built.exit.clone()).map_err(RestoreError::Hydrate)?;
+    }
+    built.disk_hydration = hydration;
     Ok(RestoredVm {
         built,
         state: opened.state,

@@ -148,6 +148,14 @@ fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSour
 }
 
 impl OpenedSource {
+    /// The repository and point a point source reads its disks from (`None` for a directory).
+    pub fn point_disks(&self) -> Option<(&Repository, &PointManifest)> {
+        match &self.disks {
+            DiskParts::Point { repo, point } => Some((repo, point)),
+            DiskParts::Dir(_) => None,
+        }
+    }
+
     /// Copies every disk (each chunk checked while copying) into `target`, which must not
     /// exist, and points the configuration at the copies.
     pub fn materialize_disks(&mut self, target: &Path) -> Result<(), SourceError> {

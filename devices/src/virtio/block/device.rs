@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{DiskConfig, SECTOR_SIZE};
 use super::disk::{Disk, DiskError};
-use super::request::{handle_chain, RequestCounters};
+use super::request::{handle_chain, RequestCounters, RequestError};
 use crate::virtio::{
     ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
@@ -162,6 +162,11 @@ impl Block {
                 budget -= 1;
                 let head = chain.head_index();
                 let (len, result) = match handle_chain(chain, mem, &self.disk, &self.id) {
+                    Err(RequestError::Held(_, why)) => {
+                        // Never answered: the guest waits while the VM is stopped.
+                        tracing::error!("virtio-blk {}: request {head} held: {why}", self.id);
+                        break 'outer;
+                    }
                     Ok((len, status)) => {
                         match u32::from(status) {
                             VIRTIO_BLK_S_OK => self.counters.ok += 1,

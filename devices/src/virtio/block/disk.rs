@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use super::cbt::{ChangedBlockTracker, ChangedBlocks};
 use super::config::DiskConfig;
+use super::hydrate::{unavailable, Hydration};
 use super::overlay::{sync_parent_dir, OverlayError, OverlayFile, CLUSTER_SIZE};
 
 /// Why a disk operation failed.
@@ -47,6 +48,10 @@ pub enum DiskError {
     /// The disk is read-only.
     #[error("the disk is read-only")]
     ReadOnly,
+    /// A chunk of a disk hydrating from a backup point cannot be had (the VM is stopped; the
+    /// request must not be answered).
+    #[error("{0}")]
+    Unavailable(String),
     /// There is no snapshot overlay to merge (the `overlay=` file is never merged away).
     #[error("the disk has no snapshot overlay to merge")]
     NoOverlay,
@@ -69,6 +74,9 @@ pub enum Layer {
         file: File,
         /// Written since the last fdatasync.
         dirty: AtomicBool,
+        /// While the file is being hydrated from a backup point: fetches each chunk before it
+        /// is read or written.
+        fill: Option<Arc<Hydration>>,
     },
     /// An overlay.
     Overlay(OverlayFile),
@@ -84,7 +92,9 @@ impl Layer {
 
     fn flush(&self) -> Result<(), DiskError> {
         match self {
-            Layer::Raw { path, file, dirty } => {
+            Layer::Raw {
+                path, file, dirty, ..
+            } => {
                 if dirty.swap(false, Ordering::SeqCst) {
                     file.sync_data().map_err(|source| {
                         dirty.store(true, Ordering::SeqCst);
@@ -107,13 +117,21 @@ fn read_layers(layers: &[Arc<Layer>], offset: u64, buf: &mut [u8]) -> io::Result
         return Err(io::Error::other("a disk without layers"));
     };
     let Layer::Raw {
-        file: base_file, ..
+        file: base_file,
+        fill,
+        ..
     } = &**base
     else {
         return Err(io::Error::other("the bottom layer is not a raw image"));
     };
+    let read_base = |piece: &mut [u8], pos: u64| {
+        if let Some(fill) = fill {
+            fill.ensure(pos, piece.len() as u64)?;
+        }
+        base_file.read_exact_at(piece, pos)
+    };
     if overlays.is_empty() {
-        return base_file.read_exact_at(buf, offset);
+        return read_base(buf, offset);
     }
     let mut done = 0usize;
     while done < buf.len() {
@@ -128,7 +146,7 @@ fn read_layers(layers: &[Arc<Layer>], offset: u64, buf: &mut [u8]) -> io::Result
         });
         match found {
             Some((o, off)) => o.read_at(off + in_off, piece)?,
-            None => base_file.read_exact_at(piece, pos)?,
+            None => read_base(piece, pos)?,
         }
         done += n;
     }
@@ -143,13 +161,26 @@ fn write_layer(
     data: &[u8],
 ) -> Result<(), DiskError> {
     match &*layers[idx] {
-        Layer::Raw { path, file, dirty } => {
+        Layer::Raw {
+            path,
+            file,
+            dirty,
+            fill,
+        } => {
+            let io_err = |source| DiskError::Io {
+                path: path.clone(),
+                source,
+            };
+            if let Some(fill) = fill {
+                // A partial write must land on the point's bytes, not on the sparse hole.
+                fill.ensure(offset, data.len() as u64)
+                    .map_err(|e| match unavailable(&e) {
+                        Some(why) => DiskError::Unavailable(why),
+                        None => io_err(e),
+                    })?;
+            }
             dirty.store(true, Ordering::SeqCst);
-            file.write_all_at(data, offset)
-                .map_err(|source| DiskError::Io {
-                    path: path.clone(),
-                    source,
-                })
+            file.write_all_at(data, offset).map_err(io_err)
         }
         Layer::Overlay(o) => {
             let below = &layers[..idx];
@@ -222,10 +253,12 @@ impl Disk {
             .open(&cfg.path)
             .map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
+        let fill = super::hydrate::take_registered(&cfg.path);
         let mut layers = vec![Arc::new(Layer::Raw {
             path: cfg.path.clone(),
             file,
             dirty: AtomicBool::new(false),
+            fill,
         })];
         if let Some(path) = &cfg.overlay {
             let overlay = if path.exists() {
@@ -349,13 +382,16 @@ impl Disk {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check_range(offset, buf.len())?;
         let st = self.read_stack();
-        read_layers(&st.layers, offset, buf).map_err(|source| DiskError::Io {
-            path: st
-                .layers
-                .last()
-                .map(|l| l.path().to_path_buf())
-                .unwrap_or_default(),
-            source,
+        read_layers(&st.layers, offset, buf).map_err(|source| match unavailable(&source) {
+            Some(why) => DiskError::Unavailable(why),
+            None => DiskError::Io {
+                path: st
+                    .layers
+                    .last()
+                    .map(|l| l.path().to_path_buf())
+                    .unwrap_or_default(),
+                source,
+            },
         })
     }
 

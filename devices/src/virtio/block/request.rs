@@ -16,7 +16,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::config::{MAX_ID_LEN, SECTOR_SIZE};
-use super::disk::Disk;
+use super::disk::{Disk, DiskError};
 use crate::GuestMemoryMmap;
 
 /// Largest bounce buffer one transfer step uses.
@@ -34,6 +34,10 @@ pub enum RequestError {
     /// The last descriptor is not a writable buffer in guest memory.
     #[error("descriptor chain {0} has no writable status byte")]
     NoStatus(u16),
+    /// The data is not available (a damaged chunk of a disk hydrating from a backup point):
+    /// the request is held, never answered, and the VM is being stopped.
+    #[error("descriptor chain {0} is held: {1}")]
+    Held(u16, String),
 }
 
 /// Outcome counters of handled requests.
@@ -167,6 +171,7 @@ where
             Segments::new(mem, readable),
             Segments::new(mem, writable),
         )
+        .map_err(|why| RequestError::Held(head, why))?
     } else {
         (VIRTIO_BLK_S_IOERR, 0)
     };
@@ -177,12 +182,40 @@ where
     Ok((written.saturating_add(1), status))
 }
 
-/// Serves a well-framed request; returns (status, data bytes written to the guest).
+/// Serves a well-framed request; returns (status, data bytes written to the guest), or why it
+/// must be held unanswered.
 fn serve(
+    disk: &Disk,
+    id: &str,
+    readable: Segments<'_>,
+    writable: Segments<'_>,
+) -> Result<(u32, u32), String> {
+    let held = std::cell::RefCell::new(None);
+    let outcome = serve_inner(disk, id, readable, writable, &held);
+    match held.into_inner() {
+        Some(why) => Err(why),
+        None => Ok(outcome),
+    }
+}
+
+/// Notes in `held` why data could not be had, and says whether `r` succeeded.
+fn disk_ok(r: Result<(), DiskError>, held: &std::cell::RefCell<Option<String>>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(DiskError::Unavailable(why)) => {
+            *held.borrow_mut() = Some(why);
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+fn serve_inner(
     disk: &Disk,
     id: &str,
     mut readable: Segments<'_>,
     mut writable: Segments<'_>,
+    held: &std::cell::RefCell<Option<String>>,
 ) -> (u32, u32) {
     let mut header = [0u8; 16];
     if !readable.read_into(&mut header) {
@@ -203,7 +236,7 @@ fn serve(
             let mut done = 0usize;
             while done < len {
                 let n = (len - done).min(CHUNK);
-                if disk.read_at(offset + done as u64, &mut buf[..n]).is_err()
+                if !disk_ok(disk.read_at(offset + done as u64, &mut buf[..n]), held)
                     || !writable.write_from(&buf[..n])
                 {
                     return (VIRTIO_BLK_S_IOERR, done as u32);
@@ -225,7 +258,7 @@ fn serve(
             while done < len {
                 let n = (len - done).min(CHUNK);
                 if !readable.read_into(&mut buf[..n])
-                    || disk.write_at(offset + done as u64, &buf[..n]).is_err()
+                    || !disk_ok(disk.write_at(offset + done as u64, &buf[..n]), held)
                 {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }

@@ -32,6 +32,8 @@ pub enum BackupCommand {
     Gc(RepoArgs),
     /// Write a point out as a snapshot directory, or one of its disks as a raw image.
     Export(export::ExportArgs),
+    /// Boot points in isolation and check that their guests run (docs/recovery.md).
+    Drill(super::drill::DrillArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +118,7 @@ fn list(args: RepoArgs) -> ExitCode {
                     "bytes_stored": p.stats.bytes_stored, "bytes_hashed": p.stats.bytes_hashed,
                     "chunks_total": p.stats.chunks_total, "chunks_new": p.stats.chunks_new,
                     "chunks_reused": p.stats.chunks_reused, "chunks_hashed": p.stats.chunks_hashed,
+                    "last_drill": super::drill::last_drill(&repo, id),
                 }),
                 Err(e) => serde_json::json!({ "id": id, "error": vmm_error(e) }),
             })
@@ -124,7 +127,7 @@ fn list(args: RepoArgs) -> ExitCode {
         return list_status(&points);
     }
     crate::outln!(
-        "{:<44} {:<19} {:<10} {:>12} {:>12}",
+        "{:<44} {:<19} {:<10} {:>12} {:>12}  LAST DRILL",
         "ID",
         "TIME (UTC)",
         "VM",
@@ -132,14 +135,19 @@ fn list(args: RepoArgs) -> ExitCode {
         "NEW STORED"
     );
     for (id, p) in &points {
+        let drill = super::drill::last_drill(&repo, id).map_or("-".to_string(), |d| {
+            let verdict = if d.passed { "pass" } else { "FAIL" };
+            format!("{verdict} {}", date_utc(d.started_unix_ms))
+        });
         match p {
             Ok(p) => crate::outln!(
-                "{:<44} {:<19} {:<10} {:>12} {:>12}",
+                "{:<44} {:<19} {:<10} {:>12} {:>12}  {}",
                 id,
                 date_utc(p.created_unix_ms),
                 p.vm,
                 bytes(p.stats.bytes_total),
-                bytes(p.stats.bytes_stored)
+                bytes(p.stats.bytes_stored),
+                drill
             ),
             Err(e) => crate::outln!("{id:<44} unreadable: {}", vmm_error(e)),
         }
@@ -238,6 +246,7 @@ pub fn run(cmd: BackupCommand) -> ExitCode {
         BackupCommand::Forget(a) => prune::forget(a),
         BackupCommand::Gc(a) => prune::gc(a),
         BackupCommand::Export(a) => export::export(a),
+        BackupCommand::Drill(a) => super::drill::drill(a),
     }
 }
 
