@@ -45,6 +45,7 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 .collect(),
             restored_from: machine.restored_from.clone(),
         },
+        memory_loader: machine.memory_loader.as_ref().map(|p| p.info()),
     }
 }
 

@@ -161,6 +161,9 @@ pub struct VmConfigInfo {
 pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfigInfo,
+    /// A restored VM's memory loader progress; absent for a VM that was booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_loader: Option<crate::restore::lazy_memory::progress::MemoryLoaderInfo>,
 }
 
 /// The body of the 202 answer to `PUT /snapshot`.

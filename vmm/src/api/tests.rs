@@ -67,6 +67,7 @@ impl FakeVmm {
                     disks: vec![],
                     restored_from: None,
                 },
+                memory_loader: None,
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {

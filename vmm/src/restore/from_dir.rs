@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::builder::{build, BuildError, BuiltVm, Restore};
+use crate::restore::lazy_memory::first_output::FirstOutputWriter;
 use crate::restore::lazy_memory::LazyMemoryError;
 use crate::restore::source::{RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
@@ -54,8 +55,13 @@ pub fn restore(
     let restore = Restore {
         state,
         memory: opened.memory,
+        label: &opened.label,
     };
-    let built = build(&state.config, Some(restore), out)?;
+    let (out, first_output) = FirstOutputWriter::new(out);
+    let built = build(&state.config, Some(restore), Box::new(out))?;
+    if let Some(lazy) = &built.lazy_memory {
+        let _ = first_output.set(lazy.progress());
+    }
     if opened.load_before_resume {
         if let Some(lazy) = &built.lazy_memory {
             lazy.wait_all_loaded()?;
