@@ -84,12 +84,8 @@ impl ChunkStates {
             if cur & STATE == LOADED || cur & WAITED != 0 {
                 return false;
             }
-            match slot.compare_exchange_weak(
-                cur,
-                cur | WAITED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match slot.compare_exchange_weak(cur, cur | WAITED, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return true,
                 Err(now) => cur = now,
             }
@@ -106,8 +102,7 @@ impl ChunkStates {
         let mut cur = slot.load(Ordering::Acquire);
         loop {
             let keep = if ok { 0 } else { cur & WAITED };
-            match slot.compare_exchange_weak(cur, new | keep, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match slot.compare_exchange_weak(cur, new | keep, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(old) => return ok && old & WAITED != 0,
                 Err(now) => cur = now,
             }

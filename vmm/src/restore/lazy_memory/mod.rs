@@ -42,9 +42,9 @@ mod fill;
 pub mod first_output;
 mod loader;
 pub mod progress;
-mod threads;
 #[cfg(test)]
 mod tests;
+mod threads;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,7 +135,12 @@ impl LazyMemory {
             started: Instant::now(),
         };
         let mut jobs: Vec<(String, fn(Arc<Shared>))> = (0..threads::FAULT_THREADS)
-            .map(|i| (format!("uffd-fault-{i}"), threads::fault_loop as fn(Arc<Shared>)))
+            .map(|i| {
+                (
+                    format!("uffd-fault-{i}"),
+                    threads::fault_loop as fn(Arc<Shared>),
+                )
+            })
             .collect();
         jobs.push(("uffd-prefetch".into(), threads::prefetch_loop));
         jobs.push(("uffd-monitor".into(), threads::monitor_loop));
