@@ -69,6 +69,9 @@ fn prefetch_delay() -> Duration {
         .unwrap_or_default()
 }
 
+/// What one loader thread runs.
+type ThreadBody = fn(Arc<Shared>);
+
 /// The running loader.
 pub struct LazyMemory {
     shared: Arc<Shared>,
@@ -134,13 +137,8 @@ impl LazyMemory {
             threads: Vec::new(),
             started: Instant::now(),
         };
-        let mut jobs: Vec<(String, fn(Arc<Shared>))> = (0..threads::FAULT_THREADS)
-            .map(|i| {
-                (
-                    format!("uffd-fault-{i}"),
-                    threads::fault_loop as fn(Arc<Shared>),
-                )
-            })
+        let mut jobs: Vec<(String, ThreadBody)> = (0..threads::FAULT_THREADS)
+            .map(|i| (format!("uffd-fault-{i}"), threads::fault_loop as ThreadBody))
             .collect();
         jobs.push(("uffd-prefetch".into(), threads::prefetch_loop));
         jobs.push(("uffd-monitor".into(), threads::monitor_loop));

@@ -80,7 +80,23 @@ fn serve_fault(shared: &Shared, addr: u64, buf: &mut Vec<u8>) {
     }
 }
 
+/// The nice value of the prefetch thread: demand faults (a vCPU or a device waiting) come
+/// first, and background prefetch takes what CPU is left, without starving on a busy host.
+const PREFETCH_NICE: libc::c_int = 10;
+
 pub(super) fn prefetch_loop(shared: Arc<Shared>) {
+    // SAFETY: gettid has no preconditions; setpriority on this thread's id changes only its
+    // own scheduling priority (Linux applies PRIO_PROCESS per thread).
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, PREFETCH_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "cannot lower the prefetch thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let mut buf = Vec::new();
     let start = std::time::Instant::now();
     while start.elapsed() < shared.prefetch_delay {
