@@ -61,6 +61,8 @@ pub struct MemoryLoaderInfo {
     pub bytes_loaded_at_first_output: Option<u64>,
     /// Milliseconds from the loader's start to the guest's first console output.
     pub first_output_after_ms: Option<u64>,
+    /// How many times no chunk came in for a few seconds while faults waited.
+    pub stall_warnings: u64,
     /// Why loading stopped, if it failed.
     pub error: Option<String>,
 }
@@ -81,6 +83,7 @@ pub struct LoaderProgress {
     collapse: AtomicU8,
     first_output_bytes: AtomicU64,
     first_output_ms: AtomicU64,
+    stall_warnings: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -101,6 +104,7 @@ impl LoaderProgress {
             collapse: AtomicU8::new(0),
             first_output_bytes: AtomicU64::new(NOT_YET),
             first_output_ms: AtomicU64::new(NOT_YET),
+            stall_warnings: AtomicU64::new(0),
             error: Mutex::new(None),
         }
     }
@@ -138,6 +142,10 @@ impl LoaderProgress {
             self.chunks_waited_for
                 .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
+    }
+
+    pub(super) fn stall_warned(&self) {
+        self.stall_warnings.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn set_collapse(&self, state: CollapseState) {
@@ -195,6 +203,7 @@ impl LoaderProgress {
             collapse: CollapseState::from_u8(self.collapse.load(Ordering::Acquire)),
             bytes_loaded_at_first_output: opt(self.first_output_bytes.load(Ordering::Acquire)),
             first_output_after_ms: opt(self.first_output_ms.load(Ordering::Acquire)),
+            stall_warnings: self.stall_warnings.load(Ordering::Relaxed),
             error: self.error.lock().ok().and_then(|e| e.clone()),
         }
     }

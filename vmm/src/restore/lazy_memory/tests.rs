@@ -210,9 +210,24 @@ fn a_slow_chunk_does_not_hold_up_faults_on_other_chunks() {
     assert_eq!(mem.byte(3 * MIB as usize + 7), 4);
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!lazy.is_done());
+    // Faults wait on chunk 0 and nothing else comes in: after 3 s the monitor warns (once).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lazy.info().stall_warnings == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no stall warning: {:?}",
+            lazy.info()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = lazy.info();
+    assert_eq!(info.stall_warnings, 1, "{info:?}");
+    assert!(info.chunks_waited_for >= 1, "{info:?}");
+    assert!(info.ms_since_last_chunk >= 3000, "{info:?}");
     source.open.store(true, Ordering::Release);
     assert_eq!(waiter.join().unwrap(), 1);
     lazy.wait_all_loaded().unwrap();
+    assert_eq!(lazy.info().chunks_waited_for, 0);
     assert!(exit.reason().is_none());
     drop(lazy);
 }

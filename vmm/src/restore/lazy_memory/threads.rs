@@ -185,6 +185,7 @@ pub(super) fn monitor_loop(shared: Arc<Shared>) {
                     i.chunks_total,
                     i.faults_served
                 );
+                p.stall_warned();
                 warned = true;
             }
         } else if warned && quiet < STALL_WARN {
