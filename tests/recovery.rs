@@ -301,9 +301,10 @@ fn a_4g_point_runs_before_its_memory_is_read() {
         .unwrap_or_else(|| panic!("no first-output mark: {info}"));
     eprintln!("4 GiB point: first output with {at_first} of {total} bytes loaded; {info}");
     assert_eq!(total, 4 << 30);
+    // The counter can lag the fills by the chunks in flight (a few MiB): half is a wide margin.
     assert!(
-        at_first < total,
-        "the guest first printed only once all {total} bytes were in: {info}"
+        at_first < total / 2,
+        "the guest first printed only once {at_first} of {total} bytes were in: {info}"
     );
     // The loader finishes, and says so.
     let deadline = Instant::now() + Duration::from_secs(300);

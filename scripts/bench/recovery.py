@@ -9,7 +9,7 @@ while paused a backup point and a snapshot directory are taken (so both hold the
 then it is shut down. Each is restored several times, alternately, each in a fresh process.
 Measured from outside, perf_counter just before Popen, to the first PASS line on the restored
 process's stdout. Also shown: how much memory the loader had filled at that moment
-(`memory_loader.bytes_loaded_at_first_output` of `GET /vm`), and when memory was fully loaded.
+(`memory_loader.bytes_loaded_at_first_output` of `GET /vm`).
 
 Headline ratios: 4G / 256M from the repository (goal <= 1.5), and repository / directory at each
 size (goal <= 2).
