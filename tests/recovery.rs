@@ -306,6 +306,17 @@ fn a_4g_point_runs_before_its_memory_is_read() {
         at_first < total / 2,
         "the guest first printed only once {at_first} of {total} bytes were in: {info}"
     );
+    // `arkvm status` shows the loader's progress.
+    let (st, out, err) = run_to_end(
+        &["status", "--api-socket", &s(&rsock)],
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "status failed: {out:?} {err:?}");
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("loader:") && l.contains("/4096 chunks")),
+        "no loader line in status: {out:?}"
+    );
     // The loader finishes, and says so.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
