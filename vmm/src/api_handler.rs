@@ -58,6 +58,7 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 elapsed_ms: t.elapsed_ms,
             }
         }),
+        memory_loader: machine.memory_loader.as_ref().map(|p| p.info()),
     }
 }
 

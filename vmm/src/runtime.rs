@@ -240,6 +240,9 @@ impl Vmm {
             }
             if let Some(exit) = self.machine.built.exit.reason() {
                 tracing::info!("guest stopped: {exit}");
+                if let Some(lazy) = &self.machine.built.lazy_memory {
+                    lazy.vm_ending();
+                }
                 if let Some(ended) = self.engine.stop(&mut self.machine) {
                     self.dr.snapshot_ended(&ended);
                 }

@@ -217,6 +217,9 @@ pub struct DiskHydrationInfo {
     pub temporary: bool,
     /// Milliseconds from the start of the restore to done (or until now).
     pub elapsed_ms: u64,
+    /// A restored VM's memory loader progress; absent for a VM that was booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_loader: Option<crate::restore::lazy_memory::progress::MemoryLoaderInfo>,
 }
 
 /// The body of the 202 answer to `PUT /snapshot`.

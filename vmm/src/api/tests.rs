@@ -74,6 +74,7 @@ impl FakeVmm {
                     restored_from: None,
                 },
                 disk_hydration: None,
+                memory_loader: None,
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {

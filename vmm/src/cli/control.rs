@@ -13,6 +13,7 @@ use crate::api::{
     ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState,
     SnapshotStatus, SnapshotStrategy, SnapshotTarget, VmInfo,
 };
+use crate::restore::lazy_memory::progress::MemoryLoaderInfo;
 
 fn connect(path: &std::path::Path) -> Result<ApiClient, ExitCode> {
     ApiClient::connect(path).map_err(|e| fail(&e))
@@ -31,6 +32,34 @@ pub fn simple_put(socket: &std::path::Path, path: &str, done: &str) -> ExitCode 
         }
         Err(e) => fail(&e),
     }
+}
+
+/// The `memory:` progress line of `arkvm status` for a restored VM.
+fn memory_loader_line(m: &MemoryLoaderInfo) -> String {
+    let state = if let Some(e) = &m.error {
+        format!("failed: {e}")
+    } else if m.fully_loaded {
+        format!(
+            "fully loaded in {} ms, huge pages {:?}",
+            m.loaded_after_ms.unwrap_or_default(),
+            m.collapse
+        )
+        .to_lowercase()
+    } else {
+        format!(
+            "loading, {} chunks waited for, last chunk {} ms ago",
+            m.chunks_waited_for, m.ms_since_last_chunk
+        )
+    };
+    format!(
+        "loader:   {}/{} chunks, {}/{} MiB in ({} MiB read), {} faults served; {state}",
+        m.chunks_loaded,
+        m.chunks_total,
+        m.bytes_loaded >> 20,
+        m.bytes_total >> 20,
+        m.bytes_read >> 20,
+        m.faults_served
+    )
 }
 
 /// `arkvm status`.
@@ -61,6 +90,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
     }
     if let Some(r) = &info.config.restored_from {
         crate::outln!("restored: {r}");
+    }
+    if let Some(m) = &info.memory_loader {
+        crate::outln!("{}", memory_loader_line(m));
     }
     for d in &info.config.disks {
         crate::outln!(

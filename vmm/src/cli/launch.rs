@@ -11,6 +11,7 @@ use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::dr_checkpoints::DrConfig;
 use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
+use crate::vstate::vcpu::GuestExit;
 use devices::virtio::block::DiskConfig;
 
 fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
@@ -57,6 +58,10 @@ fn run_vm(
     }
     match vmm.run() {
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
+        Ok(exit @ GuestExit::RestoreFailed { .. }) => {
+            eprintln!("arkvm: error: {exit}");
+            super::exit::code(super::exit::GUEST_CRASH)
+        }
         Ok(exit) => {
             eprintln!("arkvm: guest stopped: {exit}");
             super::exit::code(super::exit::GUEST_CRASH)

@@ -394,6 +394,7 @@ fn restore_snapshot(
     let restore = Restore {
         state: &state,
         memory: memory_of(&reader),
+        label: "test snapshot",
     };
     let built = build_with_devices(&state.config, Some(restore), Box::new(out), extra)?;
     Ok((built, state))

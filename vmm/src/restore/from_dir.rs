@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::builder::{build, BuildError, BuiltVm, Restore};
 use crate::restore::disk_hydration::DiskHydration;
+use crate::restore::lazy_memory::first_output::FirstOutputWriter;
 use crate::restore::lazy_memory::LazyMemoryError;
 use crate::restore::source::{OpenedSource, RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
@@ -105,8 +106,13 @@ fn build_restored(
     let restore = Restore {
         state,
         memory: opened.memory,
+        label: &opened.label,
     };
-    let mut built = build(&state.config, Some(restore), out)?;
+    let (out, first_output) = FirstOutputWriter::new(out);
+    let mut built = build(&state.config, Some(restore), Box::new(out))?;
+    if let Some(lazy) = &built.lazy_memory {
+        let _ = first_output.set(lazy.progress());
+    }
     if opened.load_before_resume {
         if let Some(lazy) = &built.lazy_memory {
             lazy.wait_all_loaded()?;

@@ -3,7 +3,7 @@
 //! image (a snapshot mixing two instants) fails that check and the guest prints `TORN`.
 //!
 //! See README.md for the options (`arkvm.passes`, `arkvm.region_mb`, `arkvm.hot_pct`,
-//! `arkvm.rate_pages`) and the exact output lines.
+//! `arkvm.rate_pages`, `arkvm.interval`) and the exact output lines.
 #![no_std]
 #![no_main]
 
@@ -147,9 +147,14 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
     let (ticks_per_ms, source) = tsc::khz();
     let cold = pages - hot;
     let later_pages = if hot == 0 { pages } else { hot + hot.min(cold) };
+    // `arkvm.interval=N`: a PASS line every N passes instead of about every 2^20 page visits.
+    let interval = |per_pass| match cmdline.get_u64("arkvm.interval") {
+        Some(n) if n > 0 => n,
+        _ => print_interval(per_pass),
+    };
     gprintln!(
         "MEMGUEST hot_pages={hot} rate_pages={rate} tsc_khz={ticks_per_ms} ({source:?}) interval={}",
-        print_interval(later_pages)
+        interval(later_pages)
     );
     let mut th = Throttle::new(rate, ticks_per_ms);
 
@@ -162,7 +167,7 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
     loop {
         status::set(Field::MemPasses, passes);
         let per_pass = if passes == 1 { pages } else { later_pages };
-        if passes % print_interval(per_pass) == 0 {
+        if passes % interval(per_pass) == 0 {
             gprintln!("PASS {passes} GEN {gen}");
         }
         if max_passes == Some(passes) {
