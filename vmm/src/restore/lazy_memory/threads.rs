@@ -206,9 +206,9 @@ fn end_process(shared: &Shared) -> ! {
         .unwrap_or_else(|| "a memory chunk could not be loaded".into());
     // Not eprintln!, which panics if stderr is gone; the process ends either way.
     let _ = writeln!(std::io::stderr(), "arkvm: error: restore failed: {detail}");
+    // Status 4: docs/exit-status.md, "a restored VM whose memory cannot be loaded".
     // SAFETY: _exit ends the process at once; no Rust state is used afterwards. It skips
     // destructors and atexit handlers on purpose: other threads are blocked in the kernel and
     // may hold locks those would take.
-    // Status 4: docs/exit-status.md, "a restored VM whose memory cannot be loaded".
     unsafe { libc::_exit(4) }
 }
