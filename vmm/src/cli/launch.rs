@@ -27,6 +27,7 @@ fn run_vm(
     api: Option<ApiServer>,
     restored_from: Option<String>,
     dr: Option<(DrConfig, Option<std::path::PathBuf>)>,
+    cow_staging: Option<u64>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -40,6 +41,9 @@ fn run_vm(
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
+    if let Some(bytes) = cow_staging {
+        vmm.set_cow_staging(bytes);
+    }
     crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(
         vmm.machine().built.exit.eventfd(),
     ));
@@ -70,6 +74,10 @@ pub fn run(args: RunArgs) -> ExitCode {
     crate::signals::install();
     let memory_bytes = match check_memory(&args.memory) {
         Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
         Err(e) => return fail(&e),
     };
     let vcpus = match check_vcpus(args.vcpus) {
@@ -128,7 +136,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
-    run_vm(config, built, api, None, dr)
+    run_vm(config, built, api, None, dr, cow_staging)
 }
 
 /// `arkvm restore`: from a snapshot directory (`--from`), or straight from a backup point
@@ -137,6 +145,10 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     crate::signals::install();
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
         Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
         Err(e) => return fail(&e),
     };
     let api = match bind_api(&args.api_socket) {
@@ -173,5 +185,6 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         api,
         Some(restored.label),
         None,
+        cow_staging,
     )
 }
