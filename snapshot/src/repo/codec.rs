@@ -5,6 +5,7 @@
 use std::io::Read;
 
 use super::key::{KeyError, RepoKey};
+use super::stage_times::{Stage, StageTimes};
 use crate::chunk::{chunk_hash, ContentHash, MAX_CHUNK_SIZE};
 
 /// The folder of chunk objects in a repository.
@@ -75,7 +76,20 @@ pub fn chunk_id_from_name(name: &str) -> Option<ContentHash> {
 
 /// Encodes chunk `id` (whose bytes are `data`) for storage, sealed if a key is given.
 pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec<u8> {
-    let encoded = match zstd::bulk::compress(data, ZSTD_LEVEL) {
+    encode_chunk_timed(id, data, key, &StageTimes::default())
+}
+
+/// [`encode_chunk`], adding the compression and sealing times to `times`.
+pub fn encode_chunk_timed(
+    id: &ContentHash,
+    data: &[u8],
+    key: Option<&RepoKey>,
+    times: &StageTimes,
+) -> Vec<u8> {
+    let compressed = times.time(Stage::Compress, data.len(), || {
+        zstd::bulk::compress(data, ZSTD_LEVEL)
+    });
+    let encoded = match compressed {
         Ok(compressed) if compressed.len() + 4 < data.len() => {
             // A CRC of the compressed bytes follows them: zstd can decode a damaged frame to the
             // same content (a flipped byte in an unused table entry), and verify must still
@@ -97,7 +111,9 @@ pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec
     match key {
         None => encoded,
         Some(key) => {
-            let sealed = key.seal(id.as_bytes(), &encoded);
+            let sealed = times.time(Stage::Seal, encoded.len(), || {
+                key.seal(id.as_bytes(), &encoded)
+            });
             let mut out = Vec::with_capacity(sealed.len() + 1);
             out.push(TAG_SEALED);
             out.extend_from_slice(&sealed);

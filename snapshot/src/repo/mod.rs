@@ -23,6 +23,7 @@ mod key;
 mod point;
 mod reader;
 mod repository;
+mod stage_times;
 mod store;
 mod transfer;
 
@@ -43,6 +44,7 @@ pub use repository::{
     DamagedChunk, GcReport, KeepPolicy, PointEntry, PruneReport, RepoVerifyProgress, Repository,
     VerifyReport,
 };
+pub use stage_times::{Stage, StageTimes};
 pub use store::{ChunkStore, LocalDirStore, LockMode, StoreError, StoreLock};
 
 use crate::sealed_json::SealError;
