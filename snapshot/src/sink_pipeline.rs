@@ -46,11 +46,13 @@ pub struct PipelineSink {
 
 impl PipelineSink {
     /// Starts `workers` threads (at least 1) storing through `inner`, with at most `depth`
-    /// chunks queued.
+    /// chunks queued per worker. The workers run at nice value `nice` (added to the caller's,
+    /// by `setpriority`), so that a live guest's vCPUs go first on a busy host.
     pub fn new(
         inner: Arc<dyn MemorySink>,
         workers: usize,
         depth: usize,
+        nice: i32,
     ) -> Result<Self, MemorySinkError> {
         let shared = Arc::new(Shared {
             inner,
@@ -64,7 +66,10 @@ impl PipelineSink {
             let s = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name("backup-worker".into())
-                .spawn(move || work(&s, &rx));
+                .spawn(move || {
+                    lower_priority(nice);
+                    work(&s, &rx)
+                });
             match spawned {
                 Ok(h) => {
                     handles.push(h);
@@ -102,6 +107,20 @@ impl PipelineSink {
         for w in workers {
             let _ = w.join();
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority by `nice` (best effort: a failure leaves it
+/// as it was).
+pub fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: plain syscalls on the calling thread; they touch no memory of ours.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + nice).min(19));
     }
 }
 
@@ -205,7 +224,7 @@ mod tests {
     #[test]
     fn every_chunk_arrives_once_with_its_bytes() {
         let rec = recorder(u64::MAX);
-        let p = PipelineSink::new(rec.clone(), 3, 2).unwrap();
+        let p = PipelineSink::new(rec.clone(), 3, 2, 0).unwrap();
         for i in 0..100u64 {
             p.write_chunk(i, &[i as u8; 4]).unwrap();
         }
@@ -222,7 +241,7 @@ mod tests {
     #[test]
     fn a_chunk_written_twice_keeps_its_last_bytes() {
         let rec = recorder(u64::MAX);
-        let p = PipelineSink::new(rec.clone(), 4, 1).unwrap();
+        let p = PipelineSink::new(rec.clone(), 4, 1, 5).unwrap();
         for round in 0..20u8 {
             for i in 0..8u64 {
                 p.write_chunk(i, &[round; 4]).unwrap();
@@ -239,7 +258,7 @@ mod tests {
     #[test]
     fn a_worker_error_is_returned_by_finish_and_stops_later_writes() {
         let rec = recorder(5);
-        let p = PipelineSink::new(rec.clone(), 2, 1).unwrap();
+        let p = PipelineSink::new(rec.clone(), 2, 1, 0).unwrap();
         for i in 0..100u64 {
             if p.write_chunk(i, &[0; 4]).is_err() {
                 break;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::disks::{copy_frozen_disks, frozen_bytes};
 use super::error::CaptureError;
 use super::job::SnapshotJob;
+use super::sink::BACKGROUND_NICE;
 use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
 use crate::vstate::memory::memory_size;
 
@@ -54,6 +55,8 @@ impl CaptureStrategy for CowCapture {
         let c = cancel.clone();
         let p = progress.clone();
         SnapshotJob::spawn(progress, cancel, done, move || {
+            // The guest runs meanwhile: its vCPUs (and the fault thread it waits on) go first.
+            snapshot::sink_pipeline::lower_priority(BACKGROUND_NICE);
             let incremental = clean.is_some();
             let copied = tracker.copy_remaining(&c, clean.as_deref());
             drop(tracker);

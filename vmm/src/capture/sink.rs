@@ -30,6 +30,9 @@ enum OpenMemory {
 
 /// Chunks a backup's pipeline may hold queued (1 MiB each), beyond those its workers hold.
 const PIPELINE_DEPTH: usize = 8;
+/// How much lower than the VM's threads a live snapshot's background threads (the copier and
+/// the backup workers) run, so that the guest's vCPUs get the CPU first on a busy host.
+pub const BACKGROUND_NICE: i32 = 10;
 /// At most this many backup workers (hash, compress, seal, store).
 const MAX_PIPELINE_WORKERS: usize = 4;
 
@@ -110,8 +113,12 @@ impl SnapshotOut {
                 let workers = std::thread::available_parallelism()
                     .map_or(1, |n| n.get())
                     .min(MAX_PIPELINE_WORKERS);
-                let pipeline =
-                    Arc::new(PipelineSink::new(object.clone(), workers, PIPELINE_DEPTH)?);
+                let pipeline = Arc::new(PipelineSink::new(
+                    object.clone(),
+                    workers,
+                    PIPELINE_DEPTH,
+                    BACKGROUND_NICE,
+                )?);
                 (
                     OpenMemory::Object {
                         object,
