@@ -45,6 +45,8 @@ impl Stage {
 #[derive(Default)]
 pub struct StageTimes {
     nanos: [AtomicU64; 5],
+    /// CPU time of the threads in the stage (what it costs without waiting for a CPU or I/O).
+    cpu_nanos: [AtomicU64; 5],
     bytes: [AtomicU64; 5],
     zero_chunks: AtomicU64,
 }
@@ -53,9 +55,11 @@ impl StageTimes {
     /// Runs `f` as `stage` over `bytes` bytes, and adds its time.
     pub fn time<T>(&self, stage: Stage, bytes: usize, f: impl FnOnce() -> T) -> T {
         let t = Instant::now();
+        let c = thread_cpu_nanos();
         let r = f();
         let i = stage as usize;
         self.nanos[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.cpu_nanos[i].fetch_add(thread_cpu_nanos().saturating_sub(c), Ordering::Relaxed);
         self.bytes[i].fetch_add(bytes as u64, Ordering::Relaxed);
         r
     }
@@ -69,6 +73,10 @@ impl StageTimes {
     pub fn add(&self, other: &StageTimes) {
         for i in 0..STAGES.len() {
             self.nanos[i].fetch_add(other.nanos[i].load(Ordering::Relaxed), Ordering::Relaxed);
+            self.cpu_nanos[i].fetch_add(
+                other.cpu_nanos[i].load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             self.bytes[i].fetch_add(other.bytes[i].load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.zero_chunks
@@ -85,17 +93,21 @@ impl StageTimes {
             if bytes == 0 && ns == 0 {
                 continue;
             }
-            let mbs = if ns > 0 {
-                bytes as f64 * 1e3 / ns as f64
-            } else {
-                0.0
+            let cpu = self.cpu_nanos[i].load(Ordering::Relaxed);
+            let rate = |ns: u64| {
+                if ns > 0 {
+                    bytes as f64 * 1e3 / ns as f64
+                } else {
+                    0.0
+                }
             };
             out.push_str(&format!(
-                "{}={}B/{}us/{:.0}MB/s ",
+                "{}={}B/{}us/{:.0}MB/s(cpu {:.0}MB/s) ",
                 stage.name(),
                 bytes,
                 ns / 1000,
-                mbs
+                rate(ns),
+                rate(cpu)
             ));
         }
         out.push_str(&format!(
@@ -104,6 +116,19 @@ impl StageTimes {
         ));
         out
     }
+}
+
+/// The calling thread's CPU time in nanoseconds (0 if the clock cannot be read).
+fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
