@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::disks::{copy_frozen_disks, frozen_bytes};
 use super::error::CaptureError;
 use super::job::SnapshotJob;
+use super::pause_boost::PauseBoost;
 use super::sink::BACKGROUND_NICE;
 use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
 use crate::vstate::memory::memory_size;
@@ -31,8 +32,10 @@ impl CaptureStrategy for CowCapture {
         progress.update(|s| s.bytes_total = mem_size);
         let was_running = vm.is_running();
 
+        let mut boost = PauseBoost::prepare();
         // The snapshot instant: the vCPUs are stopped only for this block.
         let paused_at = Instant::now();
+        boost.raise();
         vm.pause()?;
         let armed = (|| {
             let state = vm.save_state()?;
@@ -46,6 +49,7 @@ impl CaptureStrategy for CowCapture {
             vm.resume()?;
         }
         let pause_us = paused_at.elapsed().as_micros() as u64;
+        drop(boost);
         progress.update(|s| s.pause_us = Some(pause_us));
         let (state, tracker, disks, clean) = armed?;
         progress.update(|s| s.bytes_total += frozen_bytes(&disks));

@@ -12,6 +12,7 @@
 //!   frozen disks.
 //! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
 //! - `staging`: the bounded pool where write faults stage units for the copier.
+//! - `pause_boost`: raises the pausing and vCPU threads' priority for the pause.
 //! - `cow`, `cow_fault`: the userfaultfd write tracker and its fault thread.
 //! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
 //!   write tracker and the incremental-backup parent).
@@ -34,6 +35,7 @@ pub mod error;
 pub mod job;
 pub mod live_cow;
 pub mod memory_copy;
+pub mod pause_boost;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
