@@ -197,6 +197,11 @@ impl Vmm {
         })
     }
 
+    /// Sizes the copy-on-write staging pool of live snapshots (bytes, 0 = off).
+    pub fn set_cow_staging(&mut self, bytes: u64) {
+        self.engine.set_cow_staging(bytes);
+    }
+
     /// Serves the control API on `server` from now on.
     pub fn attach_api(&mut self, server: ApiServer) {
         let wake: Subscriber = Arc::new(Mutex::new(ApiWake {

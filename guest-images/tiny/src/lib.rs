@@ -22,6 +22,7 @@ pub mod blk;
 pub mod bootparams;
 pub mod cmdline;
 pub mod diskpattern;
+pub mod fill;
 pub mod hostile;
 pub mod paging;
 pub mod region;

@@ -25,6 +25,7 @@ mod reader;
 mod repository;
 mod resolve;
 mod retention;
+mod stage_times;
 mod store;
 mod transfer;
 
@@ -46,6 +47,7 @@ pub use repository::{
 };
 pub use resolve::LATEST;
 pub use retention::{KeepPolicy, KeepReason};
+pub use stage_times::{Stage, StageTimes};
 pub use store::{ChunkStore, LocalDirStore, LockMode, StoreError, StoreLock};
 
 use crate::sealed_json::SealError;

@@ -267,6 +267,7 @@ mod tests {
             pages_recopied: 3,
             precopy_rounds: Some(2),
             precopy_converged: Some(true),
+            cow: None,
             error: None,
         };
         let v = serde_json::to_value(&s).unwrap();

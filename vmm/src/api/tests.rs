@@ -108,6 +108,7 @@ impl FakeVmm {
                     pages_recopied: 0,
                     precopy_rounds: None,
                     precopy_converged: None,
+                    cow: None,
                     error: None,
                 });
                 ApiResponse::snapshot_started(&SnapshotStarted {

@@ -227,6 +227,16 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
             s.pages_copied_early,
             s.pages_recopied
         );
+        if let Some(c) = &s.cow {
+            crate::outln!(
+                "cow: {} write faults, {} staged, {} found the staging pool full, writers waited {} us in all (longest {} us)",
+                c.faults,
+                human_bytes(c.bytes_staged),
+                c.pool_full,
+                c.writer_wait_us,
+                c.writer_wait_max_us
+            );
+        }
         if s.precopy_converged == Some(false) {
             crate::outln!(
                 "precopy did not converge in {} rounds: the guest dirtied memory faster than it was copied, so the final pause copied the rest",

@@ -28,6 +28,7 @@ fn run_vm(
     api: Option<ApiServer>,
     restored_from: Option<String>,
     dr: Option<(DrConfig, Option<std::path::PathBuf>)>,
+    cow_staging: Option<u64>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -41,6 +42,9 @@ fn run_vm(
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
+    if let Some(bytes) = cow_staging {
+        vmm.set_cow_staging(bytes);
+    }
     crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(
         vmm.machine().built.exit.eventfd(),
     ));
@@ -75,6 +79,10 @@ pub fn run(args: RunArgs) -> ExitCode {
     crate::signals::install();
     let memory_bytes = match check_memory(&args.memory) {
         Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
         Err(e) => return fail(&e),
     };
     let vcpus = match check_vcpus(args.vcpus) {
@@ -133,7 +141,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
-    run_vm(config, built, api, None, dr)
+    run_vm(config, built, api, None, dr, cow_staging)
 }
 
 /// `arkvm restore`: from a snapshot directory (`--from`), or straight from a backup point
@@ -160,6 +168,10 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     };
     // What killed restores left behind (their process is gone).
     crate::restore::disk_hydration::cleanup_stale();
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
     let api = match bind_api(&args.api_socket) {
         Ok(a) => a,
         Err(code) => return code,
@@ -200,6 +212,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         api,
         Some(restored.label),
         None,
+        cow_staging,
     );
     drop(bar);
     if let Some(h) = hydration {

@@ -116,7 +116,38 @@ pub struct RunArgs {
     #[arg(long)]
     pub memory_overcommit: bool,
     #[command(flatten)]
+    pub capture: CaptureArgs,
+    #[command(flatten)]
     pub dr: DrRunArgs,
+}
+
+/// How live snapshots of this VM are taken.
+#[derive(clap::Args)]
+pub struct CaptureArgs {
+    /// Memory for the copy-on-write staging pool (e.g. 64M; 0 turns it off): a guest write to
+    /// memory a live snapshot has not copied yet waits for a copy into this pool instead of
+    /// the target's I/O. The ARKVM_COW_STAGING environment variable sets it when the option
+    /// is not given. Default 64M.
+    #[arg(long, value_name = "SIZE")]
+    pub cow_staging: Option<String>,
+}
+
+/// The environment variable that sizes the staging pool when `--cow-staging` is not given.
+pub const COW_STAGING_ENV: &str = "ARKVM_COW_STAGING";
+
+impl CaptureArgs {
+    /// The staging pool size in bytes: the option, else the environment variable, else None
+    /// (the default).
+    pub fn cow_staging_bytes(&self) -> Result<Option<u64>, ConfigError> {
+        let text = match &self.cow_staging {
+            Some(t) => t.clone(),
+            None => match std::env::var(COW_STAGING_ENV) {
+                Ok(t) => t,
+                Err(_) => return Ok(None),
+            },
+        };
+        crate::config::parse_size(&text).map(Some)
+    }
 }
 
 impl RunArgs {
@@ -125,6 +156,7 @@ impl RunArgs {
     /// `--memory-overcommit`.
     pub fn check(&self) -> Result<(), ConfigError> {
         check_vm_name(&self.name)?;
+        self.capture.cow_staging_bytes()?;
         let bytes = check_memory(&self.memory)?;
         if let Some(host) = host_memory_bytes() {
             check_memory_fits_host(&self.memory, bytes, host, self.memory_overcommit)?;
@@ -217,6 +249,8 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
 }
 
 #[derive(clap::Args)]
