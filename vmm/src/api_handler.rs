@@ -45,6 +45,7 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 .collect(),
             restored_from: machine.restored_from.clone(),
         },
+        net: machine.built.devices.net_info(),
     }
 }
 

@@ -132,6 +132,8 @@ pub struct DrParams {
     pub interval_ms: u64,
     /// Pre-shared key file that authenticates and encrypts the link (absolute path).
     pub key: PathBuf,
+    /// Hold transmitted frames until a checkpoint after them is committed.
+    pub output_commit: bool,
 }
 
 impl From<DrParams> for DrConfig {
@@ -140,6 +142,7 @@ impl From<DrParams> for DrConfig {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }
@@ -151,6 +154,8 @@ struct DrBody {
     target: String,
     interval_ms: u64,
     key: PathBuf,
+    #[serde(default)]
+    output_commit: bool,
 }
 
 impl TryFrom<DrBody> for DrParams {
@@ -173,6 +178,7 @@ impl TryFrom<DrBody> for DrParams {
             target: b.target,
             interval_ms: b.interval_ms,
             key: require_absolute("key", b.key)?,
+            output_commit: b.output_commit,
         })
     }
 }
@@ -183,6 +189,7 @@ impl From<DrParams> for DrBody {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }

@@ -161,6 +161,9 @@ pub struct VmConfigInfo {
 pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfigInfo,
+    /// The network devices with their counters.
+    #[serde(default)]
+    pub net: Vec<crate::device_manager::NetInfo>,
 }
 
 /// The body of the 202 answer to `PUT /snapshot`.

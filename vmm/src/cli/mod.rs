@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// A disk: PATH[,readonly][,overlay=PATH][,id=NAME]. Repeat for more disks.
     #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<String>,
+    /// A network device on an existing tap: tap=IFNAME[,mac=MAC][,id=NAME]. Repeat for more.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -139,6 +142,10 @@ pub struct DrRunArgs {
     /// Local staging repository for checkpoints (default under ~/.cache/arkvm/dr-staging).
     #[arg(long, value_name = "DIR")]
     pub dr_staging: Option<PathBuf>,
+    /// Hold every frame the guest transmits until the DR site has committed a checkpoint
+    /// taken after it (see docs/network.md).
+    #[arg(long, requires = "dr_target")]
+    pub dr_output_commit: bool,
 }
 
 #[derive(clap::Args)]
@@ -170,6 +177,10 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Attach the saved network device NAME to another tap: id=NAME,tap=IFNAME. Repeatable;
+    /// devices not named attach to the tap they were saved with.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
 }
 
 #[derive(clap::Args)]

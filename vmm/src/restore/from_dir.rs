@@ -21,6 +21,27 @@ pub enum RestoreError {
     Memory(#[from] LazyMemoryError),
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
+    #[error("--net id={0}: the snapshot has no network device of that id")]
+    UnknownNet(String),
+}
+
+/// Points the saved network devices named in `overrides` (`id=NAME,tap=IFNAME`) at other taps.
+fn apply_net_overrides(
+    nets: &mut [devices::virtio::net::NetConfig],
+    overrides: &[devices::virtio::net::NetConfig],
+) -> Result<(), RestoreError> {
+    for o in overrides {
+        let id = o.id.clone().unwrap_or_default();
+        let found = nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.device_id(*i) == id)
+            .ok_or_else(|| RestoreError::UnknownNet(id.clone()))?;
+        let (i, net) = found;
+        net.id = Some(net.device_id(i));
+        net.tap = o.tap.clone();
+    }
+    Ok(())
 }
 
 /// A restored VM, paused, ready to run.
@@ -36,12 +57,14 @@ pub struct RestoredVm {
 pub fn restore(
     source: RestoreSource,
     expect_memory: Option<u64>,
+    net_overrides: &[devices::virtio::net::NetConfig],
     disk_dir: Option<&Path>,
     out: Box<dyn Write + Send>,
 ) -> Result<RestoredVm, RestoreError> {
     let default_disk_dir = source.default_disk_dir();
     let mut opened = source.open()?;
     opened.materialize_disks(disk_dir.unwrap_or(&default_disk_dir))?;
+    apply_net_overrides(&mut opened.state.config.nets, net_overrides)?;
     let state = &opened.state;
     if let Some(asked) = expect_memory {
         if asked != state.config.memory_bytes {
