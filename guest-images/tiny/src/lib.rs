@@ -23,6 +23,7 @@ pub mod bootparams;
 pub mod cmdline;
 pub mod diskpattern;
 pub mod hostile;
+pub mod net;
 pub mod paging;
 pub mod region;
 pub mod serial;
