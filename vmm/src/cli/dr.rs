@@ -141,6 +141,10 @@ pub struct DrRecoverArgs {
     /// Export the checkpoint and print its directory, without starting the VM.
     #[arg(long)]
     pub export_only: bool,
+    /// Attach the saved network device NAME to this host's tap: id=NAME,tap=IFNAME (passed to
+    /// `arkvm restore`). Repeatable.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
 }
 
 /// `arkvm dr send`.
@@ -390,6 +394,9 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
     }
     if let Some(socket) = &args.api_socket {
         restore.arg("--api-socket").arg(socket);
+    }
+    for net in &args.nets {
+        restore.arg("--net").arg(net);
     }
     // Only returns on failure.
     let source = restore.exec();
