@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arkvm_tests::{
-    api_json, one_at_a_time, require_kvm, tiny_guest, wait_for_path, ScratchDir, Vmm,
-};
+use arkvm_tests::{api_json, one_at_a_time, require_kvm, tiny_guest, wait_for_path, ScratchDir};
 use net_support::{Frame, NetNs, RawSock};
 
 fn s(p: &Path) -> String {

@@ -385,6 +385,7 @@ mod tests {
             target: "drhost:7070".into(),
             interval_ms: 1000,
             key: "/etc/arkvm/dr.key".into(),
+            output_commit: true,
         };
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(serde_json::from_value::<DrParams>(json).unwrap(), d);

@@ -67,6 +67,7 @@ impl FakeVmm {
                     disks: vec![],
                     restored_from: None,
                 },
+                net: vec![],
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {
@@ -144,6 +145,7 @@ impl FakeVmm {
             checkpoints_failed: 0,
             intervals_skipped: 0,
             last_error: None,
+            output_commit: false,
         }
     }
 }
