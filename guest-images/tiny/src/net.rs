@@ -102,6 +102,8 @@ pub struct Net {
     rx_avail: u16,
     tx_avail: u16,
     tx_seen: u16,
+    rx_unkicked: u16,
+    tx_unkicked: u16,
 }
 
 impl Net {
@@ -192,6 +194,8 @@ impl Net {
             rx_avail: 0,
             tx_avail: 0,
             tx_seen: 0,
+            rx_unkicked: 0,
+            tx_unkicked: 0,
         };
         if post_rx {
             for i in 0..Q {
@@ -265,15 +269,32 @@ impl Net {
         let buf = unsafe { &*addr_of!(RX_BUFS.0[id]) };
         out[..n].copy_from_slice(&buf[HDR..HDR + n]);
         self.post_rx(id as u16);
-        self.notify(RXQ);
+        self.rx_unkicked += 1;
+        if self.rx_unkicked >= (Q / 4) as u16 {
+            self.flush();
+        }
         Some(n)
+    }
+
+    /// Tells the device about RX buffers posted and TX frames queued since the last call
+    /// (one notification per queue for a batch).
+    pub fn flush(&mut self) {
+        if self.rx_unkicked > 0 {
+            self.rx_unkicked = 0;
+            self.notify(RXQ);
+        }
+        if self.tx_unkicked > 0 {
+            self.tx_unkicked = 0;
+            self.notify(TXQ);
+        }
     }
 
     fn reclaim_tx(&mut self) {
         self.tx_seen = Self::used_idx(TXQ);
     }
 
-    /// Queues `frame` for sending; false when the TX ring is full.
+    /// Queues `frame` for sending (the device is told at the next [`Net::flush`], or once a
+    /// quarter of the ring is queued); false when the TX ring is full.
     pub fn send(&mut self, frame: &[u8]) -> bool {
         self.reclaim_tx();
         if self.tx_avail.wrapping_sub(self.tx_seen) as usize >= Q || frame.len() + HDR > BUF {
@@ -296,7 +317,10 @@ impl Net {
             );
         }
         self.push_avail(TXQ, slot as u16);
-        self.notify(TXQ);
+        self.tx_unkicked += 1;
+        if self.tx_unkicked >= (Q / 4) as u16 {
+            self.flush();
+        }
         true
     }
 

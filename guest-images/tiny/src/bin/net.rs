@@ -51,6 +51,7 @@ fn open(mmio: Mmio, post_rx: bool) -> Net {
 
 fn send_blocking(net: &mut Net, frame: &[u8]) {
     while !net.send(frame) {
+        net.flush();
         if net.needs_reset() {
             return;
         }
@@ -90,6 +91,7 @@ fn echo(mmio: Mmio, hb_ms: u64) -> ! {
             buf[COUNTER..COUNTER + 8].copy_from_slice(&count.to_le_bytes());
             send_blocking(&mut net, &buf[..n]);
         }
+        net.flush();
         let now = tsc::rdtsc();
         if now.wrapping_sub(last_hb) >= hb_ticks {
             last_hb = now;
@@ -99,6 +101,7 @@ fn echo(mmio: Mmio, hb_ms: u64) -> ! {
             let answered = unsafe { read_volatile(addr_of!(ANSWERED)) };
             hb[28..36].copy_from_slice(&answered.to_le_bytes());
             let _ = net.send(&hb);
+            net.flush();
         }
         if net.needs_reset() {
             gprintln!("NETGUEST NEEDS-RESET");
