@@ -60,6 +60,8 @@ class Client:
     def __init__(self, tap):
         self.s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
         self.s.bind((tap, ETHERTYPE))
+        # Room for a whole released burst of held frames (SO_RCVBUFFORCE, root only).
+        self.s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
         self.s.settimeout(0.05)
 
     def recv_reply(self):

@@ -17,6 +17,8 @@ mod config;
 mod device;
 mod rx;
 pub mod tap;
+#[cfg(test)]
+mod test_tap;
 mod tx;
 
 pub use commit::{GateStats, OutputCommit, TxGate};
