@@ -63,15 +63,19 @@ impl Net {
         let interrupt = active.interrupt.clone();
         let mut used_any = false;
         let mut failure = None;
-        let mut more = false;
+        let mut more = true;
         for _ in 0..BATCH {
             let len = match self.rx_pending.take() {
                 Some(n) => n,
                 None => match self.gate.tap().read_frame(&mut self.rx_buf[NET_HDR_LEN..]) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        more = false;
+                        break;
+                    }
                     Err(e) => {
                         tracing::debug!("virtio-net {}: tap read: {e}", self.id);
+                        more = false;
                         break;
                     }
                 },
@@ -136,7 +140,6 @@ impl Net {
             used_any = true;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += len as u64;
-            more = true;
         }
         let queue = &mut self.queues[RX];
         if used_any && queue.needs_notification(&mem).unwrap_or(true) {
