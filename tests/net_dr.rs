@@ -145,7 +145,18 @@ fn trial(
         std::thread::spawn(move || client_loop(&raw, mac, &stop, &max_seen))
     };
     std::thread::sleep(Duration::from_millis(kill_after_ms));
+    // The output-commit counters: frames went through the held queue only with it on.
+    let (_, vm) = api_json(&sock, "GET", "/vm", None);
     primary.kill();
+    let net = &vm["net"][0];
+    let gated =
+        net["held_frames"].as_u64().unwrap_or(0) + net["released_frames"].as_u64().unwrap_or(0);
+    assert!(net["tx_frames"].as_u64().unwrap_or(0) > 0, "{vm}");
+    if output_commit {
+        assert!(gated > 0, "no frame was held: {vm}");
+    } else {
+        assert_eq!(gated, 0, "frames were held without output commit: {vm}");
+    }
     // Let frames already on their way arrive, then stop the client.
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
