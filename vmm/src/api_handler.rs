@@ -59,6 +59,7 @@ fn vm_info(machine: &Machine) -> VmInfo {
             }
         }),
         memory_loader: machine.memory_loader.as_ref().map(|p| p.info()),
+        net: machine.built.devices.net_info(),
     }
 }
 

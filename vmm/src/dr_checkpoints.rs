@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
+use devices::virtio::net::OutputCommit;
 use serde::{Deserialize, Serialize};
 use snapshot::dr::{send_checkpoint, CheckpointInfo, DrError, LinkKey, SendReport};
 use snapshot::repo::{KeepPolicy, KeyError, RepoError, RepoKey, Repository};
@@ -35,6 +38,8 @@ pub struct DrConfig {
     pub interval_ms: u64,
     /// Pre-shared key file that authenticates and encrypts the link.
     pub key: PathBuf,
+    /// Hold the guest's transmitted frames until a checkpoint after them is committed.
+    pub output_commit: bool,
 }
 
 /// Whether DR checkpoints are being sent.
@@ -79,6 +84,9 @@ pub struct DrStatus {
     pub intervals_skipped: u64,
     /// The most recent failure, if any.
     pub last_error: Option<String>,
+    /// Whether transmitted frames are held until a checkpoint after them is committed.
+    #[serde(default)]
+    pub output_commit: bool,
 }
 
 impl DrStatus {
@@ -94,6 +102,7 @@ impl DrStatus {
             checkpoints_failed: 0,
             intervals_skipped: 0,
             last_error: None,
+            output_commit: false,
         }
     }
 }
@@ -138,6 +147,8 @@ struct Outgoing {
     point_id: String,
     taken_at_ms: u64,
     pause_us: u64,
+    /// With output commit: the newest frame epoch this checkpoint covers.
+    epoch: Option<u64>,
 }
 
 /// The state of continuous protection once started.
@@ -153,6 +164,8 @@ struct DrLoop {
     last_taken_ms: Option<u64>,
     /// Whether the running snapshot is one of this loop's checkpoints.
     checkpoint_running: bool,
+    /// The frame epoch the running checkpoint covers (output commit only).
+    running_epoch: Option<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -199,10 +212,12 @@ impl DrLoop {
                 state: DrState::Running,
                 target: Some(config.target.clone()),
                 interval_ms: Some(config.interval_ms),
+                output_commit: config.output_commit,
                 ..DrStatus::stopped()
             },
             last_taken_ms: None,
             checkpoint_running: false,
+            running_epoch: None,
         })
     }
 
@@ -249,8 +264,9 @@ impl DrLoop {
         }
     }
 
-    /// Finishes a send whose thread has ended.
-    fn finish_send(&mut self) {
+    /// Finishes a send whose thread has ended; a committed checkpoint releases the frames it
+    /// covers.
+    fn finish_send(&mut self, commit: &OutputCommit) {
         if !self.sending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
             return;
         }
@@ -259,6 +275,9 @@ impl DrLoop {
         };
         match h.join().unwrap_or(Err(DrSendError::Panicked)) {
             Ok(report) => {
+                if let Some(k) = out.epoch {
+                    commit.release_through(k);
+                }
                 self.status.checkpoints_committed += 1;
                 self.status.last_error = None;
                 if self.status.state == DrState::Retrying {
@@ -294,9 +313,19 @@ impl DrLoop {
 #[derive(Default)]
 pub struct DrControl {
     current: Option<DrLoop>,
+    /// The network devices' output-commit switch and epoch counter.
+    commit: Arc<OutputCommit>,
 }
 
 impl DrControl {
+    /// Continuous protection that drives `commit` (the VM's network devices' gate).
+    pub fn new(commit: Arc<OutputCommit>) -> Self {
+        Self {
+            current: None,
+            commit,
+        }
+    }
+
     /// Whether protection was ever started (the event loop then wakes more often).
     pub fn is_started(&self) -> bool {
         self.current.is_some()
@@ -329,6 +358,7 @@ impl DrControl {
         );
         // A checkpoint of the stopped loop still running ends in this one.
         d.checkpoint_running = self.current.as_ref().is_some_and(|o| o.checkpoint_running);
+        self.commit.set_enabled(config.output_commit);
         let status = d.status();
         self.current = Some(d);
         Ok(status)
@@ -339,6 +369,8 @@ impl DrControl {
         match &mut self.current {
             Some(d) if d.status.state != DrState::Stopped => {
                 d.status.state = DrState::Stopped;
+                // Nothing will be committed any more: what was held goes out now.
+                self.commit.set_enabled(false);
                 Ok(d.status())
             }
             _ => Err(DrControlError::NotRunning),
@@ -359,7 +391,7 @@ impl DrControl {
         let Some(d) = self.current.as_mut() else {
             return;
         };
-        d.finish_send();
+        d.finish_send(&self.commit);
         if d.status.state == DrState::Stopped {
             return;
         }
@@ -381,6 +413,8 @@ impl DrControl {
             }
         }
         d.last_taken_ms = Some(now_ms());
+        // Frames sent so far were sent before this checkpoint's instant.
+        d.running_epoch = d.status.output_commit.then(|| self.commit.advance());
         let request = SnapshotRequest {
             target: SnapshotTarget::Repo(d.staging.clone()),
             mode: SnapshotMode::Live,
@@ -410,10 +444,12 @@ impl DrControl {
         match &ended.result {
             Ok(()) => {
                 let taken_at_ms = d.last_taken_ms.unwrap_or_else(now_ms);
+                let epoch = d.running_epoch.take();
                 d.start_send(Outgoing {
                     point_id: ended.id.clone(),
                     taken_at_ms,
                     pause_us: ended.pause_us,
+                    epoch,
                 });
             }
             Err(e) => {

@@ -188,12 +188,13 @@ impl Vmm {
         for device in built.devices.subscribers() {
             events.add_subscriber(device);
         }
+        let dr = DrControl::new(built.devices.output_commit().clone());
         Ok(Self {
             machine: Machine::new(config, built, restored_from),
             events,
             api: None,
             engine,
-            dr: DrControl::default(),
+            dr,
         })
     }
 

@@ -24,6 +24,7 @@ pub mod cmdline;
 pub mod diskpattern;
 pub mod fill;
 pub mod hostile;
+pub mod net;
 pub mod paging;
 pub mod region;
 pub mod serial;

@@ -137,6 +137,8 @@ pub struct DrParams {
     pub interval_ms: u64,
     /// Pre-shared key file that authenticates and encrypts the link (absolute path).
     pub key: PathBuf,
+    /// Hold transmitted frames until a checkpoint after them is committed.
+    pub output_commit: bool,
 }
 
 impl From<DrParams> for DrConfig {
@@ -145,6 +147,7 @@ impl From<DrParams> for DrConfig {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }
@@ -156,6 +159,8 @@ struct DrBody {
     target: String,
     interval_ms: u64,
     key: PathBuf,
+    #[serde(default)]
+    output_commit: bool,
 }
 
 impl TryFrom<DrBody> for DrParams {
@@ -178,6 +183,7 @@ impl TryFrom<DrBody> for DrParams {
             target: b.target,
             interval_ms: b.interval_ms,
             key: require_absolute("key", b.key)?,
+            output_commit: b.output_commit,
         })
     }
 }
@@ -188,6 +194,7 @@ impl From<DrParams> for DrBody {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }
@@ -387,6 +394,7 @@ mod tests {
             target: "drhost:7070".into(),
             interval_ms: 1000,
             key: "/etc/arkvm/dr.key".into(),
+            output_commit: true,
         };
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(serde_json::from_value::<DrParams>(json).unwrap(), d);

@@ -198,6 +198,12 @@ pub struct VmInfo {
     /// For a VM restored from a backup point: its disks' hydration from the point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_hydration: Option<DiskHydrationInfo>,
+    /// A restored VM's memory loader progress; absent for a VM that was booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_loader: Option<crate::restore::lazy_memory::progress::MemoryLoaderInfo>,
+    /// The network devices with their counters.
+    #[serde(default)]
+    pub net: Vec<crate::device_manager::NetInfo>,
 }
 
 /// How far the disks of a VM restored from a backup point are hydrated into local files.
@@ -217,9 +223,6 @@ pub struct DiskHydrationInfo {
     pub temporary: bool,
     /// Milliseconds from the start of the restore to done (or until now).
     pub elapsed_ms: u64,
-    /// A restored VM's memory loader progress; absent for a VM that was booted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_loader: Option<crate::restore::lazy_memory::progress::MemoryLoaderInfo>,
 }
 
 /// The body of the 202 answer to `PUT /snapshot`.

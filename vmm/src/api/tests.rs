@@ -75,6 +75,7 @@ impl FakeVmm {
                 },
                 disk_hydration: None,
                 memory_loader: None,
+                net: vec![],
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {
@@ -153,6 +154,7 @@ impl FakeVmm {
             checkpoints_failed: 0,
             intervals_skipped: 0,
             last_error: None,
+            output_commit: false,
         }
     }
 }

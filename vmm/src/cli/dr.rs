@@ -143,6 +143,10 @@ pub struct DrRecoverArgs {
     /// --disk-dir in the background).
     #[arg(long)]
     pub export_only: bool,
+    /// Attach the saved network device NAME to this host's tap: id=NAME,tap=IFNAME (passed to
+    /// `arkvm restore`). Repeatable.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
 }
 
 /// `arkvm dr send`.
@@ -416,6 +420,10 @@ fn exec_restore(args: &DrRecoverArgs, id: &str, keyed: bool) -> Result<(), DrCom
     if let Some(socket) = &args.api_socket {
         restore.arg("--api-socket").arg(socket);
     }
+    for net in &args.nets {
+        restore.arg("--net").arg(net);
+    }
+    // Only returns on failure.
     let source = restore.exec();
     Err(DrCommandError::Io {
         action: "start",

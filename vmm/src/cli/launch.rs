@@ -13,6 +13,7 @@ use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
 use crate::vstate::vcpu::GuestExit;
 use devices::virtio::block::DiskConfig;
+use devices::virtio::net::NetConfig;
 
 fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
     match path {
@@ -96,6 +97,13 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    let mut nets = Vec::with_capacity(args.nets.len());
+    for spec in &args.nets {
+        match spec.parse::<NetConfig>() {
+            Ok(n) => nets.push(n),
+            Err(e) => return fail(&e),
+        }
+    }
     let config = VmConfig {
         name: args.name,
         kernel: args.kernel,
@@ -104,6 +112,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         memory_bytes,
         vcpus,
         disks,
+        nets,
     };
     let dr = match &args.dr.dr_target {
         None => None,
@@ -128,6 +137,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                     target: target.clone(),
                     interval_ms: interval.as_millis() as u64,
                     key,
+                    output_commit: args.dr.dr_output_commit,
                 },
                 args.dr.dr_staging.clone(),
             ))
@@ -194,9 +204,23 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let mut net_overrides = Vec::with_capacity(args.nets.len());
+    for spec in &args.nets {
+        match devices::virtio::net::parse_options(spec) {
+            Ok(n) if n.id.is_some() && !n.tap.is_empty() && n.mac.is_none() => {
+                net_overrides.push(n)
+            }
+            Ok(_) => {
+                eprintln!("arkvm: error: restore --net takes id=NAME,tap=IFNAME, got '{spec}'");
+                return ExitCode::from(1);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     let restored = match crate::restore::from_dir::restore(
         source,
         expect_memory,
+        &net_overrides,
         args.disk_dir.as_deref(),
         crate::restore::from_dir::DiskOptions { fetch_retry, rate },
         Box::new(std::io::stdout()),

@@ -105,6 +105,9 @@ pub struct RunArgs {
     /// A disk: PATH[,readonly][,overlay=PATH][,id=NAME]. Repeat for more disks.
     #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<String>,
+    /// A network device on an existing tap: tap=IFNAME[,mac=MAC][,id=NAME]. Repeat for more.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -209,6 +212,10 @@ pub struct DrRunArgs {
     /// Local staging repository for checkpoints (default under ~/.cache/arkvm/dr-staging).
     #[arg(long, value_name = "DIR")]
     pub dr_staging: Option<PathBuf>,
+    /// Hold every frame the guest transmits until the DR site has committed a checkpoint
+    /// taken after it (see docs/network.md).
+    #[arg(long, requires = "dr_target")]
+    pub dr_output_commit: bool,
 }
 
 #[derive(clap::Args)]
@@ -251,6 +258,10 @@ pub struct RestoreArgs {
     pub api_socket: Option<PathBuf>,
     #[command(flatten)]
     pub capture: CaptureArgs,
+    /// Attach the saved network device NAME to another tap: id=NAME,tap=IFNAME. Repeatable;
+    /// devices not named attach to the tap they were saved with.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
 }
 
 #[derive(clap::Args)]

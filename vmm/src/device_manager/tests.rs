@@ -414,6 +414,7 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
         memory_bytes: 64 << 20,
         vcpus: 1,
         disks: Vec::new(),
+        nets: Vec::new(),
     };
 
     // Boot with the scratch register, set it through its bus, let the guest run, snapshot.

@@ -27,6 +27,27 @@ pub enum RestoreError {
     Hydrate(#[source] std::io::Error),
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
+    #[error("--net id={0}: the snapshot has no network device of that id")]
+    UnknownNet(String),
+}
+
+/// Points the saved network devices named in `overrides` (`id=NAME,tap=IFNAME`) at other taps.
+fn apply_net_overrides(
+    nets: &mut [devices::virtio::net::NetConfig],
+    overrides: &[devices::virtio::net::NetConfig],
+) -> Result<(), RestoreError> {
+    for o in overrides {
+        let id = o.id.clone().unwrap_or_default();
+        let found = nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.device_id(*i) == id)
+            .ok_or_else(|| RestoreError::UnknownNet(id.clone()))?;
+        let (i, net) = found;
+        net.id = Some(net.device_id(i));
+        net.tap = o.tap.clone();
+    }
+    Ok(())
 }
 
 /// A restored VM, paused, ready to run.
@@ -54,12 +75,14 @@ pub struct DiskOptions {
 pub fn restore(
     source: RestoreSource,
     expect_memory: Option<u64>,
+    net_overrides: &[devices::virtio::net::NetConfig],
     disk_dir: Option<&Path>,
     disk_options: DiskOptions,
     out: Box<dyn Write + Send>,
 ) -> Result<RestoredVm, RestoreError> {
     let default_disk_dir = source.default_disk_dir();
     let mut opened = source.open()?;
+    apply_net_overrides(&mut opened.state.config.nets, net_overrides)?;
     let hydration = DiskHydration::prepare(
         &mut opened,
         disk_dir,
