@@ -226,6 +226,7 @@ impl DrLoop {
         let pause = out.pause_us;
         let handle = std::thread::Builder::new().name("dr-send".into()).spawn(
             move || -> Result<SendReport, DrSendError> {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::DrSend);
                 let key = RepoKey::load(&key_path)?;
                 let repo = Repository::open(&staging, Some(key))?;
                 Ok(send_checkpoint(

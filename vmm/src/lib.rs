@@ -15,6 +15,7 @@ pub mod machine;
 pub mod restore;
 pub mod runtime;
 pub mod saved_state;
+pub mod seccomp;
 pub mod signals;
 pub mod vstate;
 

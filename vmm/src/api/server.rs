@@ -277,7 +277,10 @@ fn start_serving(listener: UnixListener) -> io::Result<Serving> {
     let thread_shared = Arc::clone(&shared);
     let accept_thread = thread::Builder::new()
         .name("arkvm-api".to_string())
-        .spawn(move || accept_loop(listener, poll, thread_stop, thread_shared))?;
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
+            accept_loop(listener, poll, thread_stop, thread_shared)
+        })?;
     Ok(Serving {
         calls,
         shared,
@@ -356,6 +359,7 @@ fn start_connection(stream: UnixStream, shared: &Arc<Shared>) {
     let spawned = thread::Builder::new()
         .name("arkvm-api-conn".to_string())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
             let guard = guard;
             serve_connection(&stream, &guard.0);
             close_gracefully(&stream);

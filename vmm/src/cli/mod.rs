@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// Allow --memory larger than the host's memory (MemTotal in /proc/meminfo).
     #[arg(long)]
     pub memory_overcommit: bool,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
     #[command(flatten)]
     pub dr: DrRunArgs,
 }
@@ -170,6 +173,9 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 #[derive(clap::Args)]

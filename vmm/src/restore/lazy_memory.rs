@@ -463,7 +463,10 @@ impl LazyMemory {
             loader.threads.push(
                 std::thread::Builder::new()
                     .name(name.into())
-                    .spawn(move || f(s, e))
+                    .spawn(move || {
+                        crate::seccomp::enter(crate::seccomp::ThreadKind::LazyFault);
+                        f(s, e)
+                    })
                     .map_err(LazyMemoryError::Spawn)?,
             );
         }
