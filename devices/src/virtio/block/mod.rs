@@ -13,6 +13,7 @@ pub mod device;
 pub mod disk;
 pub mod overlay;
 pub mod request;
+mod reserve;
 
 pub use cbt::{ChangedBlockTracker, ChangedBlocks, CBT_BLOCK_SIZE};
 pub use config::{validate_disks, DiskConfig, DiskConfigError, SECTOR_SIZE};
