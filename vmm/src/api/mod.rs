@@ -27,12 +27,14 @@
 //!   two may have different working directories. The CLI makes them absolute before sending.
 
 mod client;
+mod deadline;
 mod http;
 mod request;
 mod response;
 mod server;
 mod socket;
 
+pub use deadline::REQUEST_DEADLINE;
 pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
 pub use request::{
     ApiRequest, DrParams, SnapshotMode, SnapshotParams, SnapshotStrategy, SnapshotTarget,
@@ -49,3 +51,5 @@ pub use socket::ApiServerError;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod deadline_tests;

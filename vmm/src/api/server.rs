@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 
+use super::deadline::{DeadlineReader, REQUEST_DEADLINE};
 use super::http::{self, BodyLength, HttpError, MessageReader, RequestHead};
 use super::request::{route, ApiRequest};
 use super::response::ApiResponse;
@@ -377,13 +378,22 @@ fn serve_connection(stream: &UnixStream, shared: &Arc<Shared>) {
     {
         return;
     }
-    let mut reader = MessageReader::new(stream);
+    let mut reader = MessageReader::new(DeadlineReader::new(stream, IO_TIMEOUT));
     loop {
+        // The whole request (or, on an idle connection, its first byte) must arrive within
+        // REQUEST_DEADLINE, however slowly it trickles.
+        reader.get_mut().start(REQUEST_DEADLINE);
         let head = match reader.read_request_head() {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
-                if let Some(status) = error_status(&e) {
+                if reader.get_ref().expired() && reader.buffered() > 0 {
+                    let message = format!(
+                        "the request did not arrive within {} s",
+                        REQUEST_DEADLINE.as_secs()
+                    );
+                    send_error(stream, 408, &message, None, false);
+                } else if let Some(status) = error_status(&e) {
                     send_error(stream, status, &e.to_string(), None, false);
                 }
                 return;
@@ -399,7 +409,7 @@ fn serve_connection(stream: &UnixStream, shared: &Arc<Shared>) {
 /// Serves one request whose head has been read. Returns whether the connection stays open.
 fn serve_request(
     head: &RequestHead,
-    reader: &mut MessageReader<&UnixStream>,
+    reader: &mut MessageReader<DeadlineReader<'_>>,
     stream: &UnixStream,
     shared: &Shared,
 ) -> bool {
