@@ -153,6 +153,42 @@ struct DrLoop {
     last_taken_ms: Option<u64>,
     /// Whether the running snapshot is one of this loop's checkpoints.
     checkpoint_running: bool,
+    /// The staging repository is this process's default one: removed when the loop ends.
+    owns_staging: bool,
+}
+
+impl Drop for DrLoop {
+    fn drop(&mut self) {
+        if self.owns_staging {
+            if let Err(e) = std::fs::remove_dir_all(&self.staging) {
+                tracing::warn!(
+                    "cannot remove the DR staging repository {}: {e}",
+                    self.staging.display()
+                );
+            }
+        }
+    }
+}
+
+/// Removes the default staging repositories (`NAME-PID`) in `dir` whose process is gone.
+fn remove_stale_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing the stale DR staging repository {}", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -203,6 +239,7 @@ impl DrLoop {
             },
             last_taken_ms: None,
             checkpoint_running: false,
+            owns_staging: false,
         })
     }
 
@@ -318,10 +355,15 @@ impl DrControl {
         {
             return Err(DrControlError::AlreadyRunning);
         }
+        let owns_staging = staging.is_none();
         let staging = staging
             .map(Path::to_path_buf)
             .unwrap_or_else(|| default_staging(vm_name));
+        if let (true, Some(dir)) = (owns_staging, staging.parent()) {
+            remove_stale_staging(dir);
+        }
         let mut d = DrLoop::new(config, &staging)?;
+        d.owns_staging = owns_staging;
         tracing::info!(
             "continuous protection to {} every {} ms (staging {})",
             config.target,
@@ -331,6 +373,10 @@ impl DrControl {
         // A checkpoint of the stopped loop still running ends in this one.
         d.checkpoint_running = self.current.as_ref().is_some_and(|o| o.checkpoint_running);
         let status = d.status();
+        if let Some(old) = self.current.as_mut().filter(|o| o.staging == d.staging) {
+            // The new loop goes on with the same staging repository.
+            old.owns_staging = false;
+        }
         self.current = Some(d);
         Ok(status)
     }
