@@ -36,13 +36,9 @@ pub fn terminated() -> bool {
     TERMINATED.load(Ordering::SeqCst)
 }
 
-/// Runs `work` on a thread of its own with SIGINT and SIGTERM blocked, and waits for it on the
-/// calling thread, which takes those signals instead: returns `Some` with `work`'s result, or
-/// `None` when a termination signal arrived first (the caller then ends the process cleanly).
-/// For servers without an event loop (`dr serve`).
-pub fn run_until_terminated<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<Option<T>> {
+/// Blocks SIGINT and SIGTERM on the calling thread (and the threads it starts from now on), so
+/// that one arriving before [`run_until_terminated`] waits stays pending; returns the set.
+pub fn block_termination() -> libc::sigset_t {
     // SAFETY: an all-zero sigset_t is valid storage for sigemptyset to initialise.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame; the mask change only affects this
@@ -53,6 +49,17 @@ pub fn run_until_terminated<T: Send + 'static>(
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
+    set
+}
+
+/// Runs `work` on a thread of its own with SIGINT and SIGTERM blocked, and waits for it on the
+/// calling thread, which takes those signals instead: returns `Some` with `work`'s result, or
+/// `None` when a termination signal arrived first (the caller then ends the process cleanly).
+/// For servers without an event loop (`dr serve`).
+pub fn run_until_terminated<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<Option<T>> {
+    let set = block_termination();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("server".into())

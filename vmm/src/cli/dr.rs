@@ -183,6 +183,8 @@ pub fn run(command: DrCommand) -> ExitCode {
 /// `arkvm dr serve`: runs until killed. The key and the listening address are checked before
 /// the repository is opened or created, so a failed start leaves nothing behind.
 pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
+    // A SIGTERM from now on waits for `run_until_terminated` below, which ends cleanly.
+    crate::signals::block_termination();
     let key = RepoKey::load(&args.key)?;
     let config = ReceiverConfig {
         keep_last: args.keep,
