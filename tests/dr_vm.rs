@@ -895,13 +895,23 @@ fn default_staging_repositories_go_away_with_their_vm() {
     // `env` executes arkvm in place: the staging repository carries this pid.
     let own = staging_dir.join(format!("vm1-{}", primary.pid()));
     assert!(own.is_dir(), "no staging repository {}", own.display());
-    assert!(!stale.exists(), "the stale staging repository is still there");
-    assert!(alive.exists(), "a live process's staging repository was removed");
+    assert!(
+        !stale.exists(),
+        "the stale staging repository is still there"
+    );
+    assert!(
+        alive.exists(),
+        "a live process's staging repository was removed"
+    );
     let (code, v) = api_json(&sock, "PUT", "/vm/shutdown", None);
     assert!(code < 300, "shutdown: {v}");
     let st = primary
         .wait_exit(Duration::from_secs(60))
         .unwrap_or_else(|| panic!("the primary did not exit\n{}", primary.dump()));
     assert!(st.success(), "{st:?}\n{}", primary.dump());
-    assert!(!own.exists(), "the staging repository outlived its VM\n{}", primary.dump());
+    assert!(
+        !own.exists(),
+        "the staging repository outlived its VM\n{}",
+        primary.dump()
+    );
 }

@@ -328,6 +328,9 @@ fn dr_serve_stops_cleanly_on_sigterm() {
             .wait_exit(std::time::Duration::from_secs(30))
             .unwrap_or_else(|| panic!("dr serve ignored signal {signal}\n{}", rx.dump()));
         assert_eq!(st.code(), Some(0), "signal {signal}\n{}", rx.dump());
-        assert!(repo.join("points").is_dir() || repo.is_dir(), "repository gone");
+        assert!(
+            repo.join("points").is_dir() || repo.is_dir(),
+            "repository gone"
+        );
     }
 }

@@ -9,8 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use arkvm_tests::{
-    broken_line, one_at_a_time, require_kvm, run_to_end, tiny_guest, wait_for_path, ScratchDir,
-    Vmm,
+    broken_line, one_at_a_time, require_kvm, run_to_end, tiny_guest, wait_for_path, ScratchDir, Vmm,
 };
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -24,7 +23,11 @@ impl Tmpfs {
             .arg(at)
             .status()
             .expect("run mount");
-        assert!(st.success(), "mount tmpfs at {} failed: {st:?}", at.display());
+        assert!(
+            st.success(),
+            "mount tmpfs at {} failed: {st:?}",
+            at.display()
+        );
         Self(at.to_path_buf())
     }
 }
@@ -43,7 +46,9 @@ fn s(p: &Path) -> &str {
 fn wait_gens(vm: &Vmm, mut from: usize, n: usize) -> usize {
     for _ in 0..n {
         let (i, _) = vm
-            .wait_line_from(from, Duration::from_secs(120), |l| l.starts_with("DISKGEN "))
+            .wait_line_from(from, Duration::from_secs(120), |l| {
+                l.starts_with("DISKGEN ")
+            })
             .unwrap_or_else(|| panic!("the disk guest stopped writing\n{}", vm.dump()));
         from = i + 1;
     }
@@ -55,7 +60,11 @@ fn assert_guest_intact(vm: &Vmm) {
     let failed = out
         .iter()
         .find(|l| l.contains("DISK-WRITE-FAILED") || l.contains("IOERR"));
-    assert!(failed.is_none(), "the guest saw a disk error\n{}", vm.dump());
+    assert!(
+        failed.is_none(),
+        "the guest saw a disk error\n{}",
+        vm.dump()
+    );
     if let Some(l) = broken_line(&out, 0) {
         panic!("guest broke: {l}\n{}", vm.dump());
     }
@@ -71,7 +80,8 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
         written += block.len() as u64;
     }
     let _ = f.flush();
-    f.set_len(written.saturating_sub(leave)).expect("give space back");
+    f.set_len(written.saturating_sub(leave))
+        .expect("give space back");
     path
 }
 
@@ -110,13 +120,23 @@ fn a_snapshot_on_a_nearly_full_filesystem_is_refused_or_keeps_the_guests_writes(
         "--cmdline",
         "arkvm.mode=numbered",
     ]);
-    assert!(wait_for_path(&sock, Duration::from_secs(20)), "no socket\n{}", vm.dump());
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(20)),
+        "no socket\n{}",
+        vm.dump()
+    );
     // Two whole generations: every block of the disk is allocated on the tmpfs.
     let mut at = wait_gens(&vm, 0, 2);
     let filler = fill(&fs.0, 200 << 10);
 
     let (st, out, err) = run_to_end(
-        &["snapshot", "--api-socket", s(&sock), "--out", s(&dir.path().join("snap1"))],
+        &[
+            "snapshot",
+            "--api-socket",
+            s(&sock),
+            "--out",
+            s(&dir.path().join("snap1")),
+        ],
         Duration::from_secs(120),
     );
     assert_eq!(st.code(), Some(1), "refused snapshot: {out:?} {err:?}");
@@ -125,7 +145,11 @@ fn a_snapshot_on_a_nearly_full_filesystem_is_refused_or_keeps_the_guests_writes(
         err[0].contains("no room for the snapshot overlay") && err[0].contains("did not start"),
         "{err:?}"
     );
-    assert!(leftover_overlays(&fs.0).is_empty(), "{:?}", leftover_overlays(&fs.0));
+    assert!(
+        leftover_overlays(&fs.0).is_empty(),
+        "{:?}",
+        leftover_overlays(&fs.0)
+    );
     at = wait_gens(&vm, at, 2);
     assert_guest_intact(&vm);
 

@@ -35,7 +35,10 @@ fn assert_all_filtered(vm: &Vmm, when: &str) -> Vec<String> {
     let modes = thread_modes(vm.pid());
     assert!(modes.len() >= 3, "{when}: too few threads {modes:?}");
     for (name, mode) in &modes {
-        assert_eq!(mode, "2", "{when}: thread {name} is not filtered: {modes:?}");
+        assert_eq!(
+            mode, "2",
+            "{when}: thread {name} is not filtered: {modes:?}"
+        );
     }
     modes.into_iter().map(|(n, _)| n).collect()
 }
@@ -51,7 +54,10 @@ fn every_thread_of_a_running_and_a_restored_vm_is_filtered() {
         .unwrap_or_else(|| panic!("no PASS line\n{}", vm.dump()));
     let names = assert_all_filtered(&vm, "running");
     for expected in ["vcpu0", "vcpu1", "arkvm-api"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing: {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing: {names:?}"
+        );
     }
     // A live copy-on-write snapshot and a paused one start the capture and fault threads.
     let snap = dir.path().join("snap-live");
@@ -94,7 +100,9 @@ fn seccomp_off_leaves_every_thread_unfiltered() {
     let modes = thread_modes(vm.pid());
     assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");
     assert!(
-        vm.stderr().iter().any(|l| l.contains("seccomp filters are off")),
+        vm.stderr()
+            .iter()
+            .any(|l| l.contains("seccomp filters are off")),
         "{}",
         vm.dump()
     );

@@ -185,7 +185,10 @@ fn remove_stale_staging(dir: &Path) {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            tracing::info!("removing the stale DR staging repository {}", entry.path().display());
+            tracing::info!(
+                "removing the stale DR staging repository {}",
+                entry.path().display()
+            );
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

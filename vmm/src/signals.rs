@@ -74,7 +74,9 @@ pub fn run_until_terminated<T: Send + 'static>(
         match rx.try_recv() {
             Ok(v) => return Ok(Some(v)),
             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                return Err(std::io::Error::other("the server thread ended without a result"))
+                return Err(std::io::Error::other(
+                    "the server thread ended without a result",
+                ))
             }
             Err(std::sync::mpsc::TryRecvError::Empty) => {}
         }

@@ -20,7 +20,9 @@ fn trickle(sock: &Path, started: &Barrier) -> (String, Duration) {
         .unwrap();
     started.wait();
     let t0 = Instant::now();
-    let head = b"GET /vm HTTP/1.1\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a'));
+    let head = b"GET /vm HTTP/1.1\r\nX-Slow: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'));
     let mut answer = Vec::new();
     for &b in head {
         let _ = stream.write_all(&[b]);

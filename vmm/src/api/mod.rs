@@ -34,8 +34,8 @@ mod response;
 mod server;
 mod socket;
 
-pub use deadline::REQUEST_DEADLINE;
 pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
+pub use deadline::REQUEST_DEADLINE;
 pub use request::{
     ApiRequest, DrParams, SnapshotMode, SnapshotParams, SnapshotStrategy, SnapshotTarget,
     MIN_DR_INTERVAL_MS,
@@ -50,6 +50,6 @@ pub use server::{
 pub use socket::ApiServerError;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod deadline_tests;
+#[cfg(test)]
+mod tests;

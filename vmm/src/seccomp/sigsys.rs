@@ -86,7 +86,12 @@ pub(super) fn message(kind: Option<ThreadKind>, nr: i64, out: &mut [u8; 320]) ->
 extern "C" fn handler(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo; for SIGSYS its `_sigsys` member holds the
     // system call number as an int at byte 24 (after signo, errno, code, padding, call_addr).
-    let nr = unsafe { (info as *const u8).add(24).cast::<libc::c_int>().read_unaligned() };
+    let nr = unsafe {
+        (info as *const u8)
+            .add(24)
+            .cast::<libc::c_int>()
+            .read_unaligned()
+    };
     let kind = KIND.with(|k| k.get());
     let mut buf = [0u8; 320];
     let len = message(kind, i64::from(nr), &mut buf);

@@ -29,7 +29,12 @@ fn the_message_names_the_kind_and_the_call() {
     let mut buf = [0u8; 320];
     let len = sigsys::message(Some(ThreadKind::Vcpu), libc::SYS_socket, &mut buf);
     let text = std::str::from_utf8(&buf[..len]).unwrap();
-    assert!(text.starts_with("arkvm: error: seccomp: the vcpu thread made the system call socket (number 41)"), "{text}");
+    assert!(
+        text.starts_with(
+            "arkvm: error: seccomp: the vcpu thread made the system call socket (number 41)"
+        ),
+        "{text}"
+    );
     assert!(text.ends_with("(docs/seccomp.md)\n"), "{text}");
 }
 
@@ -51,7 +56,12 @@ fn trap_child() {
 #[test]
 fn a_denied_call_ends_the_process_with_a_line_naming_it() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "seccomp::tests::trap_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "seccomp::tests::trap_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .output()
         .unwrap();

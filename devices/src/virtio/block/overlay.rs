@@ -54,7 +54,11 @@ pub enum OverlayError {
          guest's writes during the snapshot, and its filesystem has {free} bytes free; the \
          snapshot did not start (docs/disk-overlay.md)"
     )]
-    NoSpace { path: PathBuf, needed: u64, free: u64 },
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
     /// `create` found a file already there.
     #[error("overlay {0} already exists")]
     Exists(PathBuf),
