@@ -334,3 +334,20 @@ fn dr_serve_stops_cleanly_on_sigterm() {
         );
     }
 }
+
+#[test]
+fn verify_names_no_point_for_a_damaged_stray_chunk() {
+    let dir = ScratchDir::new("hardening-stray");
+    let repo = dir.path().join("repo");
+    repo_with_point(&repo, None, "vm1");
+    let hex = "abcd".repeat(16);
+    let stray = repo.join("chunks").join("abcd").join(&hex);
+    std::fs::create_dir_all(stray.parent().expect("parent")).expect("chunk dir");
+    std::fs::write(&stray, b"not a chunk").expect("stray chunk");
+    let out = arkvm(&["backup", "verify", "--repo", s(&repo)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {:?}", stderr_lines(&out));
+    assert!(stdout.contains(&format!("damaged chunk {hex}")), "{stdout}");
+    assert!(stdout.contains("(used by no point)"), "{stdout}");
+    assert!(!stdout.contains("(used by )"), "{stdout}");
+}
