@@ -66,7 +66,7 @@ impl ThreadKind {
             ThreadKind::Capture => &[BASE, SPAWN, FILES, NET, POLL, IOCTL, MEMORY_FDS],
             ThreadKind::CowFault => &[BASE, FILES, POLL, IOCTL],
             ThreadKind::LazyFault => &[BASE, FILES, POLL, IOCTL],
-            ThreadKind::DrSend => &[BASE, FILES, NET, POLL],
+            ThreadKind::DrSend => &[BASE, FILES, NET, POLL, SOCKET_IOCTL],
         }
     }
 
