@@ -385,6 +385,12 @@ fn full_target(extra: &[&str], what: &str) {
         text.contains("space") || text.contains("ENOSPC") || text.contains("os error 28"),
         "{what}: the error does not say the target is full: {text}"
     );
+    // Said as a failed snapshot on a full filesystem, not as a protocol error.
+    assert!(
+        text.contains("failed: no space left on the filesystem of")
+            && !text.contains("malformed"),
+        "{what}: {text}"
+    );
     let (code, st) = api_json(&sock, "GET", "/snapshot", None);
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["state"], "failed", "{what}: {st}");

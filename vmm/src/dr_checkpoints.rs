@@ -166,6 +166,45 @@ struct DrLoop {
     checkpoint_running: bool,
     /// The frame epoch the running checkpoint covers (output commit only).
     running_epoch: Option<u64>,
+    /// The staging repository is this process's default one: removed when the loop ends.
+    owns_staging: bool,
+}
+
+impl Drop for DrLoop {
+    fn drop(&mut self) {
+        if self.owns_staging {
+            if let Err(e) = std::fs::remove_dir_all(&self.staging) {
+                tracing::warn!(
+                    "cannot remove the DR staging repository {}: {e}",
+                    self.staging.display()
+                );
+            }
+        }
+    }
+}
+
+/// Removes the default staging repositories (`NAME-PID`) in `dir` whose process is gone.
+fn remove_stale_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(
+                "removing the stale DR staging repository {}",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -218,6 +257,7 @@ impl DrLoop {
             last_taken_ms: None,
             checkpoint_running: false,
             running_epoch: None,
+            owns_staging: false,
         })
     }
 
@@ -241,6 +281,7 @@ impl DrLoop {
         let pause = out.pause_us;
         let handle = std::thread::Builder::new().name("dr-send".into()).spawn(
             move || -> Result<SendReport, DrSendError> {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::DrSend);
                 let key = RepoKey::load(&key_path)?;
                 let repo = Repository::open(&staging, Some(key))?;
                 Ok(send_checkpoint(
@@ -346,10 +387,15 @@ impl DrControl {
         {
             return Err(DrControlError::AlreadyRunning);
         }
+        let owns_staging = staging.is_none();
         let staging = staging
             .map(Path::to_path_buf)
             .unwrap_or_else(|| default_staging(vm_name));
+        if let (true, Some(dir)) = (owns_staging, staging.parent()) {
+            remove_stale_staging(dir);
+        }
         let mut d = DrLoop::new(config, &staging)?;
+        d.owns_staging = owns_staging;
         tracing::info!(
             "continuous protection to {} every {} ms (staging {})",
             config.target,
@@ -360,6 +406,10 @@ impl DrControl {
         d.checkpoint_running = self.current.as_ref().is_some_and(|o| o.checkpoint_running);
         self.commit.set_enabled(config.output_commit);
         let status = d.status();
+        if let Some(old) = self.current.as_mut().filter(|o| o.staging == d.staging) {
+            // The new loop goes on with the same staging repository.
+            old.owns_staging = false;
+        }
         self.current = Some(d);
         Ok(status)
     }

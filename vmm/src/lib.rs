@@ -17,6 +17,7 @@ pub mod observe;
 pub mod restore;
 pub mod runtime;
 pub mod saved_state;
+pub mod seccomp;
 pub mod signals;
 pub mod vstate;
 

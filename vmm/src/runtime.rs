@@ -235,6 +235,7 @@ impl Vmm {
     pub fn run(&mut self) -> Result<GuestExit, RuntimeError> {
         let _raw = RawTerminal::enter();
         self.machine.resume()?;
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
         tracing::info!(
             "guest running with {} vCPUs",
             self.machine.built.vcpus.len()

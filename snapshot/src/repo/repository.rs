@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::backup::BackupWriter;
-use super::codec::{chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX};
+use super::codec::{
+    chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX,
+};
 use super::key::RepoKey;
 use super::point::{
     point_id_from_name, point_object_name, validate_point_name, PointManifest, POINT_PREFIX,
@@ -329,19 +331,31 @@ impl Repository {
         PointManifest::decode(id, &bytes, self.key.as_deref())
     }
 
-    /// Reads chunk `id`, decompressed and checked against its id.
+    /// Reads chunk `id`, decompressed and checked against its id. A full-size all-zero chunk is
+    /// known from its id alone: a missing or damaged stored copy of it reads as zeros.
     pub fn read_chunk(&self, id: &ContentHash) -> Result<Vec<u8>, RepoError> {
-        let stored = self
-            .store
-            .get(&chunk_object_name(id))
-            .map_err(|e| match e {
-                StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
-                other => other.into(),
-            })?;
-        decode_chunk(id, &stored, self.key.as_deref()).map_err(|source| RepoError::ChunkDamaged {
-            id: id.to_hex(),
-            source,
-        })
+        let read = || {
+            let stored = self
+                .store
+                .get(&chunk_object_name(id))
+                .map_err(|e| match e {
+                    StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
+                    other => other.into(),
+                })?;
+            decode_chunk(id, &stored, self.key.as_deref()).map_err(|source| {
+                RepoError::ChunkDamaged {
+                    id: id.to_hex(),
+                    source,
+                }
+            })
+        };
+        match read() {
+            Err(e) if *id == chunk_id(&vec![0u8; CHUNK_SIZE], self.key.as_deref()) => {
+                tracing::warn!("{e}: it is the all-zero chunk, read as zeros");
+                Ok(vec![0u8; CHUNK_SIZE])
+            }
+            other => other,
+        }
     }
 
     /// Writes object `name` of `point` to `out`, every chunk checked; returns the bytes written.

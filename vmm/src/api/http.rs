@@ -175,6 +175,21 @@ impl<R: Read> MessageReader<R> {
         }
     }
 
+    /// The stream.
+    pub(crate) fn get_ref(&self) -> &R {
+        &self.stream
+    }
+
+    /// How many bytes are buffered (read but not yet part of a message).
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The stream, mutably.
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.stream
+    }
+
     /// Reads more bytes into the buffer; returns how many (0 at end of stream).
     fn fill(&mut self) -> Result<usize, HttpError> {
         let mut chunk = [0u8; READ_CHUNK];

@@ -27,6 +27,7 @@
 //!   two may have different working directories. The CLI makes them absolute before sending.
 
 mod client;
+mod deadline;
 mod http;
 mod request;
 mod response;
@@ -34,6 +35,7 @@ mod server;
 mod socket;
 
 pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
+pub use deadline::REQUEST_DEADLINE;
 pub use request::{
     ApiRequest, DrParams, SnapshotMode, SnapshotParams, SnapshotStrategy, SnapshotTarget,
     MIN_DR_INTERVAL_MS,
@@ -47,5 +49,7 @@ pub use server::{
 };
 pub use socket::ApiServerError;
 
+#[cfg(test)]
+mod deadline_tests;
 #[cfg(test)]
 mod tests;

@@ -314,7 +314,10 @@ impl CowTracker {
         let s = shared.clone();
         let fault_thread = std::thread::Builder::new()
             .name("cow-fault".into())
-            .spawn(move || fault_loop(s))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::CowFault);
+                fault_loop(s)
+            })
             .map_err(CowError::Spawn)?;
         Ok(Self {
             shared,

@@ -206,7 +206,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             .and_then(|r| r.parse::<SnapshotStatus>())
         {
             Ok(s) => s,
-            Err(e) => return fail(&e),
+            Err(e) => return lost_vm(&params.target, &e),
         };
         if let Some(b) = &bar {
             b.set_length(s.bytes_total);
@@ -220,10 +220,26 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    report(&status, args.json)
+    report(&status, args.json, &params.target)
 }
 
-fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
+/// The VM stopped answering while a snapshot ran (it was killed, say). A snapshot directory
+/// appears under its name only once complete, so one that exists now is done.
+fn lost_vm(target: &SnapshotTarget, e: &ApiClientError) -> ExitCode {
+    if let SnapshotTarget::Dir(dir) = target {
+        if dir.join("manifest.json").is_file() {
+            crate::outln!(
+                "snapshot written to {} (the VM stopped answering after it completed: {})",
+                dir.display(),
+                crate::error_chain(e)
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    fail(e)
+}
+
+fn report(s: &SnapshotStatus, json: bool, target: &SnapshotTarget) -> ExitCode {
     if json {
         crate::outln!("{}", serde_json::to_string(s).expect("status serializes"));
     } else if s.state == SnapshotState::Done {
@@ -256,12 +272,19 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
     if s.state == SnapshotState::Done {
         ExitCode::SUCCESS
     } else {
-        let e = ApiClientError::Protocol(format!(
-            "snapshot {} {:?}: {}",
-            s.id,
-            s.state,
-            s.error.clone().unwrap_or_default()
-        ));
-        fail(&e)
+        let why = s.error.clone().unwrap_or_default();
+        let place = match target {
+            SnapshotTarget::Dir(p) | SnapshotTarget::Repo(p) => p.display().to_string(),
+        };
+        if why.contains("No space left on device") || why.contains("os error 28") {
+            eprintln!(
+                "arkvm: error: snapshot {} failed: no space left on the filesystem of {place} ({why})",
+                s.id
+            );
+        } else {
+            let state = format!("{:?}", s.state).to_lowercase();
+            eprintln!("arkvm: error: snapshot {} {state}: {why}", s.id);
+        }
+        ExitCode::from(1)
     }
 }

@@ -189,6 +189,8 @@ pub fn run(command: DrCommand) -> ExitCode {
 /// `arkvm dr serve`: runs until killed. The key and the listening address are checked before
 /// the repository is opened or created, so a failed start leaves nothing behind.
 pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
+    // A SIGTERM from now on waits for `run_until_terminated` below, which ends cleanly.
+    crate::signals::block_termination();
     let key = RepoKey::load(&args.key)?;
     let config = ReceiverConfig {
         keep_last: args.keep,
@@ -223,7 +225,20 @@ pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
         }
     );
     let _ = std::io::stdout().flush();
-    Arc::new(receiver).serve(listener)?;
+    let receiver = Arc::new(receiver);
+    // SIGTERM and SIGINT stop the receiver cleanly (exit 0); a checkpoint being received is
+    // not committed, which the sender sees as a failed send.
+    let served = crate::signals::run_until_terminated(move || receiver.serve(listener)).map_err(
+        |source| DrCommandError::Io {
+            action: "start the receiver on",
+            target: args.listen.clone(),
+            source,
+        },
+    )?;
+    match served {
+        Some(result) => result?,
+        None => tracing::info!("dr: stopping on a termination signal"),
+    }
     Ok(())
 }
 

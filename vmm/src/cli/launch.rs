@@ -78,6 +78,9 @@ fn run_vm(
 /// `arkvm run`.
 pub fn run(args: RunArgs) -> ExitCode {
     crate::signals::install();
+    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+        return fail(&e);
+    }
     let memory_bytes = match check_memory(&args.memory) {
         Ok(m) => m,
         Err(e) => return fail(&e),
@@ -158,6 +161,9 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// (`--repo` with `--id`), which is read in place under the repository's shared lock.
 pub fn restore(args: RestoreArgs) -> ExitCode {
     crate::signals::install();
+    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+        return fail(&e);
+    }
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
         Ok(m) => m,
         Err(e) => return fail(&e),

@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// Allow --memory larger than the host's memory (MemTotal in /proc/meminfo).
     #[arg(long)]
     pub memory_overcommit: bool,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
     #[command(flatten)]
     pub capture: CaptureArgs,
     #[command(flatten)]
@@ -262,6 +265,9 @@ pub struct RestoreArgs {
     /// devices not named attach to the tap they were saved with.
     #[arg(long = "net", value_name = "NET")]
     pub nets: Vec<String>,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 #[derive(clap::Args)]

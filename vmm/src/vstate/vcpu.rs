@@ -324,7 +324,10 @@ impl Vcpu {
         let (response_tx, response_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, response_tx))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
+                self.run(event_rx, response_tx)
+            })
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(VcpuHandle {
             index,

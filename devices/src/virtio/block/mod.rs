@@ -16,6 +16,7 @@ pub mod hydrate;
 pub mod image_format;
 pub mod overlay;
 pub mod request;
+mod reserve;
 
 pub use cbt::{ChangedBlockTracker, ChangedBlocks, CBT_BLOCK_SIZE};
 pub use config::{validate_disks, DiskConfig, DiskConfigError, SECTOR_SIZE};

@@ -218,12 +218,12 @@ fn verify(args: RepoArgs) -> ExitCode {
             crate::outln!("damaged point {id}: {why}");
         }
         for c in &report.damaged_chunks {
-            crate::outln!(
-                "damaged chunk {}: {} (used by {})",
-                c.id.to_hex(),
-                c.problem,
-                c.points.join(", ")
-            );
+            let users = if c.points.is_empty() {
+                "used by no point".to_string()
+            } else {
+                format!("used by {}", c.points.join(", "))
+            };
+            crate::outln!("damaged chunk {}: {} ({users})", c.id.to_hex(), c.problem);
         }
         if report.is_clean() {
             crate::outln!("repository is clean");

@@ -148,7 +148,10 @@ impl LazyMemory {
             loader.threads.push(
                 std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || f(s))
+                    .spawn(move || {
+                        crate::seccomp::enter(crate::seccomp::ThreadKind::LazyFault);
+                        f(s)
+                    })
                     .map_err(LazyMemoryError::Spawn)?,
             );
         }
