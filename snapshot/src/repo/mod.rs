@@ -15,14 +15,17 @@
 //! the parent point without being read, and chunks already stored are not stored again.
 //!
 //! Storage goes through [`ChunkStore`], which only creates, reads, lists and deletes whole
-//! objects, so that an object store can back it later.
+//! objects: a local directory ([`LocalDirStore`]) or an S3 bucket ([`s3::S3Store`], chosen by
+//! giving an `s3://BUCKET/PREFIX` URL where a repository path is taken).
 
 mod backup;
 mod codec;
 mod key;
+mod location;
 mod point;
 mod reader;
 mod repository;
+pub mod s3;
 mod store;
 mod transfer;
 
