@@ -129,8 +129,13 @@ fn a_replaced_manifest_is_not_served_from_the_cache() {
         .unwrap();
     writer.commit().unwrap();
     drop(api);
+    let cached_before = cached_files();
     let rows = list(&repo, None);
     assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        cached_files() > cached_before,
+        "listing cached no manifest"
+    );
     let id = rows[0]["id"].as_str().unwrap().to_string();
     // Listed twice: the second time from the cache; then the manifest is replaced in the
     // bucket with damaged bytes, and the cache must not hide that.

@@ -113,3 +113,18 @@ pub fn ark_env(args: &[String], env: &[(&str, &str)]) -> (std::process::ExitStat
         .collect();
     (out.status, err)
 }
+
+/// How many files the manifest cache holds (`$ARKVM_CACHE/s3`, else `~/.cache/arkvm/s3`).
+pub fn cached_files() -> usize {
+    let root = std::env::var_os("ARKVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/arkvm"))
+        .join("s3");
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    dirs.filter_map(Result::ok)
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .map(|files| files.count())
+        .sum()
+}

@@ -40,6 +40,12 @@ pub enum StoreError {
         /// What went wrong, in one line.
         problem: String,
     },
+    /// The store cannot be used as configured (a bad URL, missing settings).
+    #[error("{problem}")]
+    Unusable {
+        /// What is wrong, in one line without secrets.
+        problem: String,
+    },
     /// The backing storage failed.
     #[error("cannot {action} {}", path.display())]
     Io {

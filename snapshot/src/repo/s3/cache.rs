@@ -50,6 +50,8 @@ impl ManifestCache {
     }
 
     fn file(&self, name: &str, etag: &str) -> PathBuf {
+        // Servers quote entity tags in GET headers but not always in listings.
+        let etag = etag.trim_matches('"');
         let key = blake3::hash(format!("{name}\n{etag}").as_bytes());
         self.dir.join(&key.to_hex()[..40])
     }

@@ -59,9 +59,7 @@ pub enum S3Error {
 
 impl From<S3Error> for StoreError {
     fn from(e: S3Error) -> Self {
-        StoreError::Remote {
-            action: "open",
-            location: String::new(),
+        StoreError::Unusable {
             problem: crate::error::error_chain(&e),
         }
     }
@@ -100,12 +98,12 @@ fn remote(client: &S3Client, action: &'static str, name: &str, e: &object_store:
         },
         Failure::Exists => StoreError::Remote {
             action,
-            location: format!("{}{name}", client.url()),
+            location: object_url(client.url(), name),
             problem: "it already exists".into(),
         },
         Failure::Other(problem) => StoreError::Remote {
             action,
-            location: format!("{}{name}", client.url()),
+            location: object_url(client.url(), name),
             problem,
         },
     }
@@ -132,13 +130,9 @@ fn remove(client: &S3Client, name: &str) -> Result<(), StoreError> {
         .map_err(|e| remote(client, "delete", name, &e))
 }
 
-fn folder_name(url: &S3Url) -> String {
-    let text = url.to_string();
-    if text.ends_with('/') {
-        text
-    } else {
-        format!("{text}/")
-    }
+/// The URL of object `name` of the repository at `url`.
+fn object_url(url: &S3Url, name: &str) -> String {
+    format!("s3://{}/{}{name}", url.bucket, url.prefix)
 }
 
 impl ChunkStore for S3Store {
@@ -228,6 +222,6 @@ impl ChunkStore for S3Store {
     }
 
     fn location(&self) -> String {
-        folder_name(self.client.url()).trim_end_matches('/').to_string()
+        self.client.url().to_string()
     }
 }
