@@ -12,6 +12,12 @@ use super::RepoError;
 /// The repository's config object.
 pub(super) const CONFIG_NAME: &str = "config.json";
 
+/// Whether `path` names a remote repository (an `s3://` URL) rather than a directory: such a
+/// path is passed on as it is, never made absolute.
+pub fn is_remote(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.starts_with("s3://"))
+}
+
 /// The store of a remote repository if `path` is a URL (`s3://...`), else `None`.
 pub(super) fn open_remote(path: &Path) -> Result<Option<Box<dyn ChunkStore>>, RepoError> {
     let Some(text) = path.to_str() else {
