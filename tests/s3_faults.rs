@@ -16,18 +16,18 @@ fn radosgw_killed_mid_backup_fails_cleanly_and_the_next_backup_succeeds() {
     let repo = fresh_repo("kill");
     init_repo(&repo, None);
     let sock = dir.path().join("vm.sock");
-    let mut vm = memory_vm("256M", "killed", &sock, 1);
+    let mut vm = memory_vm("512M", "killed", &sock, 1);
     wait_parsed(&vm, 0, pass_gen);
 
     let mut snap = Vmm::spawn(&snapshot_args(&sock, &repo, None));
     let deadline = Instant::now() + Duration::from_secs(120);
-    while chunk_objects(&repo).len() < 16 {
+    // radosgw dies once the first chunk objects are in (a 512 MiB backup uploads 512 chunks).
+    while chunk_objects(&repo).is_empty() {
         assert!(
             Instant::now() < deadline && !snap.has_exited(),
             "the backup uploaded no chunks\n{}",
             snap.dump()
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
     let rgw = ceph_pid("rgw");
     let killed = std::process::Command::new("kill")
@@ -58,6 +58,11 @@ fn radosgw_killed_mid_backup_fails_cleanly_and_the_next_backup_succeeds() {
     assert_not_broken(&vm);
 
     drop(restarted);
+    let uploaded = chunk_objects(&repo).len();
+    assert!(
+        (1..512).contains(&uploaded),
+        "radosgw was not killed mid-backup: {uploaded} chunk objects"
+    );
     assert!(list(&repo, None).is_empty(), "a partial point is listed");
     let report = backup(&sock, &repo, None);
     let id = report["id"].as_str().unwrap().to_string();
