@@ -64,3 +64,20 @@ build_arkvm() {
     say "building arkvm (release)"
     (cd "$ARKVM_ROOT" && cargo build --release --workspace --bins --locked)
 }
+
+# --- Object store (issue 12): the Ceph RGW that tests/s3.rs runs against ---------------------
+# start_object_store starts scripts/ceph-rgw (installing Ceph's packages when missing) and puts
+# its AWS_* settings into the environment; stop_object_store ends exactly what it started. The
+# test command stops it on every exit, so no Ceph process outlives a run.
+start_object_store() {
+    say "starting Ceph RGW for the object-store tests"
+    local env
+    env="$(bash "$ARKVM_ROOT/scripts/ceph-rgw" start)"
+    eval "$env"
+    trap stop_object_store EXIT
+}
+
+stop_object_store() {
+    bash "$ARKVM_ROOT/scripts/ceph-rgw" stop || true
+}
+# --- end object store ------------------------------------------------------------------------

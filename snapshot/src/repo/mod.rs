@@ -15,17 +15,20 @@
 //! the parent point without being read, and chunks already stored are not stored again.
 //!
 //! Storage goes through [`ChunkStore`], which only creates, reads, lists and deletes whole
-//! objects, so that an object store can back it later.
+//! objects: a local directory ([`LocalDirStore`]) or an S3 bucket ([`s3::S3Store`], chosen by
+//! giving an `s3://BUCKET/PREFIX` URL where a repository path is taken).
 
 mod backup;
 mod codec;
 mod key;
+mod location;
 mod point;
 mod reader;
 mod repository;
 mod resolve;
 mod retention;
 mod stage_times;
+pub mod s3;
 mod store;
 mod transfer;
 
@@ -41,6 +44,7 @@ pub use point::{
     point_id_from_name, point_object_name, validate_vm_name, PointManifest, PointObject,
     PointStats, MAX_POINT_LEN, POINT_PREFIX,
 };
+pub use location::is_remote;
 pub use reader::ObjectReader;
 pub use repository::{
     DamagedChunk, GcReport, PointEntry, PruneReport, RepoVerifyProgress, Repository, VerifyReport,

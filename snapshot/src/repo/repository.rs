@@ -26,8 +26,7 @@ use crate::sealed_json::{seal, unseal};
 use crate::state_file::{read_state, DEFAULT_STATE_LIMIT};
 use crate::FORMAT_VERSION;
 
-/// The repository's config object.
-const CONFIG_NAME: &str = "config.json";
+use super::location::{check_remote_init_target, open_remote, CONFIG_NAME};
 
 /// The repository config, sealed JSON.
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,10 +128,15 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Creates a repository in directory `path` (created if needed, mode 0700), encrypted with
+    /// Creates a repository in directory `path` (created if needed, mode 0700), or at the
+    /// `s3://BUCKET/PREFIX` URL `path` holds, encrypted with
     /// `key` if one is given. A directory that holds anything but what a repository holds is
     /// refused (see [`Repository::check_init_target`]).
     pub fn init(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
+        if let Some(store) = open_remote(path)? {
+            check_remote_init_target(store.as_ref())?;
+            return Self::init_store(store, key);
+        }
         Self::check_init_target(path)?;
         let store = LocalDirStore::open(path)?;
         Self::init_store(Box::new(store), key).map_err(|e| match e {
@@ -180,9 +184,12 @@ impl Repository {
         Ok(())
     }
 
-    /// Opens the repository in directory `path`; `key` must be given exactly when it is
+    /// Opens the repository in directory `path` (or at the `s3://` URL it holds); `key` must be given exactly when it is
     /// encrypted.
     pub fn open(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
+        if let Some(store) = open_remote(path)? {
+            return Self::open_store(store, key);
+        }
         if !path.join(CONFIG_NAME).exists() {
             return Err(RepoError::NotARepository {
                 path: path.to_path_buf(),

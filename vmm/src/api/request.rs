@@ -92,6 +92,7 @@ impl TryFrom<SnapshotBody> for SnapshotParams {
     fn try_from(b: SnapshotBody) -> Result<Self, String> {
         let target = match (b.out, b.repo) {
             (Some(out), None) => SnapshotTarget::Dir(require_absolute("out", out)?),
+            (None, Some(repo)) if snapshot::repo::is_remote(&repo) => SnapshotTarget::Repo(repo),
             (None, Some(repo)) => SnapshotTarget::Repo(require_absolute("repo", repo)?),
             _ => return Err("exactly one of \"out\" and \"repo\" must be given".to_string()),
         };

@@ -142,6 +142,9 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     let abs = |p: &std::path::Path| std::path::absolute(p);
     let target = match (&args.out, &args.repo) {
         (Some(out), _) => abs(out).map(SnapshotTarget::Dir),
+        (None, Some(repo)) if snapshot::repo::is_remote(repo) => {
+            Ok(SnapshotTarget::Repo(repo.clone()))
+        }
         (None, Some(repo)) => abs(repo).map(SnapshotTarget::Repo),
         (None, None) => {
             eprintln!("arkvm: error: snapshot needs --out DIR or --repo DIR");
