@@ -248,8 +248,15 @@ impl VirtioDevice for Net {
             self.id,
             self.tap_name()
         );
-        // Frames may already wait on the tap (edge-triggered: no new edge would come).
-        self.process_rx();
+        // Serve both queues once from the event loop: frames may already wait on the tap
+        // (edge-triggered: no new edge would come), and a restored driver may have posted
+        // chains whose notification went to the process that took the snapshot. Not here:
+        // on restore, guest memory is not loaded yet while the transport is being rebuilt.
+        for evt in &self.queue_evts {
+            if let Err(e) = evt.write(1) {
+                tracing::warn!("virtio-net {}: cannot schedule its queues: {e}", self.id);
+            }
+        }
         Ok(())
     }
 
