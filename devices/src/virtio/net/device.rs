@@ -55,8 +55,6 @@ pub struct NetStats {
     pub tx_frames: u64,
     /// Bytes the guest transmitted (without the virtio-net header).
     pub tx_bytes: u64,
-    /// Transmitted chains dropped as malformed (no header, too large).
-    pub tx_dropped: u64,
     /// Times the device found the driver's rings broken and asked for a reset.
     pub device_errors: u64,
 }
