@@ -11,7 +11,7 @@ use std::time::Duration;
 use arkvm_tests::{
     api_json, cli_snapshot, one_at_a_time, require_kvm, tiny_guest, wait_for_path, ScratchDir,
 };
-use net_support::{echo, next_heartbeat, wait_ready, NetNs};
+use net_support::{echo, next_heartbeat, next_heartbeat_full, wait_ready, NetNs};
 
 fn s(p: &std::path::Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
@@ -118,7 +118,16 @@ fn snapshot_and_restore(strategy: &str, other_tap: bool) {
     let raw = ns.socket(0);
     let first = echo(&raw, mac, 0, 300, 16, Duration::from_secs(120));
     assert_eq!(first.replies, 300, "{first:?}\n{}", vmm.dump());
-    let before = next_heartbeat(&raw, Duration::from_secs(30)).expect("heartbeat before");
+    // A counter well above what a guest restarted from zero would show first.
+    let mut before = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while before < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "heartbeats stalled at {before}"
+        );
+        before = next_heartbeat(&raw, Duration::from_secs(30)).expect("heartbeat before");
+    }
     let snap = dir.path().join("snap");
     cli_snapshot(&sock, &snap, &["--strategy", strategy]);
     let after = next_heartbeat(&raw, Duration::from_secs(30)).expect("heartbeat after");
@@ -150,11 +159,23 @@ fn snapshot_and_restore(strategy: &str, other_tap: bool) {
         restored.dump()
     );
     let raw2 = ns.socket(tap);
-    let h = next_heartbeat(&raw2, Duration::from_secs(60))
+    let (h, answered) = next_heartbeat_full(&raw2, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("no heartbeat after restore\n{}", restored.dump()));
+    // The counters continue from the snapshot's values: the heartbeat past what was seen
+    // before the snapshot, the answered count exactly the 300 answered before it (no request
+    // was sent between).
     assert!(
-        h > before && h <= after + 2,
-        "heartbeat {h} after restore: the snapshot was taken between {before} and {after}"
+        h > before,
+        "heartbeat {h} after restore: the snapshot was taken after {before} (and before {after})"
+    );
+    assert_eq!(
+        answered, 300,
+        "the restored guest's answered count is not the snapshot's"
+    );
+    let later = next_heartbeat(&raw2, Duration::from_secs(60)).expect("a second heartbeat");
+    assert!(
+        later > h,
+        "the heartbeat counter does not advance: {h} then {later}"
     );
     let second = echo(&raw2, mac, 1000, 300, 16, Duration::from_secs(120));
     assert_eq!(second.replies, 300, "{second:?}\n{}", restored.dump());

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arkvm_tests::{api_json, one_at_a_time, require_kvm, tiny_guest, wait_for_path, ScratchDir};
+use arkvm_tests::{
+    api_json, arkvm_bin, one_at_a_time, require_kvm, tiny_guest, wait_for_path, ScratchDir,
+};
 use net_support::{Frame, NetNs, RawSock};
 
 fn s(p: &Path) -> String {
@@ -102,24 +104,54 @@ fn trial(
         s(&sock),
         "--net".into(),
         format!("tap={},id=net0", ns.taps[0]),
-        "--dr-target".into(),
-        addr,
-        "--dr-interval".into(),
-        "100ms".into(),
-        "--key".into(),
-        s(key),
-        "--dr-staging".into(),
-        s(&dir.join(format!("staging-{n}"))),
     ];
-    if output_commit {
-        args.push("--dr-output-commit".into());
+    // Odd trials start protection through the API (`PUT /dr`), even ones on the command line.
+    let through_api = n % 2 == 1;
+    if !through_api {
+        args.extend([
+            "--dr-target".into(),
+            addr.clone(),
+            "--dr-interval".into(),
+            "100ms".into(),
+            "--key".into(),
+            s(key),
+            "--dr-staging".into(),
+            s(&dir.join(format!("staging-{n}"))),
+        ]);
+        if output_commit {
+            args.push("--dr-output-commit".into());
+        }
+    } else {
+        // The API takes no staging directory: keep the default one under the scratch dir.
+        let mut wrapped = vec![
+            "env".to_string(),
+            format!("ARKVM_CACHE={}", s(&dir.join(format!("cache-{n}")))),
+            s(&arkvm_bin()),
+        ];
+        wrapped.extend(args);
+        args = wrapped;
     }
-    let mut primary = ns.spawn(&args);
+    let mut primary = if through_api {
+        let mut all = vec!["netns".to_string(), "exec".into(), ns.name.clone()];
+        all.extend(args);
+        arkvm_tests::Vmm::spawn_program(Path::new("ip"), &all)
+    } else {
+        ns.spawn(&args)
+    };
     assert!(
         wait_for_path(&sock, Duration::from_secs(30)),
         "{}",
         primary.dump()
     );
+    if through_api {
+        let body = serde_json::json!({
+            "target": addr, "interval_ms": 100, "key": s(key), "output_commit": output_commit,
+        })
+        .to_string();
+        let (code, v) = api_json(&sock, "PUT", "/dr", Some(&body));
+        assert_eq!(code, 202, "PUT /dr: {v}");
+        assert_eq!(v["output_commit"], output_commit, "{v}");
+    }
     let mac = net_support::wait_ready(&primary, 0);
     // A first checkpoint, so that there is something to recover.
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -365,10 +365,15 @@ pub fn echo(
 
 /// The next heartbeat's counter (within `timeout`).
 pub fn next_heartbeat(sock: &RawSock, timeout: Duration) -> Option<u64> {
+    next_heartbeat_full(sock, timeout).map(|(n, _)| n)
+}
+
+/// The next heartbeat's counter and the guest's answered count (within `timeout`).
+pub fn next_heartbeat_full(sock: &RawSock, timeout: Duration) -> Option<(u64, u64)> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some(Frame::Heartbeat { n, .. }) = sock.recv() {
-            return Some(n);
+        if let Some(Frame::Heartbeat { n, answered }) = sock.recv() {
+            return Some((n, answered));
         }
     }
     None

@@ -119,9 +119,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
     }
     for n in &info.net {
         crate::outln!(
-            "net:      {} tap={} mac={} rx={} frames/{} bytes (dropped {}) tx={} frames/{} bytes (dropped {}, tap errors {}) held={} frames/{} bytes release-lag last={}us max={}us{}",
+            "net:      {} tap={} mac={} rx={} frames/{} bytes (dropped {}) tx={} frames/{} bytes (tap errors {}) held={} frames/{} bytes release-lag last={}us max={}us{}",
             n.id, n.tap, n.mac, n.rx_frames, n.rx_bytes, n.rx_dropped, n.tx_frames, n.tx_bytes,
-            n.tx_dropped, n.tx_errors, n.held_frames, n.held_bytes, n.release_lag_last_us,
+            n.tx_errors, n.held_frames, n.held_bytes, n.release_lag_last_us,
             n.release_lag_max_us,
             n.error.as_ref().map(|e| format!(" ERROR: {e}")).unwrap_or_default()
         );

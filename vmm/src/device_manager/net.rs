@@ -30,7 +30,6 @@ pub struct NetInfo {
     pub rx_dropped: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    pub tx_dropped: u64,
     /// Frames the tap refused.
     pub tx_errors: u64,
     /// Frames held by DR output commit right now.
@@ -92,7 +91,6 @@ impl DeviceManager {
                     rx_dropped: s.rx_dropped,
                     tx_frames: s.tx_frames,
                     tx_bytes: s.tx_bytes,
-                    tx_dropped: s.tx_dropped,
                     tx_errors: g.tx_errors,
                     held_frames: g.held_frames,
                     held_bytes: g.held_bytes,
