@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         Command::Status(args) => control::status(args),
         Command::Backup(cmd) => backup::run(cmd),
         Command::Dr(cmd) => dr::run(cmd),
-        Command::Completions(args) => docs::completions(args),
-        Command::Man(args) => docs::man(args),
+        Command::Completions(args) => docs::completions(args, vmm::cli::command()),
+        Command::Man(args) => docs::man(args, vmm::cli::command()),
     }
 }

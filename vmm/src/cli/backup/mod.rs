@@ -3,9 +3,11 @@
 
 pub mod export;
 pub mod prune;
+mod repo_args;
+
+pub use repo_args::RepoArgs;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,19 +34,6 @@ pub enum BackupCommand {
     Gc(RepoArgs),
     /// Write a point out as a snapshot directory, or one of its disks as a raw image.
     Export(export::ExportArgs),
-}
-
-#[derive(clap::Args)]
-pub struct RepoArgs {
-    /// The repository directory.
-    #[arg(long, env = "ARKVM_REPO")]
-    pub repo: PathBuf,
-    /// The repository's key file (encrypted repositories).
-    #[arg(long, env = "ARKVM_KEY_FILE")]
-    pub key: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 fn init(args: RepoArgs) -> ExitCode {
