@@ -144,8 +144,8 @@ fn list_status<P, E>(points: &[(String, Result<P, E>)]) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!(
-        "arkvm: error: {unreadable} of {} unreadable (run `arkvm backup verify`)",
-        super::format::count(points.len(), "point")
+        "arkvm: error: {unreadable} of {} points are unreadable (run `arkvm backup verify`)",
+        points.len()
     );
     exit::code(exit::DAMAGE)
 }
