@@ -159,8 +159,10 @@ fn exported_points_restore_and_disks_match_their_instant() {
 
     // A paused point: the host's disk file while the VM is paused is the disk at its instant.
     ark(&["status", "--api-socket", s, "--json"]);
-    let (code, body) = api_json(&sock, "PUT", "/vm/pause", None);
-    assert_eq!(code / 100, 2, "{body}");
+    assert_eq!(
+        ark(&["pause", "--api-socket", s, "--json"])["result"],
+        "paused"
+    );
     let disk_at_pause = std::fs::read(&img).expect("read disk");
     let paused = ark(&[
         "snapshot",

@@ -39,13 +39,13 @@ fn main() -> ExitCode {
         Command::Run(args) => launch::run(args),
         Command::Restore(args) => launch::restore(args),
         Command::Snapshot(args) => control::snapshot(args),
-        Command::Pause(a) => control::simple_put(&a.api_socket, "/vm/pause", "paused"),
-        Command::Resume(a) => control::simple_put(&a.api_socket, "/vm/resume", "resumed"),
-        Command::Shutdown(a) => control::simple_put(&a.api_socket, "/vm/shutdown", "shutting down"),
+        Command::Pause(a) => control::simple_put(&a, "/vm/pause", "paused"),
+        Command::Resume(a) => control::simple_put(&a, "/vm/resume", "resumed"),
+        Command::Shutdown(a) => control::simple_put(&a, "/vm/shutdown", "shutting down"),
         Command::Status(args) => control::status(args),
         Command::Backup(cmd) => backup::run(cmd),
         Command::Dr(cmd) => dr::run(cmd),
-        Command::Completions(args) => docs::completions(args),
-        Command::Man(args) => docs::man(args),
+        Command::Completions(args) => docs::completions(args, vmm::cli::command()),
+        Command::Man(args) => docs::man(args, vmm::cli::command()),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::common::fail;
-use super::{SnapshotArgs, StatusArgs, StrategyArg};
+use super::{SnapshotArgs, SocketArg, StatusArgs, StrategyArg};
 use crate::api::{
     ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState,
     SnapshotStatus, SnapshotStrategy, SnapshotTarget, VmInfo,
@@ -20,12 +20,16 @@ fn connect(path: &std::path::Path) -> Result<ApiClient, ExitCode> {
 }
 
 /// `arkvm pause|resume|shutdown`: one PUT.
-pub fn simple_put(socket: &std::path::Path, path: &str, done: &str) -> ExitCode {
-    let mut client = match connect(socket) {
+pub fn simple_put(args: &SocketArg, path: &str, done: &str) -> ExitCode {
+    let mut client = match connect(&args.api_socket) {
         Ok(c) => c,
         Err(code) => return code,
     };
     match client.put(path, None).and_then(|r| r.into_result()) {
+        Ok(_) if args.json => {
+            crate::outln!("{}", serde_json::json!({ "result": done }));
+            ExitCode::SUCCESS
+        }
         Ok(_) => {
             crate::outln!("{done}");
             ExitCode::SUCCESS

@@ -19,19 +19,18 @@ pub struct ManArgs {
     pub dir: PathBuf,
 }
 
-/// `arkvm completions`.
-pub fn completions(args: CompletionsArgs) -> ExitCode {
-    let mut cmd = super::command();
+/// `arkvm completions`, for the command line `cmd`.
+pub fn completions(args: CompletionsArgs, mut cmd: clap::Command) -> ExitCode {
     clap_complete::generate(args.shell, &mut cmd, "arkvm", &mut std::io::stdout());
     ExitCode::SUCCESS
 }
 
-/// `arkvm man`.
-pub fn man(args: ManArgs) -> ExitCode {
+/// `arkvm man`, for the command line `cmd`.
+pub fn man(args: ManArgs, cmd: clap::Command) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(&args.dir) {
         return fail(&e);
     }
-    match clap_mangen::generate_to(super::command(), &args.dir) {
+    match clap_mangen::generate_to(cmd, &args.dir) {
         Ok(()) => {
             crate::outln!("wrote man pages to {}", args.dir.display());
             ExitCode::SUCCESS

@@ -275,6 +275,9 @@ pub struct SocketArg {
     /// The VM's control socket.
     #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use snapshot::fs_util::{create_private_file, rename_noreplace};
 use snapshot::repo::{PointManifest, Repository};
 
-use super::RepoArgs;
+use super::repo_args::RepoArgs;
 use crate::cli::common::{fail, open_repo};
 use crate::cli::format::{bytes, date_rfc3339};
 use crate::saved_state::disk_part_name;

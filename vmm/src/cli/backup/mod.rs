@@ -3,9 +3,11 @@
 
 pub mod export;
 pub mod prune;
+mod repo_args;
+
+pub use repo_args::RepoArgs;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,19 +36,6 @@ pub enum BackupCommand {
     Export(export::ExportArgs),
     /// Boot points in isolation and check that their guests run (docs/recovery.md).
     Drill(super::drill::DrillArgs),
-}
-
-#[derive(clap::Args)]
-pub struct RepoArgs {
-    /// The repository directory.
-    #[arg(long, env = "ARKVM_REPO")]
-    pub repo: PathBuf,
-    /// The repository's key file (encrypted repositories).
-    #[arg(long, env = "ARKVM_KEY_FILE")]
-    pub key: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 fn init(args: RepoArgs) -> ExitCode {
@@ -163,8 +152,8 @@ fn list_status<P, E>(points: &[(String, Result<P, E>)]) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!(
-        "arkvm: error: {unreadable} of {} unreadable (run `arkvm backup verify`)",
-        super::format::count(points.len(), "point")
+        "arkvm: error: {unreadable} of {} points are unreadable (run `arkvm backup verify`)",
+        points.len()
     );
     exit::code(exit::DAMAGE)
 }

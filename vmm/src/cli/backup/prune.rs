@@ -7,7 +7,7 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use snapshot::repo::{GcReport, KeepPolicy, PruneReport, Repository};
 
-use super::RepoArgs;
+use super::repo_args::RepoArgs;
 use crate::cli::common::{fail, open_repo};
 use crate::cli::exit;
 use crate::cli::format::{count, parse_duration};
