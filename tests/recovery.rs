@@ -429,6 +429,13 @@ fn restores_under_cpu_pressure_never_stall() {
         r.kill();
         let first = r.stdout().iter().find_map(|l| parse_pass(l)).is_some();
         assert!(first, "restore {i}: no parsable PASS line\n{}", r.dump());
+        if (i + 1) % 50 == 0 {
+            let max = times.iter().max().copied().unwrap_or_default();
+            eprintln!(
+                "{} of {count} restores, slowest first output {max:?}",
+                i + 1
+            );
+        }
     }
     times.sort();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
