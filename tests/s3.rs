@@ -3,7 +3,7 @@
 //! test starts it and leaves it running: `scripts/ceph-rgw stop` ends it). This file: backups of
 //! a running guest into `s3://`, list, verify, restore, damage, misconfiguration.
 //! `s3_faults.rs` (a module of this test binary): radosgw killed mid-backup, and two VMs backing
-//! up while prune runs.
+//! up while prune runs. `s3_dr.rs`: `run --dr-target s3://` and `dr recover --repo s3://`.
 
 #[path = "backup_support.rs"]
 #[allow(dead_code)]
@@ -14,6 +14,9 @@ mod s3;
 
 #[path = "s3_faults.rs"]
 mod faults;
+
+#[path = "s3_dr.rs"]
+mod dr;
 
 use arkvm_tests::{require_kvm, ScratchDir};
 use s3::*;

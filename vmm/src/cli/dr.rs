@@ -356,10 +356,14 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
         Err(RepoError::KeyNotUsed) => Repository::open(&args.repo, None)?,
         other => other?,
     };
-    let work_dir = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| sibling(&args.repo, "recover"));
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| {
+        if snapshot::repo::is_remote(&args.repo) {
+            // A bucket has no sibling folder: export into the local temporary folder.
+            std::env::temp_dir().join("arkvm-dr-recover")
+        } else {
+            sibling(&args.repo, "recover")
+        }
+    });
     // Private: the exported checkpoints hold guest memory and disks, decrypted.
     snapshot::fs_util::create_private_dir_all(&work_dir).map_err(|source| DrCommandError::Io {
         action: "create",
