@@ -126,6 +126,8 @@ fn backups_into_s3_list_verify_restore_and_refuse_damage() {
 
 #[test]
 fn a_replaced_manifest_is_not_served_from_the_cache() {
+    // Every test of this binary is serial: the fault test stops radosgw for a while.
+    let _serial = serial();
     let repo = fresh_repo("cache");
     init_repo(&repo, None);
     // A point with one small state object is enough: no guest needed.
@@ -160,6 +162,7 @@ type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, String);
 
 #[test]
 fn misconfiguration_gives_one_clear_line() {
+    let _serial = serial();
     let repo = fresh_repo("conf");
     init_repo(&repo, None);
     let list_args = args(&["backup", "list", "--repo", &s(&repo)]);

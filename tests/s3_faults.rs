@@ -139,6 +139,7 @@ fn forward(listener: std::net::TcpListener, target: std::net::SocketAddr) {
 
 #[test]
 fn an_endpoint_that_comes_up_late_is_retried() {
+    let _serial = serial();
     let repo = fresh_repo("retry");
     init_repo(&repo, None);
     let rgw: std::net::SocketAddr = var("AWS_ENDPOINT_URL")
