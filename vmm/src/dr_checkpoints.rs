@@ -191,7 +191,7 @@ impl DrLoop {
         };
         let open = Repository::open(staging, Some(key.clone()));
         if open.is_err() {
-            if !direct {
+            if !snapshot::repo::is_remote(staging) {
                 std::fs::create_dir_all(staging)
                     .map_err(|e| DrSetupError::StagingDir(staging.to_path_buf(), e))?;
             }
