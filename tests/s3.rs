@@ -3,7 +3,7 @@
 //! test starts it and leaves it running: `scripts/ceph-rgw stop` ends it). This file: backups of
 //! a running guest into `s3://`, list, verify, restore, damage, misconfiguration.
 //! `s3_faults.rs` (a module of this test binary): radosgw killed mid-backup, and two VMs backing
-//! up while prune runs.
+//! up while prune runs. `s3_dr.rs`: `run --dr-target s3://` and `dr recover --repo s3://`.
 
 #[path = "backup_support.rs"]
 #[allow(dead_code)]
@@ -14,6 +14,9 @@ mod s3;
 
 #[path = "s3_faults.rs"]
 mod faults;
+
+#[path = "s3_dr.rs"]
+mod dr;
 
 use arkvm_tests::{require_kvm, ScratchDir};
 use s3::*;
@@ -104,7 +107,11 @@ fn backups_into_s3_list_verify_restore_and_refuse_damage() {
     let (code, v) = verify(&repo, None);
     assert_eq!(code, 3, "verify missed a flipped byte: {v}");
     assert_eq!(v["damaged_chunks"][0]["id"], chunk.as_str(), "{v}");
-    assert_eq!(v["damaged_chunks"][0]["points"], serde_json::json!([p3]), "{v}");
+    assert_eq!(
+        v["damaged_chunks"][0]["points"],
+        serde_json::json!([p3]),
+        "{v}"
+    );
     assert_restore_refused(&repo, p3, None, chunk);
 
     bucket.delete(&name).unwrap();
@@ -119,6 +126,8 @@ fn backups_into_s3_list_verify_restore_and_refuse_damage() {
 
 #[test]
 fn a_replaced_manifest_is_not_served_from_the_cache() {
+    // Every test of this binary is serial: the fault test stops radosgw for a while.
+    let _serial = serial();
     let repo = fresh_repo("cache");
     init_repo(&repo, None);
     // A point with one small state object is enough: no guest needed.
@@ -132,10 +141,7 @@ fn a_replaced_manifest_is_not_served_from_the_cache() {
     let cached_before = cached_files();
     let rows = list(&repo, None);
     assert_eq!(rows.len(), 1, "{rows:?}");
-    assert!(
-        cached_files() > cached_before,
-        "listing cached no manifest"
-    );
+    assert!(cached_files() > cached_before, "listing cached no manifest");
     let id = rows[0]["id"].as_str().unwrap().to_string();
     // Listed twice: the second time from the cache; then the manifest is replaced in the
     // bucket with damaged bytes, and the cache must not hide that.
@@ -151,19 +157,27 @@ fn a_replaced_manifest_is_not_served_from_the_cache() {
     assert!(rows[0]["error"].is_string(), "{rows:?}");
 }
 
+/// Changed environment variables, the expected words, the repository URL.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, String);
+
 #[test]
 fn misconfiguration_gives_one_clear_line() {
+    let _serial = serial();
     let repo = fresh_repo("conf");
     init_repo(&repo, None);
     let list_args = args(&["backup", "list", "--repo", &s(&repo)]);
     let secret = var("AWS_SECRET_ACCESS_KEY");
-    let cases: [(&[(&str, &str)], &str, String); 3] = [
+    let cases: [Case; 3] = [
         (
             &[("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all")],
             "access denied",
             s(&repo),
         ),
-        (&[], "does not exist", format!("s3://no-such-bucket-{}", std::process::id())),
+        (
+            &[],
+            "does not exist",
+            format!("s3://no-such-bucket-{}", std::process::id()),
+        ),
         (
             &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")],
             "cannot reach",
@@ -181,7 +195,10 @@ fn misconfiguration_gives_one_clear_line() {
             err[0].starts_with("arkvm: error:") && err[0].contains(needle),
             "unclear error for {env:?} (wanted {needle:?}): {err:?}"
         );
-        assert!(!err[0].contains(&secret) && !err[0].contains("not-the-secret"), "{err:?}");
+        assert!(
+            !err[0].contains(&secret) && !err[0].contains("not-the-secret"),
+            "{err:?}"
+        );
         eprintln!("{needle}: {:?} in {:?}", err[0], started.elapsed());
     }
 }

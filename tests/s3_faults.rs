@@ -117,3 +117,56 @@ fn two_vms_back_up_into_one_bucket_while_prune_runs() {
         assert_restores(&repo, r["id"].as_str().unwrap(), None);
     }
 }
+
+/// Forwards every connection accepted on `listener` to `target` until the test ends.
+fn forward(listener: std::net::TcpListener, target: std::net::SocketAddr) {
+    for conn in listener.incoming() {
+        let Ok(client) = conn else { return };
+        let Ok(server) = std::net::TcpStream::connect(target) else {
+            return;
+        };
+        for (mut from, mut to) in [
+            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+            (server, client),
+        ] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_that_comes_up_late_is_retried() {
+    let _serial = serial();
+    let repo = fresh_repo("retry");
+    init_repo(&repo, None);
+    let rgw: std::net::SocketAddr = var("AWS_ENDPOINT_URL")
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the RGW address");
+    // A port nobody listens on for the first second of the command, then a proxy to RGW.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy");
+        std::thread::spawn(move || forward(listener, rgw));
+    });
+    let started = Instant::now();
+    let (st, err) = ark_env(
+        &args(&["backup", "list", "--repo", &s(&repo)]),
+        &[("AWS_ENDPOINT_URL", &endpoint)],
+    );
+    opener.join().unwrap();
+    assert!(st.success(), "no retry reached the late endpoint: {err:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the endpoint was up from the start"
+    );
+}

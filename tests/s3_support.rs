@@ -118,7 +118,9 @@ pub fn ark_env(args: &[String], env: &[(&str, &str)]) -> (std::process::ExitStat
 pub fn cached_files() -> usize {
     let root = std::env::var_os("ARKVM_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/arkvm"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/arkvm")
+        })
         .join("s3");
     let Ok(dirs) = std::fs::read_dir(root) else {
         return 0;

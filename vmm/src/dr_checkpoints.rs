@@ -158,6 +158,8 @@ struct DrLoop {
     key: RepoKey,
     key_path: PathBuf,
     staging: PathBuf,
+    /// Whether the target is an `s3://` repository that checkpoints go straight into.
+    direct: bool,
     next_due: Instant,
     sending: Option<(Outgoing, JoinHandle<Result<SendReport, DrSendError>>)>,
     status: DrStatus,
@@ -232,10 +234,19 @@ impl DrLoop {
     /// ids agree on both sides).
     fn new(config: &DrConfig, staging: &Path) -> Result<Self, DrSetupError> {
         let key = RepoKey::load(&config.key)?;
+        // An s3:// target is itself the repository checkpoints go into: nothing is sent.
+        let direct = snapshot::repo::is_remote(Path::new(&config.target));
+        let staging = if direct {
+            Path::new(&config.target)
+        } else {
+            staging
+        };
         let open = Repository::open(staging, Some(key.clone()));
         if open.is_err() {
-            std::fs::create_dir_all(staging)
-                .map_err(|e| DrSetupError::StagingDir(staging.to_path_buf(), e))?;
+            if !snapshot::repo::is_remote(staging) {
+                std::fs::create_dir_all(staging)
+                    .map_err(|e| DrSetupError::StagingDir(staging.to_path_buf(), e))?;
+            }
             Repository::init(staging, Some(key.clone()))
                 .map_err(|e| DrSetupError::Staging(staging.to_path_buf(), e))?;
         }
@@ -245,6 +256,7 @@ impl DrLoop {
             key,
             key_path: config.key.clone(),
             staging: staging.to_path_buf(),
+            direct,
             next_due: Instant::now(),
             sending: None,
             status: DrStatus {
@@ -272,7 +284,12 @@ impl DrLoop {
         s
     }
 
-    fn start_send(&mut self, out: Outgoing) {
+    fn start_send(&mut self, out: Outgoing, commit: &OutputCommit) {
+        if self.direct {
+            // The checkpoint's point manifest is in the bucket: it is committed.
+            self.committed(out, 0, commit);
+            return;
+        }
         let staging = self.staging.clone();
         let target = self.target.clone();
         let key_path = self.key_path.clone();
@@ -305,8 +322,28 @@ impl DrLoop {
         }
     }
 
-    /// Finishes a send whose thread has ended; a committed checkpoint releases the frames it
-    /// covers.
+    /// Records checkpoint `out` as committed on the target after `bytes_sent` bytes; with
+    /// output commit, that releases the frames it covers.
+    fn committed(&mut self, out: Outgoing, bytes_sent: u64, commit: &OutputCommit) {
+        if let Some(k) = out.epoch {
+            commit.release_through(k);
+        }
+        self.status.checkpoints_committed += 1;
+        self.status.last_error = None;
+        if self.status.state == DrState::Retrying {
+            self.status.state = DrState::Running;
+        }
+        self.status.last_checkpoint = Some(DrCheckpoint {
+            id: out.point_id.clone(),
+            taken_at_unix_ms: out.taken_at_ms,
+            committed_at_unix_ms: now_ms(),
+            bytes_sent,
+            pause_us: out.pause_us,
+        });
+        tracing::debug!("checkpoint {} sent: {bytes_sent} bytes", out.point_id);
+    }
+
+    /// Finishes a send whose thread has ended.
     fn finish_send(&mut self, commit: &OutputCommit) {
         if !self.sending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
             return;
@@ -315,28 +352,7 @@ impl DrLoop {
             return;
         };
         match h.join().unwrap_or(Err(DrSendError::Panicked)) {
-            Ok(report) => {
-                if let Some(k) = out.epoch {
-                    commit.release_through(k);
-                }
-                self.status.checkpoints_committed += 1;
-                self.status.last_error = None;
-                if self.status.state == DrState::Retrying {
-                    self.status.state = DrState::Running;
-                }
-                self.status.last_checkpoint = Some(DrCheckpoint {
-                    id: out.point_id.clone(),
-                    taken_at_unix_ms: out.taken_at_ms,
-                    committed_at_unix_ms: now_ms(),
-                    bytes_sent: report.bytes_sent,
-                    pause_us: out.pause_us,
-                });
-                tracing::debug!(
-                    "checkpoint {} sent: {} bytes",
-                    out.point_id,
-                    report.bytes_sent
-                );
-            }
+            Ok(report) => self.committed(out, report.bytes_sent, commit),
             Err(e) => {
                 let e = snapshot::error_chain(&e);
                 self.status.checkpoints_failed += 1;
@@ -500,7 +516,7 @@ impl DrControl {
                     taken_at_ms,
                     pause_us: ended.pause_us,
                     epoch,
-                });
+                }, &self.commit);
             }
             Err(e) => {
                 d.status.checkpoints_failed += 1;

@@ -40,11 +40,11 @@ pub use codec::{
     CHUNK_PREFIX, ZSTD_LEVEL,
 };
 pub use key::{KeyError, RepoKey};
+pub use location::is_remote;
 pub use point::{
     point_id_from_name, point_object_name, validate_vm_name, PointManifest, PointObject,
     PointStats, MAX_POINT_LEN, POINT_PREFIX,
 };
-pub use location::is_remote;
 pub use reader::ObjectReader;
 pub use repository::{
     DamagedChunk, GcReport, PointEntry, PruneReport, RepoVerifyProgress, Repository, VerifyReport,

@@ -381,19 +381,23 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
     if !args.export_only {
         let point = newest_complete(&repo, &args)?;
         crate::outln!(
-            "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), in place",
+            "dr: recovering checkpoint {} of VM '{}' (taken {} UTC), in place",
             point.id,
             point.vm,
-            point.created_unix_ms
+            super::format::date_utc(point.created_unix_ms)
         );
         let _ = std::io::stdout().flush();
         drop(repo);
         return exec_restore(&args, &point.id, keyed);
     }
-    let work_dir = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| sibling(&args.repo, "recover"));
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| {
+        if snapshot::repo::is_remote(&args.repo) {
+            // A bucket has no sibling folder: export into the local temporary folder.
+            std::env::temp_dir().join("arkvm-dr-recover")
+        } else {
+            sibling(&args.repo, "recover")
+        }
+    });
     // Private: the exported checkpoints hold guest memory and disks, decrypted.
     snapshot::fs_util::create_private_dir_all(&work_dir).map_err(|source| DrCommandError::Io {
         action: "create",

@@ -83,7 +83,7 @@ impl ManifestCache {
             return;
         };
         let path = self.file(name, etag);
-        let tmp = path.with_extension(format!("tmp{}", super::lease::random_u64()));
+        let tmp = path.with_extension(format!("tmp{}", super::ops::random_u64()));
         let written = private_open_options()
             .write(true)
             .create_new(true)

@@ -13,7 +13,7 @@ use object_store::{
     RetryConfig,
 };
 
-use super::S3Error;
+use super::error::S3Error;
 
 /// Worker threads of the private runtime: requests are issued one at a time per caller thread,
 /// so two workers keep a few callers busy without taking the VMM's cores.
@@ -137,8 +137,8 @@ impl S3Client {
             .or_else(|| var("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".into());
         let allow_http = var("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let endpoint = var("AWS_ENDPOINT_URL")
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let endpoint =
+            var("AWS_ENDPOINT_URL").unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&url.bucket)
             .with_region(&region)
@@ -270,9 +270,14 @@ impl S3Client {
             | object_store::Error::Precondition { .. } => return Failure::Exists,
             _ => {}
         }
-        let problem = if ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"]
-            .iter()
-            .any(|s| text.contains(s))
+        let problem = if [
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "403",
+        ]
+        .iter()
+        .any(|s| text.contains(s))
         {
             "access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".to_string()
         } else if ["connect", "sending request", "timed out", "dns error"]
@@ -294,5 +299,38 @@ fn scrub(text: &str, secret: &str) -> String {
         text.to_string()
     } else {
         text.replace(secret, "<secret>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_into_bucket_and_prefix() {
+        let url = |t: &str| S3Url::parse(t).map(|r| r.map_err(|e| e.to_string()));
+        assert!(url("/var/repo").is_none());
+        assert!(url("relative/s3://x").is_none());
+        let ok = url("s3://bucket/a/b/").unwrap().unwrap();
+        assert_eq!((ok.bucket.as_str(), ok.prefix.as_str()), ("bucket", "a/b/"));
+        assert_eq!(ok.to_string(), "s3://bucket/a/b");
+        let bare = url("s3://bucket").unwrap().unwrap();
+        assert_eq!(bare.prefix, "");
+        for bad in [
+            "s3://",
+            "s3://ab/x",
+            "s3://Bucket/x",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+            "s3://bucket/a b",
+        ] {
+            assert!(url(bad).unwrap().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_scrubbed() {
+        assert_eq!(scrub("key=abc123 end", "abc123"), "key=<secret> end");
+        assert_eq!(scrub("nothing", ""), "nothing");
     }
 }

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::client::S3Client;
+use super::client::{Listed, S3Client};
+use super::ops::{self, random_u64};
 use crate::repo::store::{LockMode, StoreError};
 
 /// A lease not renewed for this long is dead.
@@ -60,18 +61,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A random-enough 64-bit number for holder ids and jitter.
-pub fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = (
-        std::process::id(),
-        SystemTime::now(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        std::thread::current().id(),
-    );
-    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), seed)
-}
-
 /// Takes a lease of `mode` for `holder`, waiting for conflicting holders if `wait`.
 pub fn acquire(
     client: &Arc<S3Client>,
@@ -84,15 +73,15 @@ pub fn acquire(
     let mut backoff = Duration::from_millis(100);
     let mut own = name_of(seq.fetch_add(1, Ordering::Relaxed));
     let mut own_created = Instant::now();
-    super::put_new(client, &own, b"arkvm repository lease")?;
+    ops::put_new(client, &own, b"arkvm repository lease")?;
     loop {
         let now = now_ms();
-        let others: Vec<_> = super::listed(client, LOCK_PREFIX)?
+        let others: Vec<_> = ops::listed(client, LOCK_PREFIX)?
             .into_iter()
             .filter(|l| !l.name.contains(&format!("-{holder}-")))
             .filter(|l| now - l.modified_unix_ms < LEASE_TTL.as_millis() as i64)
             .collect();
-        let exclusive = |l: &&super::client::Listed| {
+        let exclusive = |l: &&Listed| {
             l.name
                 .strip_prefix(LOCK_PREFIX)
                 .is_some_and(|n| n.starts_with("exclusive-"))
@@ -103,12 +92,17 @@ pub fn acquire(
             LockMode::Exclusive => !others.is_empty(),
         };
         if !blocked {
-            return Ok(start_keeper(client.clone(), own, seq, name_of_fn(holder, mode)));
+            return Ok(start_keeper(
+                client.clone(),
+                own,
+                seq,
+                name_of_fn(holder, mode),
+            ));
         }
         // An exclusive lease waiting only for shared ones stays, so no new backup starts.
         let keep_intent = mode == LockMode::Exclusive && !blocked_by_exclusive && wait;
         if !keep_intent {
-            super::remove(client, &own)?;
+            ops::remove(client, &own)?;
         }
         if !wait {
             return Err(StoreError::Locked {
@@ -121,11 +115,11 @@ pub fn acquire(
         if !keep_intent {
             own = name_of(seq.fetch_add(1, Ordering::Relaxed));
             own_created = Instant::now();
-            super::put_new(client, &own, b"arkvm repository lease")?;
+            ops::put_new(client, &own, b"arkvm repository lease")?;
         } else if own_created.elapsed() >= RENEW_EVERY {
             let next = name_of(seq.fetch_add(1, Ordering::Relaxed));
-            super::put_new(client, &next, b"arkvm repository lease")?;
-            super::remove(client, &own)?;
+            ops::put_new(client, &next, b"arkvm repository lease")?;
+            ops::remove(client, &own)?;
             own = next;
             own_created = Instant::now();
         }
@@ -146,15 +140,11 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
         .name("arkvm-s3-lease".into())
         .spawn(move || {
             let mut current = own;
-            loop {
-                match stopped.recv_timeout(RENEW_EVERY) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => break,
-                }
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RENEW_EVERY) {
                 let next = name_of(seq.fetch_add(1, Ordering::Relaxed));
-                match super::put_new(&client, &next, b"arkvm repository lease") {
+                match ops::put_new(&client, &next, b"arkvm repository lease") {
                     Ok(()) => {
-                        let _ = super::remove(&client, &current);
+                        let _ = ops::remove(&client, &current);
                         current = next;
                     }
                     Err(e) => tracing::warn!(
@@ -163,7 +153,7 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
                     ),
                 }
             }
-            if let Err(e) = super::remove(&client, &current) {
+            if let Err(e) = ops::remove(&client, &current) {
                 tracing::warn!(
                     error = %crate::error::error_chain(&e),
                     "cannot remove the repository lease (it expires by itself)"

@@ -14,56 +14,20 @@
 
 mod cache;
 mod client;
+mod error;
 mod lease;
+mod ops;
 
 use std::sync::Arc;
 
 pub use client::S3Url;
+pub use error::S3Error;
 pub use lease::{LEASE_TTL, LOCK_PREFIX};
 
 use crate::repo::store::{ChunkStore, LockMode, StoreError, StoreLock};
 use cache::ManifestCache;
-use client::{Failure, Listed, S3Client};
-
-/// Why an S3 store cannot be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum S3Error {
-    /// The URL is not a usable `s3://BUCKET/PREFIX`.
-    #[error("'{url}' is not a usable repository URL: {problem}")]
-    BadUrl {
-        /// The URL (shortened).
-        url: String,
-        /// What is wrong.
-        problem: String,
-    },
-    /// A required environment variable is not set.
-    #[error("{name} is not set: an s3:// repository needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS)")]
-    MissingEnv {
-        /// The variable.
-        name: &'static str,
-    },
-    /// The S3 client refused its configuration.
-    #[error("the S3 client configuration is invalid: {problem}")]
-    Config {
-        /// What is wrong (without secrets).
-        problem: String,
-    },
-    /// The private runtime could not start.
-    #[error("cannot start the S3 client's runtime")]
-    Runtime {
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl From<S3Error> for StoreError {
-    fn from(e: S3Error) -> Self {
-        StoreError::Unusable {
-            problem: crate::error::error_chain(&e),
-        }
-    }
-}
+use client::{Failure, S3Client};
+use ops::{listed, remote, remove};
 
 /// A repository store in an S3 bucket.
 pub struct S3Store {
@@ -79,7 +43,7 @@ impl S3Store {
         let client = S3Client::from_env(url)?;
         Ok(Self {
             client: Arc::new(client),
-            holder: format!("{:016x}", lease::random_u64()),
+            holder: format!("{:016x}", ops::random_u64()),
             cache: ManifestCache::open(url),
         })
     }
@@ -88,51 +52,6 @@ impl S3Store {
     pub fn parse_url(text: &str) -> Option<Result<S3Url, StoreError>> {
         S3Url::parse(text).map(|r| r.map_err(StoreError::from))
     }
-}
-
-/// Builds the [`StoreError`] of a failed request on `name`.
-fn remote(client: &S3Client, action: &'static str, name: &str, e: &object_store::Error) -> StoreError {
-    match client.classify(e) {
-        Failure::NotFound => StoreError::NotFound {
-            name: name.to_string(),
-        },
-        Failure::Exists => StoreError::Remote {
-            action,
-            location: object_url(client.url(), name),
-            problem: "it already exists".into(),
-        },
-        Failure::Other(problem) => StoreError::Remote {
-            action,
-            location: object_url(client.url(), name),
-            problem,
-        },
-    }
-}
-
-/// Creates `name`, which must not exist.
-fn put_new(client: &S3Client, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    client
-        .put_create(name, bytes)
-        .map_err(|e| remote(client, "create", name, &e))
-}
-
-/// Lists below `folder`.
-fn listed(client: &S3Client, folder: &str) -> Result<Vec<Listed>, StoreError> {
-    client
-        .list(folder)
-        .map_err(|e| remote(client, "list", folder, &e))
-}
-
-/// Deletes `name`.
-fn remove(client: &S3Client, name: &str) -> Result<(), StoreError> {
-    client
-        .delete(name)
-        .map_err(|e| remote(client, "delete", name, &e))
-}
-
-/// The URL of object `name` of the repository at `url`.
-fn object_url(url: &S3Url, name: &str) -> String {
-    format!("s3://{}/{}{name}", url.bucket, url.prefix)
 }
 
 impl ChunkStore for S3Store {
