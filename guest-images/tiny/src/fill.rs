@@ -49,7 +49,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -61,10 +61,10 @@ impl Rng {
     fn fill(&mut self, bytes: &mut [u8]) {
         let mut chunks = bytes.chunks_exact_mut(8);
         for c in &mut chunks {
-            c.copy_from_slice(&self.next().to_le_bytes());
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
         }
         let rest = chunks.into_remainder();
-        let last = self.next().to_le_bytes();
+        let last = self.next_u64().to_le_bytes();
         rest.copy_from_slice(&last[..rest.len()]);
     }
 }
@@ -102,7 +102,7 @@ fn fill_text(bytes: &mut [u8], rng: &mut Rng) {
     let mut i = 0;
     let mut line = 0;
     while i < bytes.len() {
-        let r = rng.next();
+        let r = rng.next_u64();
         let word = WORDS[(r % WORDS.len() as u64) as usize].as_bytes();
         for &b in word {
             if i == bytes.len() {

@@ -6,58 +6,14 @@
 //! and, when the staging pool is full or off, the target's `pwrite`/`write` and whatever the
 //! sink's hashing and compression use; `clock_gettime` through the vDSO.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use userfaultfd::Event;
 
-use super::cow::{Captured, Shared, PAGE_SIZE};
+use super::cow_shared::{Captured, Shared, PAGE_SIZE};
 use super::error::CowError;
-use super::status::CowStats;
-
-/// The fault costs of the running snapshot (reset at each snapshot instant).
-#[derive(Default)]
-pub struct FaultCounters {
-    faults: AtomicU64,
-    bytes_staged: AtomicU64,
-    pool_full: AtomicU64,
-    wait_us: AtomicU64,
-    wait_max_us: AtomicU64,
-}
-
-impl FaultCounters {
-    /// Starts counting for a new snapshot.
-    pub fn reset(&self) {
-        for c in [
-            &self.faults,
-            &self.bytes_staged,
-            &self.pool_full,
-            &self.wait_us,
-            &self.wait_max_us,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// The counts so far, with the pool size `staging_bytes`.
-    pub fn stats(&self, staging_bytes: u64) -> CowStats {
-        CowStats {
-            faults: self.faults.load(Ordering::Relaxed),
-            bytes_staged: self.bytes_staged.load(Ordering::Relaxed),
-            pool_full: self.pool_full.load(Ordering::Relaxed),
-            writer_wait_us: self.wait_us.load(Ordering::Relaxed),
-            writer_wait_max_us: self.wait_max_us.load(Ordering::Relaxed),
-            staging_bytes,
-        }
-    }
-
-    fn record(&self, waited_us: u64) {
-        self.faults.fetch_add(1, Ordering::Relaxed);
-        self.wait_us.fetch_add(waited_us, Ordering::Relaxed);
-        self.wait_max_us.fetch_max(waited_us, Ordering::Relaxed);
-    }
-}
 
 impl Shared {
     /// Handles one write fault on `page`. Nothing here may panic: a writer to a protected page
@@ -77,13 +33,11 @@ impl Shared {
         let captured = self.capture_unit(index, buf, true);
         let early_bytes = match &captured {
             Ok(Captured::Staged(len)) => {
-                self.counters
-                    .bytes_staged
-                    .fetch_add(*len, Ordering::Relaxed);
+                self.counters.add_staged(*len);
                 *len
             }
             Ok(Captured::Written(len)) => {
-                self.counters.pool_full.fetch_add(1, Ordering::Relaxed);
+                self.counters.add_pool_full();
                 *len
             }
             Ok(Captured::Nothing) => 0,

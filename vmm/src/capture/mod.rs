@@ -13,7 +13,8 @@
 //! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
 //! - `staging`: the bounded pool where write faults stage units for the copier.
 //! - `pause_boost`: raises the pausing and vCPU threads' priority for the pause.
-//! - `cow`, `cow_fault`: the userfaultfd write tracker and its fault thread.
+//! - `cow_counters`, `cow_shared`, `cow_fault`, `cow`: the fault costs, the state the write
+//!   tracker shares with its fault thread, the fault thread, and the userfaultfd write tracker.
 //! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
 //!   write tracker and the incremental-backup parent).
 //! - `job`: a running snapshot's worker.
@@ -27,7 +28,9 @@
 //! dirty exactly like memory written by vCPUs.
 
 pub mod cow;
+pub mod cow_counters;
 pub mod cow_fault;
+pub mod cow_shared;
 pub mod dirty_log;
 pub mod disks;
 pub mod engine;
