@@ -49,7 +49,7 @@ fn length() -> impl Strategy<Value = u32> {
 /// table).
 fn descriptor() -> impl Strategy<Value = (u64, u32, u16, u16)> {
     let flags = prop_oneof![
-        4 => (0u16..4),
+        4 => 0u16..4,
         1 => any::<u16>(),
     ];
     (address(), length(), flags, 0u16..10)
