@@ -346,7 +346,12 @@ fn verify_names_no_point_for_a_damaged_stray_chunk() {
     std::fs::write(&stray, b"not a chunk").expect("stray chunk");
     let out = arkvm(&["backup", "verify", "--repo", s(&repo)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{stdout} {:?}", stderr_lines(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout} {:?}",
+        stderr_lines(&out)
+    );
     assert!(stdout.contains(&format!("damaged chunk {hex}")), "{stdout}");
     assert!(stdout.contains("(used by no point)"), "{stdout}");
     assert!(!stdout.contains("(used by )"), "{stdout}");

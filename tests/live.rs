@@ -387,8 +387,7 @@ fn full_target(extra: &[&str], what: &str) {
     );
     // Said as a failed snapshot on a full filesystem, not as a protocol error.
     assert!(
-        text.contains("failed: no space left on the filesystem of")
-            && !text.contains("malformed"),
+        text.contains("failed: no space left on the filesystem of") && !text.contains("malformed"),
         "{what}: {text}"
     );
     let (code, st) = api_json(&sock, "GET", "/snapshot", None);

@@ -10,9 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::backup::BackupWriter;
-use super::codec::{
-    chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX,
-};
+use super::codec::{chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX};
 use super::key::RepoKey;
 use super::point::{
     point_id_from_name, point_object_name, validate_point_name, PointManifest, POINT_PREFIX,

@@ -689,7 +689,9 @@ fn a_damaged_all_zero_chunk_is_restored_from_its_id() {
         assert!(buf.iter().all(|&b| b == 0));
         // A damaged chunk that is not all zeros is still refused.
         fs::remove_file(&path).unwrap();
-        let other = dir.path().join(chunk_object_name(&point.object("memory").unwrap().chunks[0]));
+        let other = dir.path().join(chunk_object_name(
+            &point.object("memory").unwrap().chunks[0],
+        ));
         let mut bytes = fs::read(&other).unwrap();
         let end = bytes.len() - 1;
         bytes[end] ^= 0xff;

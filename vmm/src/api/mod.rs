@@ -52,4 +52,6 @@ pub use socket::ApiServerError;
 #[cfg(test)]
 mod deadline_tests;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

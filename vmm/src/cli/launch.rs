@@ -78,7 +78,7 @@ fn run_vm(
 /// `arkvm run`.
 pub fn run(args: RunArgs) -> ExitCode {
     crate::signals::install();
-    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+    if let Err(e) = crate::seccomp::prepare(crate::seccomp::mode_from_env(args.seccomp)) {
         return fail(&e);
     }
     let memory_bytes = match check_memory(&args.memory) {
@@ -161,7 +161,7 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// (`--repo` with `--id`), which is read in place under the repository's shared lock.
 pub fn restore(args: RestoreArgs) -> ExitCode {
     crate::signals::install();
-    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+    if let Err(e) = crate::seccomp::prepare(crate::seccomp::mode_from_env(args.seccomp)) {
         return fail(&e);
     }
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {

@@ -58,6 +58,15 @@ pub enum SeccompError {
     Handler(#[source] std::io::Error),
 }
 
+/// `ARKVM_SECCOMP=off` in the environment turns the filters off like `--seccomp off` (for
+/// running a test suite without them, to compare); otherwise `flag` decides.
+pub fn mode_from_env(flag: SeccompMode) -> SeccompMode {
+    match std::env::var("ARKVM_SECCOMP").as_deref() {
+        Ok("off") => SeccompMode::Off,
+        _ => flag,
+    }
+}
+
 static FILTERS: OnceLock<HashMap<ThreadKind, BpfProgram>> = OnceLock::new();
 
 /// Builds every kind's filter and installs the SIGSYS handler (with `On`); with `Off` nothing is

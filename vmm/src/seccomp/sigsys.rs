@@ -4,7 +4,8 @@
 
 use std::cell::Cell;
 
-use super::{syscall_name, ThreadKind};
+use super::kinds::ThreadKind;
+use super::names::syscall_name;
 
 /// The exit status of a process stopped by a denied system call (128 + SIGSYS, as if killed).
 pub const DENIED_EXIT: i32 = 128 + libc::SIGSYS;

@@ -490,3 +490,6 @@ fn save_and_restore_continue_the_queue() {
         Err(BlockError::StateMismatch { .. })
     ));
 }
+
+#[path = "device_fuzz_tests.rs"]
+mod fuzz;

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::cbt::CBT_BLOCK_SIZE;
+use super::reserve::ReserveError;
 
 /// First bytes of every overlay file.
 pub const OVERLAY_MAGIC: [u8; 8] = *b"ARKVMOVL";
@@ -255,10 +256,16 @@ impl OverlayFile {
     pub fn create_reserved(path: &Path, disk_size: u64) -> Result<Self, OverlayError> {
         let overlay = Self::create(path, disk_size)?;
         let end = data_offset(disk_size) + map_entries(disk_size) * CLUSTER_SIZE;
-        if let Err(e) = super::reserve::reserve(&overlay.file, path, data_offset(disk_size), end) {
+        if let Err(e) = super::reserve::reserve(&overlay.file, data_offset(disk_size), end) {
             drop(overlay);
             let _ = std::fs::remove_file(path);
-            return Err(e);
+            let path = path.to_path_buf();
+            return Err(match e {
+                ReserveError::NoSpace { needed, free } => {
+                    OverlayError::NoSpace { path, needed, free }
+                }
+                ReserveError::Io { what, source } => OverlayError::Io { path, what, source },
+            });
         }
         Ok(overlay)
     }

@@ -6,18 +6,27 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
-use super::overlay::OverlayError;
+/// Why the space could not be reserved.
+#[derive(Debug)]
+pub(super) enum ReserveError {
+    /// The filesystem has `free` bytes, `needed` were asked for.
+    NoSpace { needed: u64, free: u64 },
+    /// Another failure while doing `what`.
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
 
-/// Reserves bytes `from..end` of `file` (at `path`).
-pub(super) fn reserve(file: &File, path: &Path, from: u64, end: u64) -> Result<(), OverlayError> {
+/// Reserves bytes `from..end` of `file`.
+pub(super) fn reserve(file: &File, from: u64, end: u64) -> Result<(), ReserveError> {
     let len = end.saturating_sub(from);
     if len == 0 {
         return Ok(());
     }
     let (Ok(off), Ok(l)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else {
-        return Err(no_space(path, len, free_bytes(file).unwrap_or(0)));
+        return Err(no_space(len, free_bytes(file).unwrap_or(0)));
     };
     // SAFETY: fallocate on a descriptor this function borrows; no memory is passed.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, l) };
@@ -28,32 +37,26 @@ pub(super) fn reserve(file: &File, path: &Path, from: u64, end: u64) -> Result<(
     let free = free_bytes(file);
     match err.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
-            Err(no_space(path, len, free.unwrap_or(0)))
+            Err(no_space(len, free.unwrap_or(0)))
         }
         // No fallocate here: the free space must cover the worst case.
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => match free {
             Ok(f) if f >= len => Ok(()),
-            Ok(f) => Err(no_space(path, len, f)),
-            Err(source) => Err(OverlayError::Io {
-                path: path.to_path_buf(),
+            Ok(f) => Err(no_space(len, f)),
+            Err(source) => Err(ReserveError::Io {
                 what: "check the free space of its filesystem",
                 source,
             }),
         },
-        _ => Err(OverlayError::Io {
-            path: path.to_path_buf(),
+        _ => Err(ReserveError::Io {
             what: "reserve space for the guest's writes",
             source: err,
         }),
     }
 }
 
-fn no_space(path: &Path, needed: u64, free: u64) -> OverlayError {
-    OverlayError::NoSpace {
-        path: path.to_path_buf(),
-        needed,
-        free,
-    }
+fn no_space(needed: u64, free: u64) -> ReserveError {
+    ReserveError::NoSpace { needed, free }
 }
 
 /// Bytes an unprivileged writer may still use on `file`'s filesystem.
