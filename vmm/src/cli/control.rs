@@ -108,8 +108,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
     if let Some(h) = &info.disk_hydration {
         crate::outln!(
             "hydrate:  {} of {} ({}){}",
-            human_bytes(h.bytes_done),
-            human_bytes(h.bytes_total),
+            super::format::bytes(h.bytes_done),
+            super::format::bytes(h.bytes_total),
             match (&h.error, h.done) {
                 (Some(_), _) => "failed",
                 (None, true) => "done, the repository is no longer needed",
@@ -263,7 +263,7 @@ fn report(s: &SnapshotStatus, json: bool, target: &SnapshotTarget) -> ExitCode {
             crate::outln!(
                 "cow: {} write faults, {} staged, {} found the staging pool full, writers waited {} us in all (longest {} us)",
                 c.faults,
-                human_bytes(c.bytes_staged),
+                super::format::bytes(c.bytes_staged),
                 c.pool_full,
                 c.writer_wait_us,
                 c.writer_wait_max_us
