@@ -355,10 +355,21 @@ fn a_drill_passes_a_good_point_fails_an_unmet_expectation_and_changes_nothing() 
 
     let (ok, out, err) = drill(
         &p,
-        &["--id", &p.id, "--expect", "^NEVER-PRINTED$", "--timeout", "5s", "--json"],
+        &[
+            "--id",
+            &p.id,
+            "--expect",
+            "^NEVER-PRINTED$",
+            "--timeout",
+            "5s",
+            "--json",
+        ],
     );
     assert!(!ok, "an unmet --expect passed: {out:?}");
-    assert!(err.iter().any(|l| l.contains("1 of 1 drills failed")), "{err:?}");
+    assert!(
+        err.iter().any(|l| l.contains("1 of 1 drills failed")),
+        "{err:?}"
+    );
     let v: serde_json::Value = serde_json::from_str(&out.join("\n")).expect("drill JSON");
     assert_eq!(v[0]["passed"], false, "{v}");
     assert_eq!(v[0]["point"], p.id.as_str(), "{v}");
@@ -376,7 +387,11 @@ fn a_drill_passes_a_good_point_fails_an_unmet_expectation_and_changes_nothing() 
     assert!(line.contains("FAIL 20"), "no drill column: {line}");
 
     let after = repo_files(&p.repo);
-    assert_eq!(before.len(), after.len(), "the drills added or removed files");
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "the drills added or removed files"
+    );
     for ((pa, a), (pb, b)) in before.iter().zip(&after) {
         assert_eq!(pa, pb);
         assert!(a == b, "{} changed during the drills", pa.display());

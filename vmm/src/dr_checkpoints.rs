@@ -511,12 +511,15 @@ impl DrControl {
             Ok(()) => {
                 let taken_at_ms = d.last_taken_ms.unwrap_or_else(now_ms);
                 let epoch = d.running_epoch.take();
-                d.start_send(Outgoing {
-                    point_id: ended.id.clone(),
-                    taken_at_ms,
-                    pause_us: ended.pause_us,
-                    epoch,
-                }, &self.commit);
+                d.start_send(
+                    Outgoing {
+                        point_id: ended.id.clone(),
+                        taken_at_ms,
+                        pause_us: ended.pause_us,
+                        epoch,
+                    },
+                    &self.commit,
+                );
             }
             Err(e) => {
                 d.status.checkpoints_failed += 1;

@@ -27,8 +27,8 @@ mod reader;
 mod repository;
 mod resolve;
 mod retention;
-mod stage_times;
 pub mod s3;
+mod stage_times;
 mod store;
 mod transfer;
 

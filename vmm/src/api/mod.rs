@@ -41,8 +41,8 @@ pub use request::{
     MIN_DR_INTERVAL_MS,
 };
 pub use response::{
-    ApiResponse, DiskHydrationInfo, DiskInfo, DrCheckpoint, DrState, DrStatus, ErrorBody,
-    RootInfo, SnapshotStarted, SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
+    ApiResponse, DiskHydrationInfo, DiskInfo, DrCheckpoint, DrState, DrStatus, ErrorBody, RootInfo,
+    SnapshotStarted, SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
 };
 pub use server::{
     ApiCall, ApiResponder, ApiServer, MAX_BODY_BYTES, MAX_CONNECTIONS, VMM_REPLY_TIMEOUT,
