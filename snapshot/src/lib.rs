@@ -31,6 +31,7 @@ pub mod sink;
 pub mod sink_pipeline;
 pub mod source;
 pub mod state_file;
+pub mod thread_hook;
 
 #[cfg(test)]
 mod test_util;

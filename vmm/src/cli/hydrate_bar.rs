@@ -26,6 +26,8 @@ pub fn start(hydration: Arc<DiskHydration>) -> Option<HydrateBar> {
     let thread = std::thread::Builder::new()
         .name("hydrate-bar".into())
         .spawn(move || {
+            // Terminal ioctls (its width) and writes: the capture kind allows both.
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Capture);
             let total = hydration.totals().bytes_total;
             let bar = ProgressBar::new(total);
             if let Ok(style) = ProgressStyle::with_template(

@@ -217,7 +217,12 @@ impl DiskHydration {
         let me = self.clone();
         let handle = std::thread::Builder::new()
             .name("disk-hydrate".into())
-            .spawn(move || me.run())?;
+            .spawn(move || {
+                // Reads the repository (files, or an object store's sockets) like a capture
+                // worker, and writes the local disk files.
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Capture);
+                me.run()
+            })?;
         *snapshot::lock(&self.thread) = Some(handle);
         Ok(())
     }

@@ -65,7 +65,8 @@ impl ThreadKind {
             ThreadKind::Api => &[BASE, SPAWN, NET, POLL, SOCKET_IOCTL],
             ThreadKind::Capture => &[BASE, SPAWN, FILES, NET, POLL, IOCTL, MEMORY_FDS],
             ThreadKind::CowFault => &[BASE, FILES, POLL, IOCTL],
-            ThreadKind::LazyFault => &[BASE, FILES, POLL, IOCTL],
+            // NET: a point in an object store is read from the fault threads.
+            ThreadKind::LazyFault => &[BASE, FILES, NET, POLL, IOCTL],
             ThreadKind::DrSend => &[BASE, FILES, NET, POLL, SOCKET_IOCTL],
         }
     }

@@ -82,6 +82,9 @@ pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
     }
     sigsys::install().map_err(SeccompError::Handler)?;
     let _ = FILTERS.set(built);
+    // Threads the snapshot crate starts itself (an object store's runtime and lease keeper)
+    // do network and file I/O for a repository, like a capture worker.
+    snapshot::thread_hook::set_thread_start_hook(|| enter(ThreadKind::Capture));
     Ok(())
 }
 

@@ -171,6 +171,7 @@ impl S3Client {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             .thread_name("arkvm-s3")
+            .on_thread_start(crate::thread_hook::on_thread_start)
             .enable_all()
             .build()
             .map_err(|source| S3Error::Runtime { source })?;

@@ -139,6 +139,7 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
     let keeper = std::thread::Builder::new()
         .name("arkvm-s3-lease".into())
         .spawn(move || {
+            crate::thread_hook::on_thread_start();
             let mut current = own;
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RENEW_EVERY) {
                 let next = name_of(seq.fetch_add(1, Ordering::Relaxed));
