@@ -182,6 +182,17 @@ fn a_restored_disk_works_while_it_hydrates_and_ends_as_point_plus_writes() {
     let (i, _) = wait_parsed(&vm, 0, diskgen);
     let during = hydration(&sock);
     assert_eq!(during["done"], false, "hydration ended too soon: {during}");
+    // A backup of the recovering VM while its disk hydrates reads the disk through the point.
+    let again = backup(&sock, &p.repo, None);
+    assert_eq!(again["state"], "done", "{again}");
+    let lib = Repository::open(&p.repo, None).expect("open repository");
+    let second = lib
+        .read_point(again["id"].as_str().expect("id"))
+        .expect("read the new point");
+    let mut image = Vec::new();
+    lib.read_object(&second, DISK_OBJECT, &mut image)
+        .expect("read the new point's disk");
+    check_hydrated(&p.image, &image, 0);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let h = hydration(&sock);
@@ -355,10 +366,21 @@ fn a_drill_passes_a_good_point_fails_an_unmet_expectation_and_changes_nothing() 
 
     let (ok, out, err) = drill(
         &p,
-        &["--id", &p.id, "--expect", "^NEVER-PRINTED$", "--timeout", "5s", "--json"],
+        &[
+            "--id",
+            &p.id,
+            "--expect",
+            "^NEVER-PRINTED$",
+            "--timeout",
+            "5s",
+            "--json",
+        ],
     );
     assert!(!ok, "an unmet --expect passed: {out:?}");
-    assert!(err.iter().any(|l| l.contains("1 of 1 drills failed")), "{err:?}");
+    assert!(
+        err.iter().any(|l| l.contains("1 of 1 drills failed")),
+        "{err:?}"
+    );
     let v: serde_json::Value = serde_json::from_str(&out.join("\n")).expect("drill JSON");
     assert_eq!(v[0]["passed"], false, "{v}");
     assert_eq!(v[0]["point"], p.id.as_str(), "{v}");
@@ -376,7 +398,11 @@ fn a_drill_passes_a_good_point_fails_an_unmet_expectation_and_changes_nothing() 
     assert!(line.contains("FAIL 20"), "no drill column: {line}");
 
     let after = repo_files(&p.repo);
-    assert_eq!(before.len(), after.len(), "the drills added or removed files");
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "the drills added or removed files"
+    );
     for ((pa, a), (pb, b)) in before.iter().zip(&after) {
         assert_eq!(pa, pb);
         assert!(a == b, "{} changed during the drills", pa.display());
