@@ -14,7 +14,7 @@ crate="$here/tiny"
 cache="${ARKVM_CACHE:-$HOME/.cache/arkvm}"
 out="$cache/guests"
 target_dir="$out/target"
-guests=(marker memory disk)
+guests=(marker memory disk net)
 run_tests=0
 
 for arg in "$@"; do

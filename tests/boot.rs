@@ -208,7 +208,7 @@ fn triple_fault_exits_nonzero_with_a_reason() {
         &["run", "--kernel", elf.to_str().unwrap(), "--memory", "16M"],
         Duration::from_secs(30),
     );
-    assert_eq!(status.code(), Some(2), "{err:?}");
+    assert_eq!(status.code(), Some(4), "guest crash status: {err:?}");
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(err[0].contains("triple-faulted"), "{err:?}");
 }
@@ -225,7 +225,7 @@ fn unemulated_instruction_exits_nonzero_with_its_bytes() {
         &["run", "--kernel", elf.to_str().unwrap(), "--memory", "16M"],
         Duration::from_secs(30),
     );
-    assert_eq!(status.code(), Some(2), "{err:?}");
+    assert_eq!(status.code(), Some(4), "guest crash status: {err:?}");
     assert_eq!(err.len(), 1, "{err:?}");
     let line = &err[0];
     assert!(

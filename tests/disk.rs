@@ -252,8 +252,13 @@ fn wait_diskgen(vm: &Vmm, from: usize, timeout: Duration) -> (usize, u64) {
 }
 
 fn start_numbered(img: &Path, sock: &Path, memory: &str) -> Vmm {
+    start_numbered_with(img, sock, memory, &[])
+}
+
+/// [`start_numbered`] with further `arkvm run` options.
+fn start_numbered_with(img: &Path, sock: &Path, memory: &str, extra: &[&str]) -> Vmm {
     let kernel = tiny_guest("disk");
-    let vm = Vmm::spawn(&[
+    let mut args = vec![
         "run",
         "--kernel",
         kernel.to_str().expect("utf-8"),
@@ -265,7 +270,9 @@ fn start_numbered(img: &Path, sock: &Path, memory: &str) -> Vmm {
         sock.to_str().expect("utf-8"),
         "--cmdline",
         "arkvm.mode=numbered",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let vm = Vmm::spawn(&args);
     assert!(
         wait_for_path(sock, Duration::from_secs(20)),
         "no socket\n{}",
@@ -274,14 +281,15 @@ fn start_numbered(img: &Path, sock: &Path, memory: &str) -> Vmm {
     vm
 }
 
-fn disk_and_memory_agree(strategy: &str) {
+/// `run_extra` goes to `arkvm run` (the cow staging pool's size, say).
+fn disk_and_memory_agree(strategy: &str, run_extra: &[&str]) {
     require_kvm();
     let _serial = one_at_a_time();
-    let dir = ScratchDir::new(&format!("disk-agree-{strategy}"));
+    let dir = ScratchDir::new(&format!("disk-agree-{strategy}-{}", run_extra.join("")));
     let img = disk_file(dir.path(), "d.img", 4 << 20);
     let blocks = (4 << 20) / BLOCK as u64;
     let sock = dir.path().join("vm.sock");
-    let mut vm = start_numbered(&img, &sock, "64M");
+    let mut vm = start_numbered_with(&img, &sock, "64M", run_extra);
     let (i, _) = wait_diskgen(&vm, 0, Duration::from_secs(30));
     wait_diskgen(&vm, i + 1, Duration::from_secs(30));
     let seen_before = last_diskgen(&vm, 0).map(|(_, n)| n).unwrap_or(0);
@@ -350,12 +358,22 @@ fn disk_and_memory_agree(strategy: &str) {
 
 #[test]
 fn disk_and_memory_agree_after_cow_snapshot_restore() {
-    disk_and_memory_agree("cow");
+    disk_and_memory_agree("cow", &[]);
+}
+
+#[test]
+fn disk_and_memory_agree_after_cow_snapshot_restore_with_a_small_staging_pool() {
+    disk_and_memory_agree("cow", &["--cow-staging", "2M"]);
+}
+
+#[test]
+fn disk_and_memory_agree_after_cow_snapshot_restore_without_staging() {
+    disk_and_memory_agree("cow", &["--cow-staging", "0"]);
 }
 
 #[test]
 fn disk_and_memory_agree_after_precopy_snapshot_restore() {
-    disk_and_memory_agree("precopy");
+    disk_and_memory_agree("precopy", &[]);
 }
 
 #[test]

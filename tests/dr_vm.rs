@@ -840,3 +840,78 @@ fn a_disk_guest_is_recovered_with_memory_and_disk_agreeing() {
         "no disk was restored into --disk-dir"
     );
 }
+
+/// The default staging repository (`$ARKVM_CACHE/dr-staging/NAME-PID`) is removed when the VM
+/// exits, and one whose process is gone is removed when protection starts.
+#[test]
+fn default_staging_repositories_go_away_with_their_vm() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let tmp = ScratchDir::new("drvm-staging");
+    let key = tmp.path().join("dr.key");
+    write_key(&key, 0x35);
+    let rx = Receiver::start(&tmp.path().join("dr"), &key, None, "127.0.0.1", &[]);
+    let cache = tmp.path().join("cache");
+    let staging_dir = cache.join("dr-staging");
+    // A repository left by a process that is gone, and one of a live process (this one).
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let gone_pid = gone.id();
+    gone.wait().expect("wait true");
+    let stale = staging_dir.join(format!("vm1-{gone_pid}"));
+    let alive = staging_dir.join(format!("vm1-{}", std::process::id()));
+    for d in [&stale, &alive] {
+        std::fs::create_dir_all(d.join("points")).expect("stale staging");
+    }
+    let sock = tmp.path().join("primary.sock");
+    let env_cache = format!("ARKVM_CACHE={}", path(&cache));
+    let mut primary = Vmm::spawn_program(
+        Path::new("env"),
+        &[
+            env_cache,
+            path(&arkvm_bin()),
+            "run".into(),
+            "--kernel".into(),
+            path(&tiny_guest("memory")),
+            "--memory".into(),
+            "64M".into(),
+            "--name".into(),
+            "vm1".into(),
+            "--api-socket".into(),
+            path(&sock),
+            "--dr-target".into(),
+            rx.addr.clone(),
+            "--dr-interval".into(),
+            format!("{INTERVAL_MS}ms"),
+            "--key".into(),
+            path(&key),
+        ],
+    );
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(30)),
+        "no control socket\n{}",
+        primary.dump()
+    );
+    wait_committed(&sock, 1, &primary);
+    // `env` executes arkvm in place: the staging repository carries this pid.
+    let own = staging_dir.join(format!("vm1-{}", primary.pid()));
+    assert!(own.is_dir(), "no staging repository {}", own.display());
+    assert!(
+        !stale.exists(),
+        "the stale staging repository is still there"
+    );
+    assert!(
+        alive.exists(),
+        "a live process's staging repository was removed"
+    );
+    let (code, v) = api_json(&sock, "PUT", "/vm/shutdown", None);
+    assert!(code < 300, "shutdown: {v}");
+    let st = primary
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the primary did not exit\n{}", primary.dump()));
+    assert!(st.success(), "{st:?}\n{}", primary.dump());
+    assert!(
+        !own.exists(),
+        "the staging repository outlived its VM\n{}",
+        primary.dump()
+    );
+}

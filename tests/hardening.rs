@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use arkvm_tests::{arkvm_bin, ScratchDir};
+use arkvm_tests::{arkvm_bin, ScratchDir, Vmm};
 use snapshot::chunk::CHUNK_SIZE;
 use snapshot::repo::{point_object_name, RepoKey, Repository};
 use snapshot::PartKind;
@@ -301,4 +301,53 @@ fn repo_with_point_again(repo: &Path) {
     let mut backup = repo.start_backup("vm2", None).expect("start backup");
     backup.put_state("vm-state", &8u32).expect("state");
     backup.commit().expect("commit");
+}
+
+#[test]
+fn dr_serve_stops_cleanly_on_sigterm() {
+    let dir = ScratchDir::new("hardening-dr-sigterm");
+    let key = dir.path().join("dr.key");
+    std::fs::write(&key, format!("{}\n", "5a".repeat(32))).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let repo = dir.path().join(format!("dr-{signal}"));
+        let mut rx = Vmm::spawn(&[
+            "dr",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--repo",
+            s(&repo),
+            "--key",
+            s(&key),
+        ]);
+        rx.wait_line("dr: listening on", std::time::Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the receiver did not start\n{}", rx.dump()));
+        rx.signal(signal);
+        let st = rx
+            .wait_exit(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("dr serve ignored signal {signal}\n{}", rx.dump()));
+        assert_eq!(st.code(), Some(0), "signal {signal}\n{}", rx.dump());
+        assert!(
+            repo.join("points").is_dir() || repo.is_dir(),
+            "repository gone"
+        );
+    }
+}
+
+#[test]
+fn verify_names_no_point_for_a_damaged_stray_chunk() {
+    let dir = ScratchDir::new("hardening-stray");
+    let repo = dir.path().join("repo");
+    repo_with_point(&repo, None, "vm1");
+    let hex = "abcd".repeat(16);
+    let stray = repo.join("chunks").join("abcd").join(&hex);
+    std::fs::create_dir_all(stray.parent().expect("parent")).expect("chunk dir");
+    std::fs::write(&stray, b"not a chunk").expect("stray chunk");
+    let out = arkvm(&["backup", "verify", "--repo", s(&repo)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {:?}", stderr_lines(&out));
+    assert!(stdout.contains(&format!("damaged chunk {hex}")), "{stdout}");
+    assert!(stdout.contains("(used by no point)"), "{stdout}");
+    assert!(!stdout.contains("(used by )"), "{stdout}");
 }

@@ -487,9 +487,20 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// Starts the memory guest with a control socket at `sock`.
 pub fn start_memory_guest(sock: &Path, memory: &str, vcpus: u32, cmdline: &str) -> Vmm {
+    start_memory_guest_with(sock, memory, vcpus, cmdline, &[])
+}
+
+/// Starts the memory guest with a control socket at `sock` and further `arkvm run` options.
+pub fn start_memory_guest_with(
+    sock: &Path,
+    memory: &str,
+    vcpus: u32,
+    cmdline: &str,
+    extra: &[&str],
+) -> Vmm {
     let kernel = tiny_guest("memory");
     let vcpus = vcpus.to_string();
-    let vmm = Vmm::spawn(&[
+    let mut args = vec![
         "run",
         "--kernel",
         kernel.to_str().expect("utf-8 path"),
@@ -501,7 +512,9 @@ pub fn start_memory_guest(sock: &Path, memory: &str, vcpus: u32, cmdline: &str) 
         sock.to_str().expect("utf-8 path"),
         "--cmdline",
         cmdline,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let vmm = Vmm::spawn(&args);
     assert!(
         wait_for_path(sock, Duration::from_secs(20)),
         "no control socket appeared\n{}",

@@ -8,20 +8,31 @@ use std::time::{Duration, Instant};
 
 use arkvm_tests::{
     api_json, broken_line, check_restored_memory_guest, one_at_a_time, require_kvm,
-    run_to_end_settled, snapshot_memory_guest, start_memory_guest, start_restore, ScratchDir, Vmm,
+    run_to_end_settled, snapshot_memory_guest, start_memory_guest, start_memory_guest_with,
+    start_restore, ScratchDir, Vmm,
 };
 
 /// Runs `cycles` snapshot/restore cycles of the memory guest with `--strategy strategy`: each
 /// cycle snapshots the running VM live, kills it, restores the snapshot and checks that the
 /// guest continues from inside the snapshot window without TORN; the restored VM is the next
-/// cycle's subject.
-fn consistency_cycles(strategy: &str, memory: &str, cycles: usize) {
+/// cycle's subject. `staging` sizes the cow staging pool of every VM (`--cow-staging`; None:
+/// the default).
+fn consistency_cycles(strategy: &str, memory: &str, cycles: usize, staging: Option<&str>) {
     require_kvm();
     let _serial = one_at_a_time();
     let t0 = Instant::now();
-    let dir = ScratchDir::new(&format!("live-{strategy}-{memory}"));
+    let dir = ScratchDir::new(&format!(
+        "live-{strategy}-{memory}-{}",
+        staging.unwrap_or("default")
+    ));
+    let run_extra: Vec<&str> = match staging {
+        Some(s) => vec!["--cow-staging", s],
+        None => vec![],
+    };
     let mut sock = dir.path().join("vm0.sock");
-    let mut vm = start_memory_guest(&sock, memory, 1, "");
+    let mut vm = start_memory_guest_with(&sock, memory, 1, "", &run_extra);
+    let mut staged_total = 0u64;
+    let mut pool_full_total = 0u64;
     let mut prev_snap: Option<PathBuf> = None;
     for cycle in 1..=cycles {
         let snap = dir.path().join(format!("snap{cycle}"));
@@ -38,43 +49,74 @@ fn consistency_cycles(strategy: &str, memory: &str, cycles: usize) {
             let _ = std::fs::remove_dir_all(p);
         }
         sock = dir.path().join(format!("vm{cycle}.sock"));
-        vm = start_restore(&snap, &sock, &[]);
+        vm = start_restore(&snap, &sock, &run_extra);
+        let cow = &w.report["cow"];
+        if strategy == "cow" {
+            let expect_pool = staging.map_or(64 << 20, |s| if s == "0" { 0 } else { 4 << 20 });
+            assert_eq!(
+                cow["staging_bytes"], expect_pool,
+                "cycle {cycle}: {}",
+                w.report
+            );
+            if staging == Some("0") {
+                assert_eq!(cow["bytes_staged"], 0, "staging is off: {}", w.report);
+            }
+            staged_total += cow["bytes_staged"].as_u64().unwrap_or(0);
+            pool_full_total += cow["pool_full"].as_u64().unwrap_or(0);
+        }
         let first = check_restored_memory_guest(&vm, &w, 2, Duration::from_secs(40));
         eprintln!(
-            "{strategy} {memory} cycle {cycle}: GEN {} < restored {first} <= {}, pause {} us, {} ms, early {} recopied {}",
+            "{strategy} {memory} cycle {cycle}: GEN {} < restored {first} <= {}, pause {} us, {} ms, early {} recopied {}, cow {}",
             w.gen_before,
             w.gen_after,
             w.report["pause_us"],
             w.report["total_ms"],
             w.report["pages_copied_early"],
-            w.report["pages_recopied"]
+            w.report["pages_recopied"],
+            cow
         );
         prev_snap = Some(snap);
     }
     if let Some(l) = broken_line(&vm.stdout(), 0) {
         panic!("last restored guest broke: {l}\n{}", vm.dump());
     }
-    eprintln!("{strategy} {memory}: {cycles} cycles in {:?}", t0.elapsed());
+    eprintln!(
+        "{strategy} {memory} staging {staging:?}: {cycles} cycles in {:?}, {staged_total} bytes staged, pool full {pool_full_total} times",
+        t0.elapsed()
+    );
 }
 
 #[test]
 fn cow_20_cycles_at_256m_never_torn() {
-    consistency_cycles("cow", "256M", 20);
+    consistency_cycles("cow", "256M", 20, None);
+}
+
+/// A staging pool of two units: most faults find it full and fall back to waiting, the rest
+/// stage; the image is untorn either way.
+#[test]
+fn cow_20_cycles_at_256m_never_torn_with_a_small_staging_pool() {
+    consistency_cycles("cow", "256M", 20, Some("4M"));
+}
+
+/// Staging off: every fault copies to the target while the writer waits.
+#[test]
+fn cow_20_cycles_at_256m_never_torn_without_staging() {
+    consistency_cycles("cow", "256M", 20, Some("0"));
 }
 
 #[test]
 fn cow_5_cycles_at_2g_never_torn() {
-    consistency_cycles("cow", "2G", 5);
+    consistency_cycles("cow", "2G", 5, None);
 }
 
 #[test]
 fn precopy_20_cycles_at_256m_never_torn() {
-    consistency_cycles("precopy", "256M", 20);
+    consistency_cycles("precopy", "256M", 20, None);
 }
 
 #[test]
 fn precopy_5_cycles_at_2g_never_torn() {
-    consistency_cycles("precopy", "2G", 5);
+    consistency_cycles("precopy", "2G", 5, None);
 }
 
 /// Polls `GET /snapshot` until its state is no longer `running`; returns the final status and
@@ -342,6 +384,12 @@ fn full_target(extra: &[&str], what: &str) {
     assert!(
         text.contains("space") || text.contains("ENOSPC") || text.contains("os error 28"),
         "{what}: the error does not say the target is full: {text}"
+    );
+    // Said as a failed snapshot on a full filesystem, not as a protocol error.
+    assert!(
+        text.contains("failed: no space left on the filesystem of")
+            && !text.contains("malformed"),
+        "{what}: {text}"
     );
     let (code, st) = api_json(&sock, "GET", "/snapshot", None);
     assert_eq!(code, 200, "{st}");

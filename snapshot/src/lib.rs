@@ -28,6 +28,7 @@ pub mod persist;
 pub mod repo;
 pub mod sealed_json;
 pub mod sink;
+pub mod sink_pipeline;
 pub mod source;
 pub mod state_file;
 
@@ -45,6 +46,7 @@ pub use layout::{LayoutError, MappedLayout, MemoryLayout, MemoryRegionState};
 pub use manifest::{Manifest, PartEntry, PartKind};
 pub use persist::Persist;
 pub use sink::{MemorySink, MemorySinkError};
+pub use sink_pipeline::PipelineSink;
 pub use source::{ChunkSource, ChunkSourceError};
 pub use state_file::{read_state, write_state, StateFileError};
 

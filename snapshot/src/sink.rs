@@ -14,6 +14,13 @@ pub enum MemorySinkError {
     /// The repository refused the chunk.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A worker of a [`crate::sink_pipeline::PipelineSink`] failed earlier (its error is
+    /// returned by `finish`).
+    #[error("an earlier chunk could not be stored")]
+    PipelineFailed,
+    /// A pipeline worker thread could not be started.
+    #[error("cannot start a backup worker thread")]
+    Spawn(#[source] std::io::Error),
 }
 
 /// A destination for guest memory in fixed-size chunks, written in any order from any thread.

@@ -58,6 +58,8 @@ fn vm_info(machine: &Machine) -> VmInfo {
                 elapsed_ms: t.elapsed_ms,
             }
         }),
+        memory_loader: machine.memory_loader.as_ref().map(|p| p.info()),
+        net: machine.built.devices.net_info(),
     }
 }
 
@@ -78,6 +80,13 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
     } = ctx;
     let busy = engine.is_busy();
     match request {
+        ApiRequest::GetRoot => ApiResponse::root(&crate::observe::root_info(machine)),
+        ApiRequest::GetMetrics => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            ApiResponse::metrics(crate::observe::metrics_text(machine, &dr.status(), now_ms))
+        }
         ApiRequest::GetVm => ApiResponse::vm(&vm_info(machine)),
         ApiRequest::PauseVm => {
             if busy {
@@ -110,7 +119,10 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
             ApiResponse::no_content()
         }
         ApiRequest::CreateSnapshot(params) => match engine.start(machine, &params.into()) {
-            Ok(id) => ApiResponse::snapshot_started(&SnapshotStarted { id }),
+            Ok(id) => {
+                crate::capture::metrics::snapshot_started();
+                ApiResponse::snapshot_started(&SnapshotStarted { id })
+            }
             Err(e) if e.is_conflict() => ApiResponse::conflict(snapshot::error_chain(&e)),
             Err(e) => ApiResponse::bad_request(snapshot::error_chain(&e)),
         },
@@ -130,7 +142,7 @@ pub fn handle_request(ctx: ApiContext<'_>, request: ApiRequest) -> ApiResponse {
             Err(e) => dr_error(&e),
         },
         ApiRequest::StopDr => match dr.stop() {
-            Ok(status) => ApiResponse::dr(&status),
+            Ok(_) => ApiResponse::no_content(),
             Err(e) => dr_error(&e),
         },
         ApiRequest::GetDr => ApiResponse::dr(&dr.status()),

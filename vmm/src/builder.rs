@@ -208,6 +208,8 @@ pub struct Restore<'a> {
     /// Where guest memory is loaded from. This is the one place where the builder meets the
     /// memory source.
     pub memory: Arc<dyn snapshot::ChunkSource>,
+    /// Where the memory comes from (a directory or `REPO#ID`), for the loader's messages.
+    pub label: &'a str,
 }
 
 /// How a build starts: a loaded kernel (and initrd), or a snapshot.
@@ -305,7 +307,7 @@ pub fn build_with_devices(
     let (init, lazy_memory, vcpus_started) = match start {
         Start::Restore(r) => {
             let t = Instant::now();
-            let lazy = LazyMemory::start(r.memory, mapped_layout(&mem), exit.clone())?;
+            let lazy = LazyMemory::start(r.memory, mapped_layout(&mem), r.label, exit.clone())?;
             timings.load_us = us_since(t);
             let t = Instant::now();
             // The irqchip, PIT and clock first, then every vCPU (its LAPIC lands on a restored

@@ -68,6 +68,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     #[serde(default)]
     pub disks: Vec<devices::virtio::block::DiskConfig>,
+    #[serde(default)]
+    pub nets: Vec<devices::virtio::net::NetConfig>,
 }
 
 fn default_vm_name() -> String {

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
+use devices::virtio::net::OutputCommit;
 use serde::{Deserialize, Serialize};
 use snapshot::dr::{send_checkpoint, CheckpointInfo, DrError, LinkKey, SendReport};
 use snapshot::repo::{KeepPolicy, KeyError, RepoError, RepoKey, Repository};
@@ -35,6 +38,8 @@ pub struct DrConfig {
     pub interval_ms: u64,
     /// Pre-shared key file that authenticates and encrypts the link.
     pub key: PathBuf,
+    /// Hold the guest's transmitted frames until a checkpoint after them is committed.
+    pub output_commit: bool,
 }
 
 /// Whether DR checkpoints are being sent.
@@ -79,6 +84,9 @@ pub struct DrStatus {
     pub intervals_skipped: u64,
     /// The most recent failure, if any.
     pub last_error: Option<String>,
+    /// Whether transmitted frames are held until a checkpoint after them is committed.
+    #[serde(default)]
+    pub output_commit: bool,
 }
 
 impl DrStatus {
@@ -94,6 +102,7 @@ impl DrStatus {
             checkpoints_failed: 0,
             intervals_skipped: 0,
             last_error: None,
+            output_commit: false,
         }
     }
 }
@@ -138,6 +147,8 @@ struct Outgoing {
     point_id: String,
     taken_at_ms: u64,
     pause_us: u64,
+    /// With output commit: the newest frame epoch this checkpoint covers.
+    epoch: Option<u64>,
 }
 
 /// The state of continuous protection once started.
@@ -153,6 +164,47 @@ struct DrLoop {
     last_taken_ms: Option<u64>,
     /// Whether the running snapshot is one of this loop's checkpoints.
     checkpoint_running: bool,
+    /// The frame epoch the running checkpoint covers (output commit only).
+    running_epoch: Option<u64>,
+    /// The staging repository is this process's default one: removed when the loop ends.
+    owns_staging: bool,
+}
+
+impl Drop for DrLoop {
+    fn drop(&mut self) {
+        if self.owns_staging {
+            if let Err(e) = std::fs::remove_dir_all(&self.staging) {
+                tracing::warn!(
+                    "cannot remove the DR staging repository {}: {e}",
+                    self.staging.display()
+                );
+            }
+        }
+    }
+}
+
+/// Removes the default staging repositories (`NAME-PID`) in `dir` whose process is gone.
+fn remove_stale_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(
+                "removing the stale DR staging repository {}",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -199,10 +251,13 @@ impl DrLoop {
                 state: DrState::Running,
                 target: Some(config.target.clone()),
                 interval_ms: Some(config.interval_ms),
+                output_commit: config.output_commit,
                 ..DrStatus::stopped()
             },
             last_taken_ms: None,
             checkpoint_running: false,
+            running_epoch: None,
+            owns_staging: false,
         })
     }
 
@@ -226,6 +281,7 @@ impl DrLoop {
         let pause = out.pause_us;
         let handle = std::thread::Builder::new().name("dr-send".into()).spawn(
             move || -> Result<SendReport, DrSendError> {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::DrSend);
                 let key = RepoKey::load(&key_path)?;
                 let repo = Repository::open(&staging, Some(key))?;
                 Ok(send_checkpoint(
@@ -249,8 +305,9 @@ impl DrLoop {
         }
     }
 
-    /// Finishes a send whose thread has ended.
-    fn finish_send(&mut self) {
+    /// Finishes a send whose thread has ended; a committed checkpoint releases the frames it
+    /// covers.
+    fn finish_send(&mut self, commit: &OutputCommit) {
         if !self.sending.as_ref().is_some_and(|(_, h)| h.is_finished()) {
             return;
         }
@@ -259,6 +316,9 @@ impl DrLoop {
         };
         match h.join().unwrap_or(Err(DrSendError::Panicked)) {
             Ok(report) => {
+                if let Some(k) = out.epoch {
+                    commit.release_through(k);
+                }
                 self.status.checkpoints_committed += 1;
                 self.status.last_error = None;
                 if self.status.state == DrState::Retrying {
@@ -294,9 +354,19 @@ impl DrLoop {
 #[derive(Default)]
 pub struct DrControl {
     current: Option<DrLoop>,
+    /// The network devices' output-commit switch and epoch counter.
+    commit: Arc<OutputCommit>,
 }
 
 impl DrControl {
+    /// Continuous protection that drives `commit` (the VM's network devices' gate).
+    pub fn new(commit: Arc<OutputCommit>) -> Self {
+        Self {
+            current: None,
+            commit,
+        }
+    }
+
     /// Whether protection was ever started (the event loop then wakes more often).
     pub fn is_started(&self) -> bool {
         self.current.is_some()
@@ -317,10 +387,15 @@ impl DrControl {
         {
             return Err(DrControlError::AlreadyRunning);
         }
+        let owns_staging = staging.is_none();
         let staging = staging
             .map(Path::to_path_buf)
             .unwrap_or_else(|| default_staging(vm_name));
+        if let (true, Some(dir)) = (owns_staging, staging.parent()) {
+            remove_stale_staging(dir);
+        }
         let mut d = DrLoop::new(config, &staging)?;
+        d.owns_staging = owns_staging;
         tracing::info!(
             "continuous protection to {} every {} ms (staging {})",
             config.target,
@@ -329,7 +404,12 @@ impl DrControl {
         );
         // A checkpoint of the stopped loop still running ends in this one.
         d.checkpoint_running = self.current.as_ref().is_some_and(|o| o.checkpoint_running);
+        self.commit.set_enabled(config.output_commit);
         let status = d.status();
+        if let Some(old) = self.current.as_mut().filter(|o| o.staging == d.staging) {
+            // The new loop goes on with the same staging repository.
+            old.owns_staging = false;
+        }
         self.current = Some(d);
         Ok(status)
     }
@@ -339,6 +419,8 @@ impl DrControl {
         match &mut self.current {
             Some(d) if d.status.state != DrState::Stopped => {
                 d.status.state = DrState::Stopped;
+                // Nothing will be committed any more: what was held goes out now.
+                self.commit.set_enabled(false);
                 Ok(d.status())
             }
             _ => Err(DrControlError::NotRunning),
@@ -359,7 +441,7 @@ impl DrControl {
         let Some(d) = self.current.as_mut() else {
             return;
         };
-        d.finish_send();
+        d.finish_send(&self.commit);
         if d.status.state == DrState::Stopped {
             return;
         }
@@ -376,14 +458,13 @@ impl DrControl {
         d.next_due = now + d.interval;
         // Keep the staging repository small (no backup is open in this process right now).
         if let Ok(repo) = Repository::open(&d.staging, Some(d.key.clone())) {
-            if let Err(e) = repo.prune(&KeepPolicy {
-                keep_last: STAGING_KEEP,
-                keep_daily: 0,
-            }) {
+            if let Err(e) = repo.prune(&KeepPolicy::last(STAGING_KEEP)) {
                 tracing::debug!("cannot prune the DR staging repository: {e}");
             }
         }
         d.last_taken_ms = Some(now_ms());
+        // Frames sent so far were sent before this checkpoint's instant.
+        d.running_epoch = d.status.output_commit.then(|| self.commit.advance());
         let request = SnapshotRequest {
             target: SnapshotTarget::Repo(d.staging.clone()),
             mode: SnapshotMode::Live,
@@ -413,10 +494,12 @@ impl DrControl {
         match &ended.result {
             Ok(()) => {
                 let taken_at_ms = d.last_taken_ms.unwrap_or_else(now_ms);
+                let epoch = d.running_epoch.take();
                 d.start_send(Outgoing {
                     point_id: ended.id.clone(),
                     taken_at_ms,
                     pause_us: ended.pause_us,
+                    epoch,
                 });
             }
             Err(e) => {
@@ -428,30 +511,24 @@ impl DrControl {
     }
 }
 
-/// Parses an interval such as `1s`, `500ms`, `2m`.
+/// Parses an interval in humantime's syntax (`500ms`, `1s`, `2m`, `1h`, `1m 30s`); a bare
+/// number is seconds.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid interval '{text}': use e.g. 500ms, 1s or 2m"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        _ => {
-            return Err(format!(
-                "invalid interval '{text}': use e.g. 500ms, 1s or 2m"
-            ))
-        }
+    let parsed = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>().ok().map(Duration::from_secs)
+    } else {
+        humantime::parse_duration(t).ok()
     };
-    if ms < MIN_DR_INTERVAL_MS {
+    let interval =
+        parsed.ok_or_else(|| format!("invalid interval '{text}': use e.g. 500ms, 1s, 2m or 1h"))?;
+    if interval < Duration::from_millis(MIN_DR_INTERVAL_MS) {
         return Err(format!(
             "interval '{text}' is below the minimum of {} ms",
             MIN_DR_INTERVAL_MS
         ));
     }
-    Ok(Duration::from_millis(ms))
+    Ok(interval)
 }
 
 #[cfg(test)]
@@ -463,7 +540,8 @@ mod tests {
         assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_interval("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_interval("1h").is_err());
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_interval("5"), Ok(Duration::from_secs(5)));
         assert!(parse_interval("1ms").is_err());
         assert!(parse_interval("x").is_err());
     }

@@ -12,9 +12,12 @@ pub mod config;
 pub mod device_manager;
 pub mod dr_checkpoints;
 pub mod machine;
+pub mod metrics;
+pub mod observe;
 pub mod restore;
 pub mod runtime;
 pub mod saved_state;
+pub mod seccomp;
 pub mod signals;
 pub mod vstate;
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::builder::BuiltVm;
 use crate::capture::{CaptureError, CaptureVm, FrozenDisk};
 use crate::config::VmConfig;
+use crate::restore::lazy_memory::progress::LoaderProgress;
 use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::mapped_layout;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuResponse};
@@ -29,16 +30,20 @@ pub struct Machine {
     state: RunState,
     /// The snapshot directory or `REPO#ID` this VM was restored from, if any.
     pub restored_from: Option<String>,
+    /// The restore's memory loader progress (kept after the loader is gone).
+    pub memory_loader: Option<Arc<LoaderProgress>>,
 }
 
 impl Machine {
     /// Wraps a built VM whose vCPUs wait, paused.
     pub fn new(config: VmConfig, built: BuiltVm, restored_from: Option<String>) -> Self {
+        let memory_loader = built.lazy_memory.as_ref().map(|l| l.progress());
         Self {
             built,
             config,
             state: RunState::Paused,
             restored_from,
+            memory_loader,
         }
     }
 

@@ -4,18 +4,22 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
-use vmm::cli::{backup, control, dr, launch, Command};
+use vmm::cli::{backup, control, docs, dr, launch, Command, LogFormat};
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("ARKVM_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// Client commands end quietly when their output pipe closes (`arkvm backup list | head`), like
@@ -30,7 +34,7 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
         default_sigpipe();
     }
-    init_logging(&cli.log_level);
+    init_logging(&cli.log_level, cli.log_format);
     match cli.command {
         Command::Run(args) => launch::run(args),
         Command::Restore(args) => launch::restore(args),
@@ -41,5 +45,7 @@ fn main() -> ExitCode {
         Command::Status(args) => control::status(args),
         Command::Backup(cmd) => backup::run(cmd),
         Command::Dr(cmd) => dr::run(cmd),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

@@ -188,13 +188,19 @@ impl Vmm {
         for device in built.devices.subscribers() {
             events.add_subscriber(device);
         }
+        let dr = DrControl::new(built.devices.output_commit().clone());
         Ok(Self {
             machine: Machine::new(config, built, restored_from),
             events,
             api: None,
             engine,
-            dr: DrControl::default(),
+            dr,
         })
+    }
+
+    /// Sizes the copy-on-write staging pool of live snapshots (bytes, 0 = off).
+    pub fn set_cow_staging(&mut self, bytes: u64) {
+        self.engine.set_cow_staging(bytes);
     }
 
     /// Serves the control API on `server` from now on.
@@ -229,6 +235,7 @@ impl Vmm {
     pub fn run(&mut self) -> Result<GuestExit, RuntimeError> {
         let _raw = RawTerminal::enter();
         self.machine.resume()?;
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
         tracing::info!(
             "guest running with {} vCPUs",
             self.machine.built.vcpus.len()
@@ -240,6 +247,9 @@ impl Vmm {
             }
             if let Some(exit) = self.machine.built.exit.reason() {
                 tracing::info!("guest stopped: {exit}");
+                if let Some(lazy) = &self.machine.built.lazy_memory {
+                    lazy.vm_ending();
+                }
                 if let Some(ended) = self.engine.stop(&mut self.machine) {
                     self.dr.snapshot_ended(&ended);
                 }

@@ -35,3 +35,56 @@ pub fn install() {
 pub fn terminated() -> bool {
     TERMINATED.load(Ordering::SeqCst)
 }
+
+/// Blocks SIGINT and SIGTERM on the calling thread (and the threads it starts from now on), so
+/// that one arriving before [`run_until_terminated`] waits stays pending; returns the set.
+pub fn block_termination() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; the mask change only affects this
+    // thread and the threads it starts from now on.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Runs `work` on a thread of its own with SIGINT and SIGTERM blocked, and waits for it on the
+/// calling thread, which takes those signals instead: returns `Some` with `work`'s result, or
+/// `None` when a termination signal arrived first (the caller then ends the process cleanly).
+/// For servers without an event loop (`dr serve`).
+pub fn run_until_terminated<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<Option<T>> {
+    let set = block_termination();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })?;
+    let wait = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Ok(Some(v)),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(std::io::Error::other(
+                    "the server thread ended without a result",
+                ))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+        }
+        // SAFETY: `set` and `wait` are valid for the call; no siginfo is requested.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &wait) };
+        if sig == libc::SIGINT || sig == libc::SIGTERM {
+            TERMINATED.store(true, Ordering::SeqCst);
+            return Ok(None);
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 mod queue_state;
 #[cfg(test)]
 pub(crate) mod test_utils;

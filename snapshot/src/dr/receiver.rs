@@ -470,10 +470,7 @@ impl Receiver {
 
     /// Removes what the retention no longer keeps, and collects unused chunks.
     fn prune(&self) {
-        let policy = KeepPolicy {
-            keep_last: self.config.keep_last,
-            keep_daily: 0,
-        };
+        let policy = KeepPolicy::last(self.config.keep_last);
         match self.repo.prune(&policy) {
             Ok(pruned) => tracing::debug!(removed = pruned.removed.len(), "pruned"),
             Err(e) => tracing::warn!(error = %error_chain(&e), "prune after commit failed"),

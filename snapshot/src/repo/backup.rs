@@ -3,14 +3,15 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::codec::{chunk_id, chunk_object_name, encode_chunk};
+use super::codec::{chunk_id, chunk_object_name, encode_chunk_timed};
 use super::key::RepoKey;
 use super::point::{new_point_id, point_object_name, PointManifest, PointObject, PointStats};
+use super::stage_times::{Stage, StageTimes};
 use super::store::{ChunkStore, StoreLock};
 use super::RepoError;
 use crate::chunk::{chunk_count, chunk_range, chunk_table_hash, ContentHash, CHUNK_SIZE};
@@ -102,6 +103,8 @@ impl BackupWriter {
             new: AtomicU64::new(0),
             bytes_hashed: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
+            zero_id: OnceLock::new(),
+            times: StageTimes::default(),
         })
     }
 
@@ -146,6 +149,11 @@ impl BackupWriter {
                 }
             }
         }
+        tracing::info!(
+            object = %object.name,
+            "backup object stages: {}",
+            object.times.summary()
+        );
         let stats = &mut self.stats;
         stats.chunks_total += chunks.len() as u64;
         stats.chunks_hashed += object.hashed.into_inner();
@@ -169,6 +177,15 @@ impl BackupWriter {
     /// Makes the point visible: checks that every reused chunk is still stored, then creates
     /// the point manifest (create-if-absent; every chunk was durable before this).
     pub fn commit(self) -> Result<PointManifest, RepoError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.commit_at(now)
+    }
+
+    /// [`BackupWriter::commit`] with the point's creation time given as a duration since the
+    /// Unix epoch: for importing points with their original times, and for retention tests.
+    pub fn commit_at(self, now: Duration) -> Result<PointManifest, RepoError> {
         if let Some(name) = self.pending.first() {
             return Err(RepoError::ObjectMisuse {
                 name: name.clone(),
@@ -180,9 +197,6 @@ impl BackupWriter {
                 return Err(RepoError::ChunkMissing { id: id.to_hex() });
             }
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let nonce = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
             (now, self.token, std::process::id()),
@@ -231,6 +245,11 @@ pub struct ObjectWriter {
     new: AtomicU64,
     bytes_hashed: AtomicU64,
     bytes_stored: AtomicU64,
+    /// The id of a whole chunk of zeros, once one was stored by this object: later zero chunks
+    /// take it without being hashed, compressed or stored.
+    zero_id: OnceLock<ContentHash>,
+    /// Where this object's time went.
+    times: StageTimes,
 }
 
 impl ObjectWriter {
@@ -273,15 +292,34 @@ impl ObjectWriter {
                 ),
             ));
         }
-        let id = chunk_id(data, self.key.as_deref());
+        let t = &self.times;
+        let zero = data.len() as u64 == self.chunk_size
+            && t.time(Stage::ZeroCheck, data.len(), || is_zero(data));
+        if let Some(id) = self.zero_id.get().filter(|_| zero) {
+            // Stored by this object already: nothing to hash, compress or store.
+            t.count_zero_chunk();
+            self.hashed.fetch_add(1, Ordering::Relaxed);
+            self.bytes_hashed
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.set_slot(index, *id);
+            return Ok(*id);
+        }
+        let id = t.time(Stage::Hash, data.len(), || {
+            chunk_id(data, self.key.as_deref())
+        });
         let name = chunk_object_name(&id);
-        if !self.store.contains(&name)? {
-            let stored = encode_chunk(&id, data, self.key.as_deref());
-            if self.store.put_if_absent(&name, &stored)? {
+        if !t.time(Stage::Store, 0, || self.store.contains(&name))? {
+            let stored = encode_chunk_timed(&id, data, self.key.as_deref(), t);
+            if t.time(Stage::Store, stored.len(), || {
+                self.store.put_if_absent(&name, &stored)
+            })? {
                 self.new.fetch_add(1, Ordering::Relaxed);
                 self.bytes_stored
                     .fetch_add(stored.len() as u64, Ordering::Relaxed);
             }
+        }
+        if zero {
+            let _ = self.zero_id.set(id);
         }
         self.hashed.fetch_add(1, Ordering::Relaxed);
         self.bytes_hashed
@@ -323,6 +361,11 @@ impl ObjectWriter {
         Ok(id)
     }
 
+    /// Where this object's time went so far, stage by stage.
+    pub fn stage_times(&self) -> &StageTimes {
+        &self.times
+    }
+
     fn set_slot(&self, index: u64, id: ContentHash) {
         self.slots
             .lock()
@@ -334,6 +377,35 @@ impl ObjectWriter {
             name: self.name.clone(),
             index,
             problem,
+        }
+    }
+}
+
+/// Whether `data` is all zeros, a machine word at a time.
+fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; `align_to` returns the aligned middle.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|w| w.iter().fold(0, |a, &x| a | x) == 0)
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_check_sees_every_byte() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        for i in [0, 1, 7, 8, 2048, 4097, 4098] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
         }
     }
 }

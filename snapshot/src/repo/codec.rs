@@ -5,6 +5,7 @@
 use std::io::Read;
 
 use super::key::{KeyError, RepoKey};
+use super::stage_times::{Stage, StageTimes};
 use crate::chunk::{chunk_hash, ContentHash, MAX_CHUNK_SIZE};
 
 /// The folder of chunk objects in a repository.
@@ -75,7 +76,23 @@ pub fn chunk_id_from_name(name: &str) -> Option<ContentHash> {
 
 /// Encodes chunk `id` (whose bytes are `data`) for storage, sealed if a key is given.
 pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec<u8> {
-    let encoded = match zstd::bulk::compress(data, ZSTD_LEVEL) {
+    encode_chunk_timed(id, data, key, &StageTimes::default())
+}
+
+/// [`encode_chunk`], adding the compression and sealing times to `times`.
+pub fn encode_chunk_timed(
+    id: &ContentHash,
+    data: &[u8],
+    key: Option<&RepoKey>,
+    times: &StageTimes,
+) -> Vec<u8> {
+    let compressed = times.time(Stage::Compress, data.len(), || {
+        if looks_incompressible(data) {
+            return Err(std::io::Error::other("incompressible sample"));
+        }
+        zstd::bulk::compress(data, ZSTD_LEVEL)
+    });
+    let encoded = match compressed {
         Ok(compressed) if compressed.len() + 4 < data.len() => {
             // A CRC of the compressed bytes follows them: zstd can decode a damaged frame to the
             // same content (a flipped byte in an unused table entry), and verify must still
@@ -97,12 +114,35 @@ pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec
     match key {
         None => encoded,
         Some(key) => {
-            let sealed = key.seal(id.as_bytes(), &encoded);
+            let sealed = times.time(Stage::Seal, encoded.len(), || {
+                key.seal(id.as_bytes(), &encoded)
+            });
             let mut out = Vec::with_capacity(sealed.len() + 1);
             out.push(TAG_SEALED);
             out.extend_from_slice(&sealed);
             out
         }
+    }
+}
+
+/// Bytes of each of the three samples [`looks_incompressible`] compresses.
+const PROBE_SAMPLE: usize = 8 << 10;
+
+/// Whether a large chunk is not worth compressing: three samples (start, middle, end)
+/// compressed together save less than 3%. Random and encrypted data then costs a compression of
+/// 24 KiB instead of the whole chunk; a chunk that compresses anywhere near a sample is kept.
+fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < 16 * PROBE_SAMPLE {
+        return false;
+    }
+    let mid = data.len() / 2;
+    let mut sample = Vec::with_capacity(3 * PROBE_SAMPLE);
+    sample.extend_from_slice(&data[..PROBE_SAMPLE]);
+    sample.extend_from_slice(&data[mid..mid + PROBE_SAMPLE]);
+    sample.extend_from_slice(&data[data.len() - PROBE_SAMPLE..]);
+    match zstd::bulk::compress(&sample, ZSTD_LEVEL) {
+        Ok(c) => c.len() * 100 > sample.len() * 97,
+        Err(_) => false,
     }
 }
 
@@ -320,6 +360,29 @@ mod tests {
         let stored = encode_chunk(&id, &data, None);
         assert_eq!(stored[0], TAG_ZSTD);
         assert!(decode_chunk(&id, &stored, None).unwrap() == data);
+    }
+
+    #[test]
+    fn random_chunks_skip_compression_and_compressible_ones_do_not() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let random: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(looks_incompressible(&random));
+        let mut half = random.clone();
+        half[..1 << 19].fill(0);
+        half[(1 << 20) - PROBE_SAMPLE..].fill(0);
+        assert!(!looks_incompressible(&half));
+        assert!(!looks_incompressible(&vec![7u8; 1 << 20]));
+        let id = chunk_id(&random, None);
+        let stored = encode_chunk(&id, &random, None);
+        assert_eq!(stored[0], TAG_PLAIN);
+        assert_eq!(decode_chunk(&id, &stored, None).unwrap(), random);
     }
 
     #[test]

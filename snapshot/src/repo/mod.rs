@@ -15,14 +15,20 @@
 //! the parent point without being read, and chunks already stored are not stored again.
 //!
 //! Storage goes through [`ChunkStore`], which only creates, reads, lists and deletes whole
-//! objects, so that an object store can back it later.
+//! objects: a local directory ([`LocalDirStore`]) or an S3 bucket ([`s3::S3Store`], chosen by
+//! giving an `s3://BUCKET/PREFIX` URL where a repository path is taken).
 
 mod backup;
 mod codec;
 mod key;
+mod location;
 mod point;
 mod reader;
 mod repository;
+mod resolve;
+mod retention;
+mod stage_times;
+pub mod s3;
 mod store;
 mod transfer;
 
@@ -38,11 +44,14 @@ pub use point::{
     point_id_from_name, point_object_name, validate_vm_name, PointManifest, PointObject,
     PointStats, MAX_POINT_LEN, POINT_PREFIX,
 };
+pub use location::is_remote;
 pub use reader::ObjectReader;
 pub use repository::{
-    DamagedChunk, GcReport, KeepPolicy, PointEntry, PruneReport, RepoVerifyProgress, Repository,
-    VerifyReport,
+    DamagedChunk, GcReport, PointEntry, PruneReport, RepoVerifyProgress, Repository, VerifyReport,
 };
+pub use resolve::LATEST;
+pub use retention::{KeepPolicy, KeepReason};
+pub use stage_times::{Stage, StageTimes};
 pub use store::{ChunkStore, LocalDirStore, LockMode, StoreError, StoreLock};
 
 use crate::sealed_json::SealError;
@@ -111,6 +120,20 @@ pub enum RepoError {
     NoSuchPoint {
         /// The id.
         id: String,
+    },
+    /// A point id prefix names more than one point.
+    #[error("'{prefix}' is the start of {count} backup point ids (give more of the id)")]
+    AmbiguousPoint {
+        /// The prefix given.
+        prefix: String,
+        /// How many ids start with it.
+        count: usize,
+    },
+    /// `latest` was asked of a repository (or VM) with no readable point.
+    #[error("the repository has no readable backup point{}", vm.as_ref().map(|v| format!(" of VM '{v}'")).unwrap_or_default())]
+    NoLatestPoint {
+        /// The VM asked for, if any.
+        vm: Option<String>,
     },
     /// A point manifest is damaged, truncated, or of another version.
     #[error("backup point '{id}' cannot be used")]

@@ -187,36 +187,16 @@ pub(crate) fn validate_point_name(name: &str) -> Result<(), RepoError> {
 }
 
 /// A new point id for `vm` at `secs.nanos` since the epoch:
-/// `yyyymmddThhmmss.nnnnnnnnnZ-<vm>-<nonce as 8 hex>`. Ids sort by time.
+/// `yyyymmddThhmmss.nnnnnnnnnZ-<vm>-<nonce as 8 hex>`, in UTC. Ids sort by time.
 pub(crate) fn new_point_id(vm: &str, secs: u64, nanos: u32, nonce: u32) -> String {
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let day_secs = secs % 86_400;
+    let time = i64::try_from(secs)
+        .ok()
+        .and_then(|s| jiff::Timestamp::new(s, 0).ok())
+        .unwrap_or(jiff::Timestamp::MAX);
     format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{nanos:09}Z-{vm}-{nonce:08x}",
-        day_secs / 3600,
-        day_secs / 60 % 60,
-        day_secs % 60,
+        "{}.{nanos:09}Z-{vm}-{nonce:08x}",
+        time.strftime("%Y%m%dT%H%M%S")
     )
-}
-
-/// The UTC day number (days since 1970-01-01) of a point, for daily retention.
-pub(crate) fn unix_day(unix_ms: u64) -> u64 {
-    unix_ms / 1000 / 86_400
-}
-
-/// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day), after Howard
-/// Hinnant's `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -227,9 +207,8 @@ mod tests {
 
     #[test]
     fn ids_sort_by_time_and_read_as_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert!(new_point_id("v", 0, 0, 0).starts_with("19700101T000000.000000000Z"));
+        assert!(new_point_id("v", 951_782_400, 5, 0).starts_with("20000229T000000.000000005Z"));
         let id = new_point_id("vm1", 1_795_625_865, 318_000_001, 0xab);
         assert_eq!(id, "20261125T165745.318000001Z-vm1-000000ab");
         assert!(new_point_id("vm1", 1_795_625_865, 318_000_000, 0xff) < id);

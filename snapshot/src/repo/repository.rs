@@ -10,12 +10,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::backup::BackupWriter;
-use super::codec::{chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX};
+use super::codec::{
+    chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, CHUNK_PREFIX,
+};
 use super::key::RepoKey;
 use super::point::{
-    point_id_from_name, point_object_name, unix_day, validate_point_name, PointManifest,
-    POINT_PREFIX,
+    point_id_from_name, point_object_name, validate_point_name, PointManifest, POINT_PREFIX,
 };
+use super::retention::{KeepPolicy, KeepReason};
 use super::store::{ChunkStore, LocalDirStore, LockMode, StoreError, LOCK_FILE, TMP_DIR};
 use super::RepoError;
 use crate::chunk::{ContentHash, CHUNK_SIZE};
@@ -24,8 +26,7 @@ use crate::sealed_json::{seal, unseal};
 use crate::state_file::{read_state, DEFAULT_STATE_LIMIT};
 use crate::FORMAT_VERSION;
 
-/// The repository's config object.
-const CONFIG_NAME: &str = "config.json";
+use super::location::{check_remote_init_target, open_remote, CONFIG_NAME};
 
 /// The repository config, sealed JSON.
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,23 +39,18 @@ struct RepoConfig {
     key_fingerprint: Option<String>,
 }
 
-/// Which points prune keeps, per VM. A point kept by either rule stays.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KeepPolicy {
-    /// Keep the newest N points.
-    pub keep_last: usize,
-    /// Keep the newest point of each of the newest N UTC days that have points.
-    pub keep_daily: usize,
-}
-
-/// What prune did.
+/// What prune did (or, in a dry run, would do).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
-    /// Ids of removed points.
+    /// Ids of removed points, oldest first.
     pub removed: Vec<String>,
-    /// Ids of kept points.
+    /// Ids of kept points, oldest first.
     pub kept: Vec<String>,
-    /// The garbage collection that followed.
+    /// Why each kept point is kept.
+    pub reasons: BTreeMap<String, Vec<KeepReason>>,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// The garbage collection that followed (none in a dry run).
     pub gc: GcReport,
 }
 
@@ -132,10 +128,15 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Creates a repository in directory `path` (created if needed, mode 0700), encrypted with
+    /// Creates a repository in directory `path` (created if needed, mode 0700), or at the
+    /// `s3://BUCKET/PREFIX` URL `path` holds, encrypted with
     /// `key` if one is given. A directory that holds anything but what a repository holds is
     /// refused (see [`Repository::check_init_target`]).
     pub fn init(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
+        if let Some(store) = open_remote(path)? {
+            check_remote_init_target(store.as_ref())?;
+            return Self::init_store(store, key);
+        }
         Self::check_init_target(path)?;
         let store = LocalDirStore::open(path)?;
         Self::init_store(Box::new(store), key).map_err(|e| match e {
@@ -183,9 +184,12 @@ impl Repository {
         Ok(())
     }
 
-    /// Opens the repository in directory `path`; `key` must be given exactly when it is
+    /// Opens the repository in directory `path` (or at the `s3://` URL it holds); `key` must be given exactly when it is
     /// encrypted.
     pub fn open(path: &Path, key: Option<RepoKey>) -> Result<Self, RepoError> {
+        if let Some(store) = open_remote(path)? {
+            return Self::open_store(store, key);
+        }
         if !path.join(CONFIG_NAME).exists() {
             return Err(RepoError::NotARepository {
                 path: path.to_path_buf(),
@@ -334,19 +338,31 @@ impl Repository {
         PointManifest::decode(id, &bytes, self.key.as_deref())
     }
 
-    /// Reads chunk `id`, decompressed and checked against its id.
+    /// Reads chunk `id`, decompressed and checked against its id. A full-size all-zero chunk is
+    /// known from its id alone: a missing or damaged stored copy of it reads as zeros.
     pub fn read_chunk(&self, id: &ContentHash) -> Result<Vec<u8>, RepoError> {
-        let stored = self
-            .store
-            .get(&chunk_object_name(id))
-            .map_err(|e| match e {
-                StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
-                other => other.into(),
-            })?;
-        decode_chunk(id, &stored, self.key.as_deref()).map_err(|source| RepoError::ChunkDamaged {
-            id: id.to_hex(),
-            source,
-        })
+        let read = || {
+            let stored = self
+                .store
+                .get(&chunk_object_name(id))
+                .map_err(|e| match e {
+                    StoreError::NotFound { .. } => RepoError::ChunkMissing { id: id.to_hex() },
+                    other => other.into(),
+                })?;
+            decode_chunk(id, &stored, self.key.as_deref()).map_err(|source| {
+                RepoError::ChunkDamaged {
+                    id: id.to_hex(),
+                    source,
+                }
+            })
+        };
+        match read() {
+            Err(e) if *id == chunk_id(&vec![0u8; CHUNK_SIZE], self.key.as_deref()) => {
+                tracing::warn!("{e}: it is the all-zero chunk, read as zeros");
+                Ok(vec![0u8; CHUNK_SIZE])
+            }
+            other => other,
+        }
     }
 
     /// Writes object `name` of `point` to `out`, every chunk checked; returns the bytes written.
@@ -453,17 +469,11 @@ impl Repository {
     /// point is unreadable.
     pub fn prune(&self, policy: &KeepPolicy) -> Result<PruneReport, RepoError> {
         let _lock = self.store.lock(LockMode::Exclusive, true)?;
-        let points = self.readable_points()?;
-        let keep = select_kept(&points, policy);
-        let mut report = PruneReport::default();
-        for point in &points {
-            if keep.contains(&point.id) {
-                report.kept.push(point.id.clone());
-            } else {
-                self.store.delete(&point_object_name(&point.id))?;
-                report.removed.push(point.id.clone());
-            }
+        let mut report = self.plan_prune_locked(policy)?;
+        for id in &report.removed {
+            self.store.delete(&point_object_name(id))?;
         }
+        report.dry_run = false;
         report.gc = self.collect_locked()?;
         tracing::info!(
             removed = report.removed.len(),
@@ -472,6 +482,45 @@ impl Repository {
             "prune finished"
         );
         Ok(report)
+    }
+
+    /// What [`Repository::prune`] would remove and keep, and why, changing nothing.
+    pub fn plan_prune(&self, policy: &KeepPolicy) -> Result<PruneReport, RepoError> {
+        let _lock = self.store.lock(LockMode::Shared, true)?;
+        self.plan_prune_locked(policy)
+    }
+
+    fn plan_prune_locked(&self, policy: &KeepPolicy) -> Result<PruneReport, RepoError> {
+        let points = self.readable_points()?;
+        let reasons = policy.select(&points);
+        let mut report = PruneReport {
+            dry_run: true,
+            ..PruneReport::default()
+        };
+        for point in &points {
+            if reasons.contains_key(&point.id) {
+                report.kept.push(point.id.clone());
+            } else {
+                report.removed.push(point.id.clone());
+            }
+        }
+        report.reasons = reasons;
+        Ok(report)
+    }
+
+    /// Removes the points `ids` (each an exact id) under one lock; their chunks stay until the
+    /// next collection. Checks that every point exists before removing any.
+    pub fn forget(&self, ids: &[String]) -> Result<(), RepoError> {
+        let _lock = self.store.lock(LockMode::Exclusive, true)?;
+        for id in ids {
+            if !self.store.contains(&point_object_name(id)).unwrap_or(false) {
+                return Err(RepoError::NoSuchPoint { id: id.to_string() });
+            }
+        }
+        for id in ids {
+            self.store.delete(&point_object_name(id))?;
+        }
+        Ok(())
     }
 
     /// Removes chunks that no point uses. Takes the exclusive lock (waiting for backups).
@@ -524,114 +573,5 @@ impl Repository {
             }
         }
         Ok(report)
-    }
-}
-
-/// The ids of the points `policy` keeps, per VM.
-fn select_kept(points: &[PointManifest], policy: &KeepPolicy) -> BTreeSet<String> {
-    let mut by_vm: BTreeMap<&str, Vec<&PointManifest>> = BTreeMap::new();
-    for point in points {
-        by_vm.entry(point.vm.as_str()).or_default().push(point);
-    }
-    let mut keep = BTreeSet::new();
-    for vm_points in by_vm.values_mut() {
-        // Ids sort by creation time, to the nanosecond.
-        vm_points.sort_by(|a, b| b.id.cmp(&a.id));
-        keep.extend(
-            vm_points
-                .iter()
-                .take(policy.keep_last)
-                .map(|p| p.id.clone()),
-        );
-        let mut days = BTreeSet::new();
-        for point in vm_points.iter() {
-            if days.len() >= policy.keep_daily {
-                break;
-            }
-            if days.insert(unix_day(point.created_unix_ms)) {
-                keep.insert(point.id.clone());
-            }
-        }
-    }
-    keep
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::repo::PointStats;
-
-    /// A point id that sorts by time, as real ids do.
-    fn id(vm: &str, unix_ms: u64) -> String {
-        format!("{unix_ms:016}-{vm}")
-    }
-
-    fn point(vm: &str, unix_ms: u64) -> PointManifest {
-        PointManifest {
-            format_version: FORMAT_VERSION,
-            id: id(vm, unix_ms),
-            vm: vm.into(),
-            created_unix_ms: unix_ms,
-            parent: None,
-            objects: Vec::new(),
-            stats: PointStats::default(),
-        }
-    }
-
-    #[test]
-    fn keep_policy_selects_per_vm() {
-        const DAY: u64 = 86_400_000;
-        // vm1: two points on each of days 10, 11, 12; vm2: one point on day 12.
-        let mut points = Vec::new();
-        for day in 10..13 {
-            points.push(point("vm1", day * DAY + 1000));
-            points.push(point("vm1", day * DAY + 2000));
-        }
-        points.push(point("vm2", 12 * DAY));
-        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-
-        let last2 = select_kept(
-            &points,
-            &KeepPolicy {
-                keep_last: 2,
-                keep_daily: 0,
-            },
-        );
-        let expected = [
-            id("vm1", 12 * DAY + 2000),
-            id("vm1", 12 * DAY + 1000),
-            id("vm2", 12 * DAY),
-        ];
-        assert_eq!(
-            last2,
-            ids(&expected.iter().map(String::as_str).collect::<Vec<_>>())
-        );
-
-        let daily2 = select_kept(
-            &points,
-            &KeepPolicy {
-                keep_last: 0,
-                keep_daily: 2,
-            },
-        );
-        let expected = [
-            id("vm1", 12 * DAY + 2000),
-            id("vm1", 11 * DAY + 2000),
-            id("vm2", 12 * DAY),
-        ];
-        assert_eq!(
-            daily2,
-            ids(&expected.iter().map(String::as_str).collect::<Vec<_>>())
-        );
-
-        let both = select_kept(
-            &points,
-            &KeepPolicy {
-                keep_last: 1,
-                keep_daily: 3,
-            },
-        );
-        assert_eq!(both.len(), 4);
-        assert!(select_kept(&points, &KeepPolicy::default()).is_empty());
     }
 }

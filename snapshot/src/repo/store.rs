@@ -30,6 +30,22 @@ pub enum StoreError {
         /// The lock file.
         path: PathBuf,
     },
+    /// A request to a remote store failed (after retries); `problem` holds no secret.
+    #[error("cannot {action} {location}: {problem}")]
+    Remote {
+        /// What was being done.
+        action: &'static str,
+        /// The object or store.
+        location: String,
+        /// What went wrong, in one line.
+        problem: String,
+    },
+    /// The store cannot be used as configured (a bad URL, missing settings).
+    #[error("{problem}")]
+    Unusable {
+        /// What is wrong, in one line without secrets.
+        problem: String,
+    },
     /// The backing storage failed.
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -55,6 +71,13 @@ pub enum LockMode {
 /// A held repository lock, released on drop (and by the OS when the holder dies).
 pub struct StoreLock {
     _guard: Box<dyn Send + Sync>,
+}
+
+impl StoreLock {
+    /// A lock held for as long as `guard` lives.
+    pub fn new(guard: Box<dyn Send + Sync>) -> Self {
+        Self { _guard: guard }
+    }
 }
 
 impl std::fmt::Debug for StoreLock {
@@ -92,7 +115,7 @@ pub trait ChunkStore: Send + Sync {
 }
 
 /// Checks that `name` is a relative path of safe components.
-fn check_name(name: &str) -> Result<(), StoreError> {
+pub(crate) fn check_name(name: &str) -> Result<(), StoreError> {
     let component_ok = |c: &str| {
         !c.is_empty()
             && !c.starts_with('.')

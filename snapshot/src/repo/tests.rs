@@ -284,12 +284,7 @@ fn prune_collects_exactly_the_unused_chunks() {
         mems.push(mem);
     }
     let before = chunk_files(tmp.path()).len();
-    let report = repo
-        .prune(&KeepPolicy {
-            keep_last: 2,
-            keep_daily: 0,
-        })
-        .unwrap();
+    let report = repo.prune(&KeepPolicy::last(2)).unwrap();
     assert_eq!(report.removed, ids[..2].to_vec());
     assert_eq!(report.kept, ids[2..].to_vec());
     // Each removed point had its own chunk 3 and its own state chunk.
@@ -670,5 +665,36 @@ fn every_flipped_byte_of_a_small_repository_is_detected() {
             }
         }
         assert!(check(&Repository::open(&root, key.clone()).unwrap()));
+    }
+}
+
+#[test]
+fn a_damaged_all_zero_chunk_is_restored_from_its_id() {
+    for key in [None, Some(RepoKey::generate())] {
+        let dir = TestDir::new("repo-zero-chunk");
+        let repo = Repository::init(dir.path(), key.clone()).unwrap();
+        let mem = memory(3, &[1, 0, 3]);
+        let point = backup(&repo, "vm1", None, &mem, None, 1);
+        // Damage every stored copy of the zero chunk (chunk 1 of the memory).
+        let zero = chunk_id(&vec![0u8; MIB], key.as_ref());
+        let path = dir.path().join(chunk_object_name(&zero));
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(restore_memory(&repo, &point.id), mem);
+        let reader = repo.object_reader(&point, "memory").unwrap();
+        let mut buf = vec![1u8; MIB];
+        reader.read_chunk(1, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // A damaged chunk that is not all zeros is still refused.
+        fs::remove_file(&path).unwrap();
+        let other = dir.path().join(chunk_object_name(&point.object("memory").unwrap().chunks[0]));
+        let mut bytes = fs::read(&other).unwrap();
+        let end = bytes.len() - 1;
+        bytes[end] ^= 0xff;
+        fs::write(&other, &bytes).unwrap();
+        assert!(repo.read_object(&point, "memory", &mut Vec::new()).is_err());
+        assert!(reader.read_chunk(0, &mut buf).is_err());
     }
 }

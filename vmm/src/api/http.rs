@@ -175,6 +175,21 @@ impl<R: Read> MessageReader<R> {
         }
     }
 
+    /// The stream.
+    pub(crate) fn get_ref(&self) -> &R {
+        &self.stream
+    }
+
+    /// How many bytes are buffered (read but not yet part of a message).
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The stream, mutably.
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.stream
+    }
+
     /// Reads more bytes into the buffer; returns how many (0 at end of stream).
     fn fill(&mut self) -> Result<usize, HttpError> {
         let mut chunk = [0u8; READ_CHUNK];
@@ -374,10 +389,29 @@ pub(crate) fn reason_phrase(status: u16) -> &'static str {
 
 /// Writes a complete response with a JSON body (or none) and flushes it.
 pub(crate) fn write_response(
+    out: impl Write,
+    status: u16,
+    extra_headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    keep_alive: bool,
+) -> io::Result<()> {
+    write_typed_response(
+        out,
+        status,
+        extra_headers,
+        body,
+        "application/json",
+        keep_alive,
+    )
+}
+
+/// Writes a complete response with a body of `content_type` (or none) and flushes it.
+pub(crate) fn write_typed_response(
     mut out: impl Write,
     status: u16,
     extra_headers: &[(&str, &str)],
     body: Option<&[u8]>,
+    content_type: &str,
     keep_alive: bool,
 ) -> io::Result<()> {
     let mut msg = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
@@ -385,7 +419,7 @@ pub(crate) fn write_response(
         msg.push_str(&format!("{name}: {value}\r\n"));
     }
     if let Some(body) = body {
-        msg.push_str("Content-Type: application/json\r\n");
+        msg.push_str(&format!("Content-Type: {content_type}\r\n"));
         msg.push_str(&format!("Content-Length: {}\r\n", body.len()));
     } else if status != 204 {
         msg.push_str("Content-Length: 0\r\n");

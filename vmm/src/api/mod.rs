@@ -27,6 +27,7 @@
 //!   two may have different working directories. The CLI makes them absolute before sending.
 
 mod client;
+mod deadline;
 mod http;
 mod request;
 mod response;
@@ -34,18 +35,21 @@ mod server;
 mod socket;
 
 pub use client::{ApiClient, ApiClientError, ApiReply, DEFAULT_CLIENT_TIMEOUT};
+pub use deadline::REQUEST_DEADLINE;
 pub use request::{
     ApiRequest, DrParams, SnapshotMode, SnapshotParams, SnapshotStrategy, SnapshotTarget,
     MIN_DR_INTERVAL_MS,
 };
 pub use response::{
     ApiResponse, DiskHydrationInfo, DiskInfo, DrCheckpoint, DrState, DrStatus, ErrorBody,
-    SnapshotStarted, SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
+    RootInfo, SnapshotStarted, SnapshotState, SnapshotStatus, VmConfigInfo, VmInfo, VmState,
 };
 pub use server::{
     ApiCall, ApiResponder, ApiServer, MAX_BODY_BYTES, MAX_CONNECTIONS, VMM_REPLY_TIMEOUT,
 };
 pub use socket::ApiServerError;
 
+#[cfg(test)]
+mod deadline_tests;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,11 @@ pub use crate::dr_checkpoints::MIN_DR_INTERVAL_MS;
 /// One call on the control API, parsed and validated, for the VMM to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
+    /// `GET /`: arkvm's version and the VM's state. 200 with
+    /// [`RootInfo`](super::response::RootInfo).
+    GetRoot,
+    /// `GET /metrics`: counters in the Prometheus text format. 200, `text/plain`.
+    GetMetrics,
     /// `GET /vm`: the VM's run state and configuration. Answer with [`ApiResponse::vm`].
     ///
     /// [`ApiResponse::vm`]: super::response::ApiResponse::vm
@@ -87,6 +92,7 @@ impl TryFrom<SnapshotBody> for SnapshotParams {
     fn try_from(b: SnapshotBody) -> Result<Self, String> {
         let target = match (b.out, b.repo) {
             (Some(out), None) => SnapshotTarget::Dir(require_absolute("out", out)?),
+            (None, Some(repo)) if snapshot::repo::is_remote(&repo) => SnapshotTarget::Repo(repo),
             (None, Some(repo)) => SnapshotTarget::Repo(require_absolute("repo", repo)?),
             _ => return Err("exactly one of \"out\" and \"repo\" must be given".to_string()),
         };
@@ -132,6 +138,8 @@ pub struct DrParams {
     pub interval_ms: u64,
     /// Pre-shared key file that authenticates and encrypts the link (absolute path).
     pub key: PathBuf,
+    /// Hold transmitted frames until a checkpoint after them is committed.
+    pub output_commit: bool,
 }
 
 impl From<DrParams> for DrConfig {
@@ -140,6 +148,7 @@ impl From<DrParams> for DrConfig {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }
@@ -151,6 +160,8 @@ struct DrBody {
     target: String,
     interval_ms: u64,
     key: PathBuf,
+    #[serde(default)]
+    output_commit: bool,
 }
 
 impl TryFrom<DrBody> for DrParams {
@@ -173,6 +184,7 @@ impl TryFrom<DrBody> for DrParams {
             target: b.target,
             interval_ms: b.interval_ms,
             key: require_absolute("key", b.key)?,
+            output_commit: b.output_commit,
         })
     }
 }
@@ -183,6 +195,7 @@ impl From<DrParams> for DrBody {
             target: p.target,
             interval_ms: p.interval_ms,
             key: p.key,
+            output_commit: p.output_commit,
         }
     }
 }
@@ -224,6 +237,8 @@ impl RouteError {
 
 /// The endpoints: path, and the methods it accepts.
 pub(super) const ENDPOINTS: &[(&str, &str)] = &[
+    ("/", "GET"),
+    ("/metrics", "GET"),
     ("/vm", "GET"),
     ("/vm/pause", "PUT"),
     ("/vm/resume", "PUT"),
@@ -247,6 +262,8 @@ pub(crate) fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiReques
         ));
     };
     let request = match (path, method) {
+        ("/", "GET") => ApiRequest::GetRoot,
+        ("/metrics", "GET") => ApiRequest::GetMetrics,
         ("/vm", "GET") => ApiRequest::GetVm,
         ("/vm/pause", "PUT") => ApiRequest::PauseVm,
         ("/vm/resume", "PUT") => ApiRequest::ResumeVm,
@@ -378,6 +395,7 @@ mod tests {
             target: "drhost:7070".into(),
             interval_ms: 1000,
             key: "/etc/arkvm/dr.key".into(),
+            output_commit: true,
         };
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(serde_json::from_value::<DrParams>(json).unwrap(), d);

@@ -15,6 +15,8 @@ pub use crate::dr_checkpoints::{DrCheckpoint, DrState, DrStatus};
 pub struct ApiResponse {
     status: u16,
     body: Option<serde_json::Value>,
+    /// A plain-text body instead of JSON (`GET /metrics`).
+    text: Option<String>,
 }
 
 impl ApiResponse {
@@ -23,6 +25,7 @@ impl ApiResponse {
             Ok(value) => ApiResponse {
                 status,
                 body: Some(value),
+                text: None,
             },
             // The bodies are plain structs with string keys, so this does not happen; if it
             // ever does, the client learns why instead of the server panicking.
@@ -60,7 +63,22 @@ impl ApiResponse {
         ApiResponse {
             status: 204,
             body: None,
+            text: None,
         }
+    }
+
+    /// 200 with the metrics in the Prometheus text format (`GET /metrics`).
+    pub fn metrics(text: String) -> Self {
+        ApiResponse {
+            status: 200,
+            body: None,
+            text: Some(text),
+        }
+    }
+
+    /// 200 with the version and the VM's state (`GET /`).
+    pub fn root(info: &RootInfo) -> Self {
+        Self::with_body(200, info)
     }
 
     /// An error with `status` (4xx or 5xx; anything else becomes 500) and a one-sentence message.
@@ -113,6 +131,22 @@ impl ApiResponse {
     pub fn body(&self) -> Option<&serde_json::Value> {
         self.body.as_ref()
     }
+
+    /// The plain-text body, if the answer is text.
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+}
+
+/// The body of `GET /`: what answers on the socket, and the VM's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootInfo {
+    /// Always `arkvm`.
+    pub name: String,
+    /// arkvm's version.
+    pub version: String,
+    /// The VM's run state.
+    pub state: VmState,
 }
 
 /// The body of every error response.
@@ -164,6 +198,12 @@ pub struct VmInfo {
     /// For a VM restored from a backup point: its disks' hydration from the point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_hydration: Option<DiskHydrationInfo>,
+    /// A restored VM's memory loader progress; absent for a VM that was booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_loader: Option<crate::restore::lazy_memory::progress::MemoryLoaderInfo>,
+    /// The network devices with their counters.
+    #[serde(default)]
+    pub net: Vec<crate::device_manager::NetInfo>,
 }
 
 /// How far the disks of a VM restored from a backup point are hydrated into local files.
@@ -230,6 +270,7 @@ mod tests {
             pages_recopied: 3,
             precopy_rounds: Some(2),
             precopy_converged: Some(true),
+            cow: None,
             error: None,
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 
+use super::deadline::{DeadlineReader, REQUEST_DEADLINE};
 use super::http::{self, BodyLength, HttpError, MessageReader, RequestHead};
 use super::request::{route, ApiRequest};
 use super::response::ApiResponse;
@@ -277,7 +278,10 @@ fn start_serving(listener: UnixListener) -> io::Result<Serving> {
     let thread_shared = Arc::clone(&shared);
     let accept_thread = thread::Builder::new()
         .name("arkvm-api".to_string())
-        .spawn(move || accept_loop(listener, poll, thread_stop, thread_shared))?;
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
+            accept_loop(listener, poll, thread_stop, thread_shared)
+        })?;
     Ok(Serving {
         calls,
         shared,
@@ -356,6 +360,7 @@ fn start_connection(stream: UnixStream, shared: &Arc<Shared>) {
     let spawned = thread::Builder::new()
         .name("arkvm-api-conn".to_string())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
             let guard = guard;
             serve_connection(&stream, &guard.0);
             close_gracefully(&stream);
@@ -373,13 +378,22 @@ fn serve_connection(stream: &UnixStream, shared: &Arc<Shared>) {
     {
         return;
     }
-    let mut reader = MessageReader::new(stream);
+    let mut reader = MessageReader::new(DeadlineReader::new(stream, IO_TIMEOUT));
     loop {
+        // The whole request (or, on an idle connection, its first byte) must arrive within
+        // REQUEST_DEADLINE, however slowly it trickles.
+        reader.get_mut().start(REQUEST_DEADLINE);
         let head = match reader.read_request_head() {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
-                if let Some(status) = error_status(&e) {
+                if reader.get_ref().expired() && reader.buffered() > 0 {
+                    let message = format!(
+                        "the request did not arrive within {} s",
+                        REQUEST_DEADLINE.as_secs()
+                    );
+                    send_error(stream, 408, &message, None, false);
+                } else if let Some(status) = error_status(&e) {
                     send_error(stream, status, &e.to_string(), None, false);
                 }
                 return;
@@ -395,7 +409,7 @@ fn serve_connection(stream: &UnixStream, shared: &Arc<Shared>) {
 /// Serves one request whose head has been read. Returns whether the connection stays open.
 fn serve_request(
     head: &RequestHead,
-    reader: &mut MessageReader<&UnixStream>,
+    reader: &mut MessageReader<DeadlineReader<'_>>,
     stream: &UnixStream,
     shared: &Shared,
 ) -> bool {
@@ -445,10 +459,25 @@ fn serve_request(
             return keep_alive;
         }
     };
+    if let Some(text) = response.text() {
+        return http::write_typed_response(
+            stream,
+            response.status(),
+            &[],
+            Some(text.as_bytes()),
+            METRICS_CONTENT_TYPE,
+            keep_alive,
+        )
+        .is_ok()
+            && keep_alive;
+    }
     let body = response.body().map(|b| b.to_string().into_bytes());
     http::write_response(stream, response.status(), &[], body.as_deref(), keep_alive).is_ok()
         && keep_alive
 }
+
+/// The content type of a text answer: the Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Answers a framing error (if it deserves an answer) and closes the connection.
 fn refuse(stream: &UnixStream, e: &HttpError) -> bool {

@@ -52,6 +52,12 @@ struct FakeVmm {
 impl FakeVmm {
     fn answer(&mut self, request: &ApiRequest) -> ApiResponse {
         match request {
+            ApiRequest::GetRoot => ApiResponse::root(&RootInfo {
+                name: "arkvm".into(),
+                version: "0".into(),
+                state: VmState::Running,
+            }),
+            ApiRequest::GetMetrics => ApiResponse::metrics("arkvm_up 1\n".into()),
             ApiRequest::GetVm => ApiResponse::vm(&VmInfo {
                 state: if self.paused {
                     VmState::Paused
@@ -68,6 +74,8 @@ impl FakeVmm {
                     restored_from: None,
                 },
                 disk_hydration: None,
+                memory_loader: None,
+                net: vec![],
             }),
             ApiRequest::PauseVm if self.paused => ApiResponse::conflict("the VM is already paused"),
             ApiRequest::PauseVm => {
@@ -101,6 +109,7 @@ impl FakeVmm {
                     pages_recopied: 0,
                     precopy_rounds: None,
                     precopy_converged: None,
+                    cow: None,
                     error: None,
                 });
                 ApiResponse::snapshot_started(&SnapshotStarted {
@@ -145,6 +154,7 @@ impl FakeVmm {
             checkpoints_failed: 0,
             intervals_skipped: 0,
             last_error: None,
+            output_commit: false,
         }
     }
 }

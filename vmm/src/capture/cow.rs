@@ -7,13 +7,23 @@
 //! protection never splits a huge page) faults once to the fault thread, which
 //! 1. marks the chunk as written since the last snapshot instant (the next backup reads only
 //!    those chunks),
-//! 2. if a snapshot is copying and has not copied this chunk yet, copies it first,
-//! 3. lifts the protection of the chunk and wakes the writer.
+//! 2. if a snapshot is copying and has not copied this unit yet, copies it into the staging
+//!    pool ([`super::staging`]: a memory copy, no I/O), or, when the pool is full or off, to the
+//!    target itself (the writer then waits for that I/O, and the snapshot counts it),
+//! 3. lifts the protection of the unit and wakes the writer.
 //!
-//! The copier walks the chunks and copies each one not yet copied, under the chunk's lock; it
-//! never lifts protection, so a chunk it copied still reports its next write. At the next
-//! snapshot instant only the chunks written since are protected again. Each chunk is copied
-//! exactly once, so the image is memory at the snapshot instant.
+//! The copier writes the staged units out first, then walks the units and copies each one not
+//! yet copied: it reads the unit under the unit's lock and writes it to the target after
+//! letting go, so a writer that faults on it meanwhile waits for a memory copy only. It never
+//! lifts protection, so a unit it copied still reports its next write. At the next snapshot
+//! instant only the units written since are protected again. Each unit is captured exactly
+//! once (the lock's flag says so), so the image is memory at the snapshot instant.
+//!
+//! Smaller units on the fault path were considered: a 4 KiB fault unit would make the copy a
+//! writer waits for 512 times smaller, but a guest that rewrites its memory would take 512 times
+//! more faults (each a round trip through the kernel and this thread), and lifting protection
+//! page by page splits the transparent huge pages that back guest memory. The unit stays 2 MiB;
+//! its memory copy is the whole of what a staged writer waits for.
 //!
 //! Neither thread waits on a guest write: reading protected memory does not fault, and no lock
 //! the handlers take is held by a thread that writes guest memory. Device and VMM writes to
@@ -24,18 +34,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use snapshot::{lock, MappedLayout, MemorySink};
-use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::cow_fault::{fault_loop, FaultCounters};
 use super::error::CaptureError;
 pub use super::error::CowError;
 use super::progress::Progress;
+use super::staging::{StagedUnit, StagingPool};
 use devices::GuestMemoryMmap;
 
 /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): write-protect page table entries that are not
 /// populated yet, so that a first write to an untouched page faults too.
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const PAGE_SIZE: u64 = 4096;
+pub(super) const PAGE_SIZE: u64 = 4096;
 
 /// The snapshot being copied, while there is one.
 struct ActiveCopy {
@@ -43,8 +55,8 @@ struct ActiveCopy {
     progress: Progress,
 }
 
-struct Shared {
-    uffd: Uffd,
+pub(super) struct Shared {
+    pub(super) uffd: Uffd,
     mem: GuestMemoryMmap,
     /// Chunk <-> guest and host addresses.
     layout: MappedLayout,
@@ -52,12 +64,26 @@ struct Shared {
     /// Per unit: copied into the active snapshot (or nothing to copy).
     copied: Vec<Mutex<bool>>,
     /// Per unit: written since the last snapshot instant (its protection is lifted).
-    written: Vec<AtomicBool>,
+    pub(super) written: Vec<AtomicBool>,
     active: Mutex<Option<ActiveCopy>>,
-    stop: AtomicBool,
-    pages_early: AtomicU64,
+    pub(super) stop: AtomicBool,
+    pub(super) pages_early: AtomicU64,
     /// The first error of the fault thread; the copier reports it.
     error: Mutex<Option<Arc<CaptureError>>>,
+    /// Units the fault thread copied out for the copier to write.
+    pub(super) staging: StagingPool,
+    /// What the faults of the active snapshot cost.
+    pub(super) counters: FaultCounters,
+}
+
+/// What [`Shared::capture_unit`] did with a unit.
+pub(super) enum Captured {
+    /// Nothing to do: copied already, or no snapshot is copying.
+    Nothing,
+    /// Copied into the staging pool (`bytes`).
+    Staged(u64),
+    /// Written to the target (`bytes`).
+    Written(u64),
 }
 
 /// Write-protection over guest memory, with its fault thread.
@@ -77,7 +103,7 @@ impl Shared {
     }
 
     /// Guest address and length of unit `unit` (its chunks are contiguous in one region).
-    fn unit_guest_range(&self, unit: u64) -> Option<(u64, u64)> {
+    pub(super) fn unit_guest_range(&self, unit: u64) -> Option<(u64, u64)> {
         let layout = self.layout.layout();
         let chunks = self.unit_chunks(unit);
         let (guest, _) = layout.chunk_guest_range(chunks.start)?;
@@ -88,7 +114,7 @@ impl Shared {
     }
 
     /// Host address and length of unit `unit`.
-    fn host_range(&self, unit: u64) -> Option<(u64, u64)> {
+    pub(super) fn host_range(&self, unit: u64) -> Option<(u64, u64)> {
         let chunks = self.unit_chunks(unit);
         let (host, _) = self.layout.chunk_host_range(chunks.start)?;
         let len = chunks
@@ -97,36 +123,25 @@ impl Shared {
         Some((host, len))
     }
 
-    fn unit_of_host(&self, host: u64) -> Option<u64> {
+    pub(super) fn unit_of_host(&self, host: u64) -> Option<u64> {
         self.layout
             .chunk_of_host_addr(host)
             .map(|c| c / CHUNKS_PER_UNIT)
     }
 
-    fn active(&self) -> Option<(Arc<dyn MemorySink>, Progress)> {
+    pub(super) fn active(&self) -> Option<(Arc<dyn MemorySink>, Progress)> {
         lock(&self.active)
             .as_ref()
             .map(|a| (a.sink.clone(), a.progress.clone()))
     }
 
     /// Records the first error for the copier.
-    fn record_error(&self, e: CaptureError) {
+    pub(super) fn record_error(&self, e: CaptureError) {
         lock(&self.error).get_or_insert_with(|| Arc::new(e));
     }
 
-    /// Copies unit `unit` into the active snapshot unless done. Returns whether it copied.
-    fn copy_unit(&self, unit: u64, buf: &mut Vec<u8>) -> Result<bool, CaptureError> {
-        let Some(slot) = self.copied.get(unit as usize) else {
-            return Err(CowError::UnitOutside(unit).into());
-        };
-        let mut copied = lock(slot);
-        if *copied {
-            return Ok(false);
-        }
-        let Some((sink, progress)) = self.active() else {
-            *copied = true;
-            return Ok(false);
-        };
+    /// Reads unit `unit` of guest memory into `buf`.
+    fn read_unit(&self, unit: u64, buf: &mut Vec<u8>) -> Result<u64, CaptureError> {
         let (guest, len) = self
             .unit_guest_range(unit)
             .ok_or(CowError::UnitOutside(unit))?;
@@ -137,61 +152,100 @@ impl Shared {
                 addr: guest,
                 source,
             })?;
-        // The lock stays held until the bytes are in the part, so that `end` can wait for
-        // every copy in flight.
-        for (i, chunk) in self.unit_chunks(unit).enumerate() {
-            let chunk_size = self.layout.layout().chunk_size() as usize;
-            let start = i * chunk_size;
-            let end = (start + chunk_size).min(buf.len());
-            let data = buf.get(start..end).ok_or(CowError::UnitOutside(unit))?;
-            sink.write_chunk(chunk, data)?;
-        }
-        *copied = true;
-        drop(copied);
-        progress.update(|s| s.bytes_written += len);
-        Ok(true)
+        Ok(len)
     }
 
-    /// Handles one write fault on `page`. Nothing here may panic: a writer to a protected page
-    /// stays blocked until its protection is lifted, so every path lifts it.
-    fn handle_fault(&self, page: u64, buf: &mut Vec<u8>) {
-        let Some(index) = self.unit_of_host(page) else {
-            self.lift_page(page);
-            return;
+    /// Writes the bytes of unit `unit` (as read at the instant) to `sink`.
+    fn write_unit(
+        &self,
+        sink: &dyn MemorySink,
+        unit: u64,
+        data: &[u8],
+    ) -> Result<(), CaptureError> {
+        let chunk_size = self.layout.layout().chunk_size() as usize;
+        for (i, chunk) in self.unit_chunks(unit).enumerate() {
+            let start = i * chunk_size;
+            let end = (start + chunk_size).min(data.len());
+            let part = data.get(start..end).ok_or(CowError::UnitOutside(unit))?;
+            sink.write_chunk(chunk, part)?;
+        }
+        Ok(())
+    }
+
+    /// Captures unit `unit` for the active snapshot unless it is done: with `stage`, into a
+    /// staging buffer if one is free; otherwise into `buf` and on to the target. Only the first
+    /// capture of a unit counts; its lock's flag records it.
+    pub(super) fn capture_unit(
+        &self,
+        unit: u64,
+        buf: &mut Vec<u8>,
+        stage: bool,
+    ) -> Result<Captured, CaptureError> {
+        let Some(slot) = self.copied.get(unit as usize) else {
+            return Err(CowError::UnitOutside(unit).into());
         };
-        let Some(written) = self.written.get(index as usize) else {
-            self.record_error(CowError::UnitOutside(index).into());
-            self.lift_page(page);
-            return;
+        let mut copied = lock(slot);
+        if *copied {
+            return Ok(Captured::Nothing);
+        }
+        let Some((sink, progress)) = self.active() else {
+            *copied = true;
+            return Ok(Captured::Nothing);
         };
-        written.store(true, Ordering::Release);
-        match self.copy_unit(index, buf) {
-            Ok(true) => {
-                let pages = self.unit_guest_range(index).map_or(0, |(_, l)| l) / PAGE_SIZE;
-                self.pages_early.fetch_add(pages, Ordering::Relaxed);
-                if let Some((_, progress)) = self.active() {
-                    progress.update(|s| s.pages_copied_early += pages);
-                }
+        if stage {
+            if let Some(mut data) = self.staging.take_buffer() {
+                let len = match self.read_unit(unit, &mut data) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        self.staging.give_back(data);
+                        return Err(e);
+                    }
+                };
+                // Queued while the lock is held, so the copier's final drain (after it took
+                // every unit's lock) finds it.
+                self.staging.push(StagedUnit { unit, data });
+                *copied = true;
+                return Ok(Captured::Staged(len));
             }
-            Ok(false) => {}
-            // Recorded for the copier; the writer must go on regardless.
-            Err(e) => self.record_error(e),
         }
-        let Some((host, len)) = self.host_range(index) else {
-            self.record_error(CowError::UnitOutside(index).into());
-            self.lift_page(page);
-            return;
-        };
-        if let Err(e) = self
-            .uffd
-            .remove_write_protection(host as *mut _, len as usize, true)
-        {
-            tracing::error!("cannot lift write-protection of unit {index}: {e}");
+        let len = self.read_unit(unit, buf)?;
+        *copied = true;
+        if stage {
+            // The fault path with no buffer free: the lock stays held until the bytes are in
+            // the target, so that `end` waits for this copy.
+            self.write_unit(&*sink, unit, buf)?;
+            drop(copied);
+        } else {
+            // The copier: the bytes are its own now, so a writer need not wait for the I/O.
+            // `end` runs on this same thread after this write.
+            drop(copied);
+            self.write_unit(&*sink, unit, buf)?;
         }
+        progress.update(|s| s.bytes_written += len);
+        Ok(Captured::Written(len))
+    }
+
+    /// Writes every staged unit to the active snapshot's target.
+    fn drain_staged(&self) -> Result<(), CaptureError> {
+        while let Some(staged) = self.staging.pop() {
+            let written = match self.active() {
+                Some((sink, progress)) => {
+                    let r = self.write_unit(&*sink, staged.unit, &staged.data);
+                    if r.is_ok() {
+                        progress.update(|s| s.bytes_written += staged.data.len() as u64);
+                    }
+                    r
+                }
+                None => Ok(()),
+            };
+            self.staging.give_back(staged.data);
+            written?;
+        }
+        Ok(())
     }
 
     /// Lifts the protection of one page and wakes its writer.
-    fn lift_page(&self, page: u64) {
+    pub(super) fn lift_page(&self, page: u64) {
         if let Err(e) = self
             .uffd
             .remove_write_protection(page as *mut _, PAGE_SIZE as usize, true)
@@ -210,33 +264,14 @@ impl Shared {
     }
 }
 
-fn fault_loop(shared: Arc<Shared>) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&shared.uffd);
-    let mut buf = Vec::new();
-    while !shared.stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-            continue;
-        }
-        match shared.uffd.read_event() {
-            Ok(Some(Event::Pagefault { addr, .. })) => {
-                shared.handle_fault(addr as u64 & !(PAGE_SIZE - 1), &mut buf)
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!("userfaultfd read: {e}"),
-        }
-    }
-}
-
 impl CowTracker {
-    /// Write-protects all of guest memory and starts the fault thread. Nothing is copied
-    /// until [`CowTracker::begin`].
-    pub fn arm(mem: &GuestMemoryMmap, layout: MappedLayout) -> Result<Self, CowError> {
+    /// Write-protects all of guest memory and starts the fault thread, with a staging pool of
+    /// `staging_bytes` (0: off). Nothing is copied until [`CowTracker::begin`].
+    pub fn arm(
+        mem: &GuestMemoryMmap,
+        layout: MappedLayout,
+        staging_bytes: u64,
+    ) -> Result<Self, CowError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -260,6 +295,7 @@ impl CowTracker {
             }
         }
         let chunk_count = layout.layout().chunk_count();
+        let layout_chunk_size = layout.layout().chunk_size();
         let units = chunk_count.div_ceil(CHUNKS_PER_UNIT) as usize;
         let shared = Arc::new(Shared {
             uffd,
@@ -272,11 +308,16 @@ impl CowTracker {
             stop: AtomicBool::new(false),
             pages_early: AtomicU64::new(0),
             error: Mutex::new(None),
+            staging: StagingPool::new(staging_bytes, CHUNKS_PER_UNIT * layout_chunk_size),
+            counters: FaultCounters::default(),
         });
         let s = shared.clone();
         let fault_thread = std::thread::Builder::new()
             .name("cow-fault".into())
-            .spawn(move || fault_loop(s))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::CowFault);
+                fault_loop(s)
+            })
             .map_err(CowError::Spawn)?;
         Ok(Self {
             shared,
@@ -294,6 +335,8 @@ impl CowTracker {
             *lock(c) = unit_clean;
         }
         *lock(&s.error) = None;
+        s.counters.reset();
+        progress.update(|st| st.cow = Some(s.counters.stats(s.staging.capacity())));
         *lock(&s.active) = Some(ActiveCopy { sink, progress });
     }
 
@@ -338,6 +381,8 @@ impl CowTracker {
                     }
                 }
             }
+            // Off the fault path: the pool's buffers are ready before the guest needs them.
+            self.shared.staging.prefill();
             let mut buf = Vec::new();
             for index in 0..self.shared.copied.len() as u64 {
                 if cancel.load(Ordering::Relaxed) {
@@ -346,8 +391,15 @@ impl CowTracker {
                 if let Some(e) = self.take_error() {
                     return Err(CaptureError::CowFault(e));
                 }
-                self.shared.copy_unit(index, &mut buf)?;
+                // Staged units first, so the pool has room for the next writer.
+                self.shared.drain_staged()?;
+                self.shared.capture_unit(index, &mut buf, false)?;
+                if index % 64 == 0 {
+                    self.publish_stats();
+                }
             }
+            // Every unit's lock was taken since its staging, so nothing more can be queued.
+            self.shared.drain_staged()?;
             match self.take_error() {
                 Some(e) => Err(CaptureError::CowFault(e)),
                 None => Ok(()),
@@ -357,17 +409,42 @@ impl CowTracker {
         result
     }
 
+    /// Puts the fault costs so far into the running snapshot's status.
+    fn publish_stats(&self) {
+        let s = &self.shared;
+        if let Some((_, progress)) = s.active() {
+            let stats = s.counters.stats(s.staging.capacity());
+            progress.update(|st| st.cow = Some(stats));
+        }
+    }
+
     fn take_error(&self) -> Option<Arc<CaptureError>> {
         lock(&self.shared.error).clone()
     }
 
-    /// Detaches the active snapshot: faults only track writes from now on.
+    /// Detaches the active snapshot: faults only track writes from now on. Publishes what the
+    /// snapshot's faults cost into its status and the log.
     pub fn end(&self) {
+        let s = &self.shared;
         // Hold every chunk lock while detaching, so no fault is mid-copy into the part.
-        let guards: Vec<_> = self.shared.copied.iter().map(|c| lock(c)).collect();
-        *lock(&self.shared.active) = None;
+        let guards: Vec<_> = s.copied.iter().map(|c| lock(c)).collect();
+        let active = lock(&s.active).take();
         for mut g in guards {
             *g = true;
+        }
+        s.staging.discard_queued();
+        if let Some(active) = active {
+            let stats = s.counters.stats(s.staging.capacity());
+            tracing::info!(
+                "cow copy: {} write faults, {} bytes staged, {} found the pool full, writers waited {} us in all (longest {} us), pool {} bytes",
+                stats.faults,
+                stats.bytes_staged,
+                stats.pool_full,
+                stats.writer_wait_us,
+                stats.writer_wait_max_us,
+                stats.staging_bytes
+            );
+            active.progress.update(|st| st.cow = Some(stats));
         }
     }
 

@@ -64,6 +64,11 @@ impl CaptureEngine {
         })
     }
 
+    /// Sizes the copy-on-write staging pool (bytes, 0 = off) before the first live snapshot.
+    pub fn set_cow_staging(&mut self, bytes: u64) {
+        self.tracking.set_cow_staging(bytes);
+    }
+
     /// The event fd written when a snapshot's worker ends or needs the event loop; the event
     /// loop watches it and then calls [`Self::poll`].
     pub fn wake_evt(&self) -> &Arc<EventFd> {
@@ -177,6 +182,7 @@ impl CaptureEngine {
             cancelled,
         );
         self.last = Some(job.progress.clone());
+        super::metrics::snapshot_ended(&job.progress.status());
         Some(SnapshotEnded {
             id: status.id,
             pause_us: status.pause_us.unwrap_or(0),

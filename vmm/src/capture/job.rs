@@ -44,6 +44,7 @@ impl SnapshotJob {
         let worker = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Capture);
                 let r = work();
                 if let Err(e) = done.write(1) {
                     tracing::error!("cannot signal the end of a snapshot: {e}");

@@ -9,6 +9,8 @@ use std::time::Instant;
 use super::disks::{copy_frozen_disks, frozen_bytes};
 use super::error::CaptureError;
 use super::job::SnapshotJob;
+use super::pause_boost::PauseBoost;
+use super::sink::BACKGROUND_NICE;
 use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
 use crate::vstate::memory::memory_size;
 
@@ -30,8 +32,10 @@ impl CaptureStrategy for CowCapture {
         progress.update(|s| s.bytes_total = mem_size);
         let was_running = vm.is_running();
 
+        let mut boost = PauseBoost::prepare();
         // The snapshot instant: the vCPUs are stopped only for this block.
         let paused_at = Instant::now();
+        boost.raise();
         vm.pause()?;
         let armed = (|| {
             let state = vm.save_state()?;
@@ -45,6 +49,7 @@ impl CaptureStrategy for CowCapture {
             vm.resume()?;
         }
         let pause_us = paused_at.elapsed().as_micros() as u64;
+        drop(boost);
         progress.update(|s| s.pause_us = Some(pause_us));
         let (state, tracker, disks, clean) = armed?;
         progress.update(|s| s.bytes_total += frozen_bytes(&disks));
@@ -54,6 +59,8 @@ impl CaptureStrategy for CowCapture {
         let c = cancel.clone();
         let p = progress.clone();
         SnapshotJob::spawn(progress, cancel, done, move || {
+            // The guest runs meanwhile: its vCPUs (and the fault thread it waits on) go first.
+            snapshot::sink_pipeline::lower_priority(BACKGROUND_NICE);
             let incremental = clean.is_some();
             let copied = tracker.copy_remaining(&c, clean.as_deref());
             drop(tracker);

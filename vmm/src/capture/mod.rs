@@ -11,7 +11,9 @@
 //! - `memory_copy`, `dirty_log`, `disks`: copying memory chunks, reading the dirty logs, copying
 //!   frozen disks.
 //! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
-//! - `cow`: the userfaultfd write tracker.
+//! - `staging`: the bounded pool where write faults stage units for the copier.
+//! - `pause_boost`: raises the pausing and vCPU threads' priority for the pause.
+//! - `cow`, `cow_fault`: the userfaultfd write tracker and its fault thread.
 //! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
 //!   write tracker and the incremental-backup parent).
 //! - `job`: a running snapshot's worker.
@@ -25,6 +27,7 @@
 //! dirty exactly like memory written by vCPUs.
 
 pub mod cow;
+pub mod cow_fault;
 pub mod dirty_log;
 pub mod disks;
 pub mod engine;
@@ -32,11 +35,14 @@ pub mod error;
 pub mod job;
 pub mod live_cow;
 pub mod memory_copy;
+pub mod metrics;
+pub mod pause_boost;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
 pub mod request;
 pub mod sink;
+pub mod staging;
 pub mod status;
 pub mod strategy;
 pub mod tracking;
@@ -47,7 +53,7 @@ pub use engine::{CaptureEngine, SnapshotEnded};
 pub use error::{CaptureError, CowError};
 pub use request::{SnapshotMode, SnapshotRequest, SnapshotStrategy, SnapshotTarget};
 pub use sink::SnapshotOut;
-pub use status::{SnapshotState, SnapshotStatus};
+pub use status::{CowStats, SnapshotState, SnapshotStatus};
 pub use strategy::CaptureStrategy;
 pub use tracking::ChangeTracking;
 pub use vm::CaptureVm;

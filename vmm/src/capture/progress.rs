@@ -32,6 +32,7 @@ impl Progress {
                 pages_recopied: 0,
                 precopy_rounds: None,
                 precopy_converged: None,
+                cow: None,
                 error: None,
             })),
             started: Instant::now(),

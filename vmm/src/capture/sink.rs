@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::{ChangedBlocks, FrozenImage, CBT_BLOCK_SIZE};
 use snapshot::repo::{BackupWriter, ObjectWriter, RepoKey, Repository};
-use snapshot::{MemoryPartWriter, MemorySink, PartKind, SnapshotWriter, CHUNK_SIZE};
+use snapshot::{MemoryPartWriter, MemorySink, PartKind, PipelineSink, SnapshotWriter, CHUNK_SIZE};
 
 use super::error::CaptureError;
 use super::progress::Progress;
@@ -21,8 +21,20 @@ use crate::saved_state::{VmSnapshotState, MEMORY_PART, STATE_PART};
 /// copier has dropped its [`MemorySink`] handle.
 enum OpenMemory {
     Part(Arc<MemoryPartWriter>),
-    Object(Arc<ObjectWriter>),
+    /// A backup object, filled by the pipeline's workers.
+    Object {
+        object: Arc<ObjectWriter>,
+        pipeline: Arc<PipelineSink>,
+    },
 }
+
+/// Chunks a backup's pipeline may hold queued (1 MiB each), beyond those its workers hold.
+const PIPELINE_DEPTH: usize = 8;
+/// How much lower than the VM's threads a live snapshot's background threads (the copier and
+/// the backup workers) run, so that the guest's vCPUs get the CPU first on a busy host.
+pub const BACKGROUND_NICE: i32 = 10;
+/// At most this many backup workers (hash, compress, seal, store).
+const MAX_PIPELINE_WORKERS: usize = 4;
 
 /// Where the snapshot goes.
 enum Destination {
@@ -97,8 +109,23 @@ impl SnapshotOut {
                 (OpenMemory::Part(p.clone()), p)
             }
             Destination::Repo { writer, .. } => {
-                let o = Arc::new(writer.add_object(MEMORY_PART, PartKind::Memory, size)?);
-                (OpenMemory::Object(o.clone()), o)
+                let object = Arc::new(writer.add_object(MEMORY_PART, PartKind::Memory, size)?);
+                let workers = std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(MAX_PIPELINE_WORKERS);
+                let pipeline = Arc::new(PipelineSink::new(
+                    object.clone(),
+                    workers,
+                    PIPELINE_DEPTH,
+                    BACKGROUND_NICE,
+                )?);
+                (
+                    OpenMemory::Object {
+                        object,
+                        pipeline: pipeline.clone(),
+                    },
+                    pipeline,
+                )
             }
         };
         self.memory = Some(open);
@@ -119,13 +146,20 @@ impl SnapshotOut {
                     }
                     Err(p) => OpenMemory::Part(p),
                 },
-                (OpenMemory::Object(o), Destination::Repo { writer, .. }) => {
-                    match Arc::try_unwrap(o) {
-                        Ok(o) => {
-                            writer.finish_object(o)?;
+                (OpenMemory::Object { object, pipeline }, Destination::Repo { writer, .. }) => {
+                    match Arc::try_unwrap(pipeline) {
+                        Ok(p) => {
+                            // Every chunk queued is stored (or the first failure comes back),
+                            // and the workers let go of the object.
+                            let stored = p.finish();
+                            drop(p);
+                            stored?;
+                            let object =
+                                Arc::try_unwrap(object).map_err(|_| CaptureError::PartInUse)?;
+                            writer.finish_object(object)?;
                             return Ok(());
                         }
-                        Err(o) => OpenMemory::Object(o),
+                        Err(pipeline) => OpenMemory::Object { object, pipeline },
                     }
                 }
                 _ => return Err(CaptureError::PartInUse),

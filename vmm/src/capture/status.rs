@@ -40,6 +40,28 @@ pub struct SnapshotStatus {
     /// limit; `false` means the final pause copied a large remainder. `null` for other modes.
     #[serde(default)]
     pub precopy_converged: Option<bool>,
+    /// cow: what the guest's writes cost during the copy; `null` for other modes.
+    #[serde(default)]
+    pub cow: Option<CowStats>,
     /// Why the snapshot failed; `null` unless `state` is `failed`.
     pub error: Option<String>,
+}
+
+/// What the guest's writes met during a cow snapshot's copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CowStats {
+    /// Write faults handled while the snapshot was copying.
+    pub faults: u64,
+    /// Bytes the fault thread copied into the staging pool (the writer waited for a memory
+    /// copy only).
+    pub bytes_staged: u64,
+    /// Faults that found the staging pool full (or off): the unit went to the target while
+    /// the writer waited.
+    pub pool_full: u64,
+    /// Microseconds writers waited in all: from reading each fault to lifting its protection.
+    pub writer_wait_us: u64,
+    /// The longest single wait, in microseconds.
+    pub writer_wait_max_us: u64,
+    /// The staging pool's size in bytes (0: staging off).
+    pub staging_bytes: u64,
 }

@@ -15,6 +15,7 @@ use super::cow::CowTracker;
 use super::dirty_log::take_dirty_chunks;
 use super::error::CaptureError;
 use super::sink::{Committed, SnapshotOut};
+use super::staging::DEFAULT_STAGING_BYTES;
 use super::vm::CaptureVm;
 use crate::vstate::memory::mapped_layout;
 
@@ -28,15 +29,28 @@ pub struct ChangeTracking {
     /// Whether the running snapshot is a backup into a repository (its point becomes the
     /// parent when it commits).
     pending_backup: bool,
+    /// The write tracker's staging pool size in bytes (None: the default).
+    cow_staging: Option<u64>,
 }
 
 impl ChangeTracking {
+    /// Sizes the write tracker's staging pool (0 turns staging off); takes effect when the
+    /// tracker is armed by the first live snapshot.
+    pub fn set_cow_staging(&mut self, bytes: u64) {
+        self.cow_staging = Some(bytes);
+    }
+
     /// The write tracker, armed on first use (vCPUs paused).
     pub fn arm_cow(&mut self, vm: &dyn CaptureVm) -> Result<Arc<CowTracker>, CaptureError> {
         if let Some(t) = &self.cow {
             return Ok(t.clone());
         }
-        let tracker = Arc::new(CowTracker::arm(vm.memory(), mapped_layout(vm.memory()))?);
+        let staging = self.cow_staging.unwrap_or(DEFAULT_STAGING_BYTES);
+        let tracker = Arc::new(CowTracker::arm(
+            vm.memory(),
+            mapped_layout(vm.memory()),
+            staging,
+        )?);
         self.cow = Some(tracker.clone());
         // The tracker knows only the writes from now on: the dirty-log tracking since the parent
         // point ends here, so the next backup must read everything.

@@ -10,9 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::common::fail;
 use super::{SnapshotArgs, StatusArgs, StrategyArg};
 use crate::api::{
-    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotState, SnapshotStatus,
-    SnapshotStrategy, SnapshotTarget, VmInfo,
+    ApiClient, ApiClientError, SnapshotMode, SnapshotParams, SnapshotStarted, SnapshotState,
+    SnapshotStatus, SnapshotStrategy, SnapshotTarget, VmInfo,
 };
+use crate::restore::lazy_memory::progress::MemoryLoaderInfo;
 
 fn connect(path: &std::path::Path) -> Result<ApiClient, ExitCode> {
     ApiClient::connect(path).map_err(|e| fail(&e))
@@ -31,6 +32,34 @@ pub fn simple_put(socket: &std::path::Path, path: &str, done: &str) -> ExitCode 
         }
         Err(e) => fail(&e),
     }
+}
+
+/// The `memory:` progress line of `arkvm status` for a restored VM.
+fn memory_loader_line(m: &MemoryLoaderInfo) -> String {
+    let state = if let Some(e) = &m.error {
+        format!("failed: {e}")
+    } else if m.fully_loaded {
+        format!(
+            "fully loaded in {} ms, huge pages {:?}",
+            m.loaded_after_ms.unwrap_or_default(),
+            m.collapse
+        )
+        .to_lowercase()
+    } else {
+        format!(
+            "loading, {} chunks waited for, last chunk {} ms ago",
+            m.chunks_waited_for, m.ms_since_last_chunk
+        )
+    };
+    format!(
+        "loader:   {}/{} chunks, {}/{} MiB in ({} MiB read), {} faults served; {state}",
+        m.chunks_loaded,
+        m.chunks_total,
+        m.bytes_loaded >> 20,
+        m.bytes_total >> 20,
+        m.bytes_read >> 20,
+        m.faults_served
+    )
 }
 
 /// `arkvm status`.
@@ -62,6 +91,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
     if let Some(r) = &info.config.restored_from {
         crate::outln!("restored: {r}");
     }
+    if let Some(m) = &info.memory_loader {
+        crate::outln!("{}", memory_loader_line(m));
+    }
     for d in &info.config.disks {
         crate::outln!(
             "disk:     {}{}",
@@ -85,6 +117,15 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 .unwrap_or_default()
         );
     }
+    for n in &info.net {
+        crate::outln!(
+            "net:      {} tap={} mac={} rx={} frames/{} bytes (dropped {}) tx={} frames/{} bytes (dropped {}, tap errors {}) held={} frames/{} bytes release-lag last={}us max={}us{}",
+            n.id, n.tap, n.mac, n.rx_frames, n.rx_bytes, n.rx_dropped, n.tx_frames, n.tx_bytes,
+            n.tx_dropped, n.tx_errors, n.held_frames, n.held_bytes, n.release_lag_last_us,
+            n.release_lag_max_us,
+            n.error.as_ref().map(|e| format!(" ERROR: {e}")).unwrap_or_default()
+        );
+    }
     if let Some(s) = snap {
         crate::outln!(
             "snapshot: {} {:?}{}",
@@ -96,23 +137,18 @@ pub fn status(args: StatusArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn human_bytes(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    }
-}
-
 /// `arkvm snapshot`: starts a snapshot and follows it to its end.
 pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     let abs = |p: &std::path::Path| std::path::absolute(p);
     let target = match (&args.out, &args.repo) {
         (Some(out), _) => abs(out).map(SnapshotTarget::Dir),
+        (None, Some(repo)) if snapshot::repo::is_remote(repo) => {
+            Ok(SnapshotTarget::Repo(repo.clone()))
+        }
         (None, Some(repo)) => abs(repo).map(SnapshotTarget::Repo),
         (None, None) => {
             eprintln!("arkvm: error: snapshot needs --out DIR or --repo DIR");
-            return ExitCode::from(1);
+            return super::exit::code(super::exit::USAGE);
         }
     };
     let target = match target {
@@ -141,14 +177,20 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
         Err(code) => return code,
     };
     let body = serde_json::to_value(&params).expect("snapshot parameters serialize");
-    if let Err(e) = client
+    let started = match client
         .put("/snapshot", Some(&body))
-        .and_then(|r| r.into_result())
+        .and_then(|r| r.parse::<SnapshotStarted>())
     {
-        return fail(&e);
-    }
+        Ok(started) => started,
+        Err(e) => return fail(&e),
+    };
     if args.no_wait {
-        crate::outln!("snapshot started");
+        let id = started.id;
+        if args.json {
+            crate::outln!("{}", serde_json::json!({ "id": id, "state": "running" }));
+        } else {
+            crate::outln!("snapshot {id} started");
+        }
         return ExitCode::SUCCESS;
     }
     let bar = std::io::stdout().is_terminal().then(|| {
@@ -167,7 +209,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             .and_then(|r| r.parse::<SnapshotStatus>())
         {
             Ok(s) => s,
-            Err(e) => return fail(&e),
+            Err(e) => return lost_vm(&params.target, &e),
         };
         if let Some(b) = &bar {
             b.set_length(s.bytes_total);
@@ -181,22 +223,48 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    report(&status, args.json)
+    report(&status, args.json, &params.target)
 }
 
-fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
+/// The VM stopped answering while a snapshot ran (it was killed, say). A snapshot directory
+/// appears under its name only once complete, so one that exists now is done.
+fn lost_vm(target: &SnapshotTarget, e: &ApiClientError) -> ExitCode {
+    if let SnapshotTarget::Dir(dir) = target {
+        if dir.join("manifest.json").is_file() {
+            crate::outln!(
+                "snapshot written to {} (the VM stopped answering after it completed: {})",
+                dir.display(),
+                crate::error_chain(e)
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    fail(e)
+}
+
+fn report(s: &SnapshotStatus, json: bool, target: &SnapshotTarget) -> ExitCode {
     if json {
         crate::outln!("{}", serde_json::to_string(s).expect("status serializes"));
     } else if s.state == SnapshotState::Done {
         crate::outln!(
             "snapshot {} done: {} in {} ms, vCPUs paused {} us, {} pages copied early, {} re-copied",
             s.id,
-            human_bytes(s.bytes_written),
+            super::format::bytes(s.bytes_written),
             s.total_ms,
             s.pause_us.unwrap_or(0),
             s.pages_copied_early,
             s.pages_recopied
         );
+        if let Some(c) = &s.cow {
+            crate::outln!(
+                "cow: {} write faults, {} staged, {} found the staging pool full, writers waited {} us in all (longest {} us)",
+                c.faults,
+                human_bytes(c.bytes_staged),
+                c.pool_full,
+                c.writer_wait_us,
+                c.writer_wait_max_us
+            );
+        }
         if s.precopy_converged == Some(false) {
             crate::outln!(
                 "precopy did not converge in {} rounds: the guest dirtied memory faster than it was copied, so the final pause copied the rest",
@@ -207,12 +275,19 @@ fn report(s: &SnapshotStatus, json: bool) -> ExitCode {
     if s.state == SnapshotState::Done {
         ExitCode::SUCCESS
     } else {
-        let e = ApiClientError::Protocol(format!(
-            "snapshot {} {:?}: {}",
-            s.id,
-            s.state,
-            s.error.clone().unwrap_or_default()
-        ));
-        fail(&e)
+        let why = s.error.clone().unwrap_or_default();
+        let place = match target {
+            SnapshotTarget::Dir(p) | SnapshotTarget::Repo(p) => p.display().to_string(),
+        };
+        if why.contains("No space left on device") || why.contains("os error 28") {
+            eprintln!(
+                "arkvm: error: snapshot {} failed: no space left on the filesystem of {place} ({why})",
+                s.id
+            );
+        } else {
+            let state = format!("{:?}", s.state).to_lowercase();
+            eprintln!("arkvm: error: snapshot {} {state}: {why}", s.id);
+        }
+        ExitCode::from(1)
     }
 }

@@ -143,6 +143,10 @@ pub struct DrRecoverArgs {
     /// --disk-dir in the background).
     #[arg(long)]
     pub export_only: bool,
+    /// Attach the saved network device NAME to this host's tap: id=NAME,tap=IFNAME (passed to
+    /// `arkvm restore`). Repeatable.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
 }
 
 /// `arkvm dr send`.
@@ -185,6 +189,8 @@ pub fn run(command: DrCommand) -> ExitCode {
 /// `arkvm dr serve`: runs until killed. The key and the listening address are checked before
 /// the repository is opened or created, so a failed start leaves nothing behind.
 pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
+    // A SIGTERM from now on waits for `run_until_terminated` below, which ends cleanly.
+    crate::signals::block_termination();
     let key = RepoKey::load(&args.key)?;
     let config = ReceiverConfig {
         keep_last: args.keep,
@@ -219,7 +225,20 @@ pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
         }
     );
     let _ = std::io::stdout().flush();
-    Arc::new(receiver).serve(listener)?;
+    let receiver = Arc::new(receiver);
+    // SIGTERM and SIGINT stop the receiver cleanly (exit 0); a checkpoint being received is
+    // not committed, which the sender sees as a failed send.
+    let served = crate::signals::run_until_terminated(move || receiver.serve(listener)).map_err(
+        |source| DrCommandError::Io {
+            action: "start the receiver on",
+            target: args.listen.clone(),
+            source,
+        },
+    )?;
+    match served {
+        Some(result) => result?,
+        None => tracing::info!("dr: stopping on a termination signal"),
+    }
     Ok(())
 }
 
@@ -245,7 +264,7 @@ pub fn send(args: DrSendArgs) -> Result<(), DrCommandError> {
         other => other?,
     };
     let id = match &args.id {
-        Some(id) => id.clone(),
+        Some(id) => repo.resolve_point(id, None)?,
         None => repo
             .point_ids()?
             .pop()
@@ -383,10 +402,10 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
     })?;
     let (point, dir) = export_newest(&repo, &args, &work_dir)?;
     crate::outln!(
-        "dr: recovering checkpoint {} of VM '{}' (created at {} ms since the epoch), exported to {}",
+        "dr: recovering checkpoint {} of VM '{}' (created {} UTC), exported to {}",
         point.id,
         point.vm,
-        point.created_unix_ms,
+        super::format::date_utc(point.created_unix_ms),
         dir.display()
     );
     let _ = std::io::stdout().flush();
@@ -416,6 +435,10 @@ fn exec_restore(args: &DrRecoverArgs, id: &str, keyed: bool) -> Result<(), DrCom
     if let Some(socket) = &args.api_socket {
         restore.arg("--api-socket").arg(socket);
     }
+    for net in &args.nets {
+        restore.arg("--net").arg(net);
+    }
+    // Only returns on failure.
     let source = restore.exec();
     Err(DrCommandError::Io {
         action: "start",
@@ -484,6 +507,7 @@ fn export_newest(
     work_dir: &Path,
 ) -> Result<(PointManifest, PathBuf), DrCommandError> {
     if let Some(id) = &args.id {
+        let id = &repo.resolve_point(id, args.vm.as_deref())?;
         let point = repo.read_point(id)?;
         let dir = fresh_dir(work_dir, id);
         repo.export_point(id, &dir)?;

@@ -20,10 +20,10 @@ use super::common::{fail, open_repo};
 #[derive(clap::Args)]
 pub struct DrillArgs {
     /// The repository directory.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_REPO")]
     pub repo: std::path::PathBuf,
     /// The repository's key file (encrypted repositories).
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_KEY_FILE")]
     pub key: Option<std::path::PathBuf>,
     /// Drill this point.
     #[arg(long, conflicts_with_all = ["latest", "all"])]

@@ -11,7 +11,9 @@ use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::dr_checkpoints::DrConfig;
 use crate::restore::source::RestoreSource;
 use crate::runtime::Vmm;
+use crate::vstate::vcpu::GuestExit;
 use devices::virtio::block::DiskConfig;
+use devices::virtio::net::NetConfig;
 
 fn bind_api(path: &Option<std::path::PathBuf>) -> Result<Option<ApiServer>, ExitCode> {
     match path {
@@ -27,6 +29,7 @@ fn run_vm(
     api: Option<ApiServer>,
     restored_from: Option<String>,
     dr: Option<(DrConfig, Option<std::path::PathBuf>)>,
+    cow_staging: Option<u64>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -40,6 +43,9 @@ fn run_vm(
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
+    if let Some(bytes) = cow_staging {
+        vmm.set_cow_staging(bytes);
+    }
     crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(
         vmm.machine().built.exit.eventfd(),
     ));
@@ -57,9 +63,13 @@ fn run_vm(
     }
     match vmm.run() {
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
+        Ok(exit @ GuestExit::RestoreFailed { .. }) => {
+            eprintln!("arkvm: error: {exit}");
+            super::exit::code(super::exit::GUEST_CRASH)
+        }
         Ok(exit) => {
             eprintln!("arkvm: guest stopped: {exit}");
-            ExitCode::from(2)
+            super::exit::code(super::exit::GUEST_CRASH)
         }
         Err(e) => fail(&e),
     }
@@ -68,8 +78,15 @@ fn run_vm(
 /// `arkvm run`.
 pub fn run(args: RunArgs) -> ExitCode {
     crate::signals::install();
+    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+        return fail(&e);
+    }
     let memory_bytes = match check_memory(&args.memory) {
         Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
         Err(e) => return fail(&e),
     };
     let vcpus = match check_vcpus(args.vcpus) {
@@ -83,6 +100,13 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    let mut nets = Vec::with_capacity(args.nets.len());
+    for spec in &args.nets {
+        match spec.parse::<NetConfig>() {
+            Ok(n) => nets.push(n),
+            Err(e) => return fail(&e),
+        }
+    }
     let config = VmConfig {
         name: args.name,
         kernel: args.kernel,
@@ -91,6 +115,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         memory_bytes,
         vcpus,
         disks,
+        nets,
     };
     let dr = match &args.dr.dr_target {
         None => None,
@@ -115,6 +140,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                     target: target.clone(),
                     interval_ms: interval.as_millis() as u64,
                     key,
+                    output_commit: args.dr.dr_output_commit,
                 },
                 args.dr.dr_staging.clone(),
             ))
@@ -128,13 +154,16 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
-    run_vm(config, built, api, None, dr)
+    run_vm(config, built, api, None, dr, cow_staging)
 }
 
 /// `arkvm restore`: from a snapshot directory (`--from`), or straight from a backup point
 /// (`--repo` with `--id`), which is read in place under the repository's shared lock.
 pub fn restore(args: RestoreArgs) -> ExitCode {
     crate::signals::install();
+    if let Err(e) = crate::seccomp::prepare(args.seccomp) {
+        return fail(&e);
+    }
     let expect_memory = match args.memory.as_deref().map(check_memory).transpose() {
         Ok(m) => m,
         Err(e) => return fail(&e),
@@ -155,6 +184,10 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     };
     // What killed restores left behind (their process is gone).
     crate::restore::disk_hydration::cleanup_stale();
+    let cow_staging = match args.capture.cow_staging_bytes() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
     let api = match bind_api(&args.api_socket) {
         Ok(a) => a,
         Err(code) => return code,
@@ -162,10 +195,13 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     let source = match (&args.from, &args.repo, &args.id) {
         (Some(dir), _, _) => RestoreSource::Dir(dir.clone()),
         (None, Some(repo), Some(id)) => match super::common::open_repo(repo, args.key.as_deref()) {
-            Ok(r) => RestoreSource::Point {
-                repo: r,
-                repo_path: repo.clone(),
-                id: id.clone(),
+            Ok(r) => match r.resolve_point(id, None) {
+                Ok(id) => RestoreSource::Point {
+                    repo: r,
+                    repo_path: repo.clone(),
+                    id,
+                },
+                Err(e) => return fail(&e),
             },
             Err(c) => return c,
         },
@@ -174,9 +210,23 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let mut net_overrides = Vec::with_capacity(args.nets.len());
+    for spec in &args.nets {
+        match devices::virtio::net::parse_options(spec) {
+            Ok(n) if n.id.is_some() && !n.tap.is_empty() && n.mac.is_none() => {
+                net_overrides.push(n)
+            }
+            Ok(_) => {
+                eprintln!("arkvm: error: restore --net takes id=NAME,tap=IFNAME, got '{spec}'");
+                return ExitCode::from(1);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     let restored = match crate::restore::from_dir::restore(
         source,
         expect_memory,
+        &net_overrides,
         args.disk_dir.as_deref(),
         crate::restore::from_dir::DiskOptions { fetch_retry, rate },
         Box::new(std::io::stdout()),
@@ -192,6 +242,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
         api,
         Some(restored.label),
         None,
+        cow_staging,
     );
     drop(bar);
     if let Some(h) = hydration {

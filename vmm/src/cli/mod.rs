@@ -16,14 +16,17 @@ macro_rules! outln {
 pub mod backup;
 pub mod common;
 pub mod control;
+pub mod docs;
 pub mod dr;
 pub mod drill;
+pub mod exit;
+pub mod format;
 pub mod hydrate_bar;
 pub mod launch;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{
     check_memory, check_memory_fits_host, check_vm_name, host_memory_bytes, ConfigError,
@@ -33,10 +36,14 @@ use crate::config::{
 #[derive(Parser)]
 #[command(name = "arkvm", version, about, long_about = None)]
 pub struct Cli {
-    /// Log level for messages on stderr (error, warn, info, debug, trace). The ARKVM_LOG
-    /// environment variable takes tracing filter syntax and wins when set.
-    #[arg(long, global = true, default_value = "warn")]
+    /// Log level for messages on stderr. The ARKVM_LOG environment variable takes tracing
+    /// filter syntax and wins when set.
+    #[arg(long, global = true, default_value = "warn",
+        value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+    /// Log format on stderr: text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,6 +70,19 @@ pub enum Command {
     /// Disaster recovery: receive checkpoints on a second host, query it, recover from it.
     #[command(subcommand)]
     Dr(dr::DrCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for arkvm and every subcommand into a directory.
+    Man(docs::ManArgs),
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, fields, message).
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +105,9 @@ pub struct RunArgs {
     /// A disk: PATH[,readonly][,overlay=PATH][,id=NAME]. Repeat for more disks.
     #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<String>,
+    /// A network device on an existing tap: tap=IFNAME[,mac=MAC][,id=NAME]. Repeat for more.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -95,8 +118,42 @@ pub struct RunArgs {
     /// Allow --memory larger than the host's memory (MemTotal in /proc/meminfo).
     #[arg(long)]
     pub memory_overcommit: bool,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
     #[command(flatten)]
     pub dr: DrRunArgs,
+}
+
+/// How live snapshots of this VM are taken.
+#[derive(clap::Args)]
+pub struct CaptureArgs {
+    /// Memory for the copy-on-write staging pool (e.g. 64M; 0 turns it off): a guest write to
+    /// memory a live snapshot has not copied yet waits for a copy into this pool instead of
+    /// the target's I/O. The ARKVM_COW_STAGING environment variable sets it when the option
+    /// is not given. Default 64M.
+    #[arg(long, value_name = "SIZE")]
+    pub cow_staging: Option<String>,
+}
+
+/// The environment variable that sizes the staging pool when `--cow-staging` is not given.
+pub const COW_STAGING_ENV: &str = "ARKVM_COW_STAGING";
+
+impl CaptureArgs {
+    /// The staging pool size in bytes: the option, else the environment variable, else None
+    /// (the default).
+    pub fn cow_staging_bytes(&self) -> Result<Option<u64>, ConfigError> {
+        let text = match &self.cow_staging {
+            Some(t) => t.clone(),
+            None => match std::env::var(COW_STAGING_ENV) {
+                Ok(t) => t,
+                Err(_) => return Ok(None),
+            },
+        };
+        crate::config::parse_size(&text).map(Some)
+    }
 }
 
 impl RunArgs {
@@ -105,6 +162,7 @@ impl RunArgs {
     /// `--memory-overcommit`.
     pub fn check(&self) -> Result<(), ConfigError> {
         check_vm_name(&self.name)?;
+        self.capture.cow_staging_bytes()?;
         let bytes = check_memory(&self.memory)?;
         if let Some(host) = host_memory_bytes() {
             check_memory_fits_host(&self.memory, bytes, host, self.memory_overcommit)?;
@@ -113,14 +171,30 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line and checks it; on a bad value, prints one line and exits with
-/// status 1 before anything starts.
+/// The command line's definition (for completions and man pages).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Parses the command line and checks it before anything starts: bad usage (clap's errors)
+/// exits with [`exit::USAGE`], a bad value (memory size, VM name) with [`exit::FAILURE`].
 pub fn parse() -> Cli {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let status = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
+            let _ = e.print();
+            std::process::exit(i32::from(status));
+        }
+    };
     if let Command::Run(args) = &cli.command {
         if let Err(e) = args.check() {
             eprintln!("arkvm: error: {e}");
-            std::process::exit(1);
+            std::process::exit(i32::from(exit::FAILURE));
         }
     }
     cli
@@ -132,7 +206,7 @@ pub struct DrRunArgs {
     /// Send a checkpoint every --dr-interval to the `arkvm dr serve` receiver at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", requires = "key")]
     pub dr_target: Option<String>,
-    /// Time between checkpoints (e.g. 500ms, 1s, 2m).
+    /// Time between checkpoints (e.g. 500ms, 1s, 2m, 1h).
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub dr_interval: String,
     /// Pre-shared key file of the DR link (the receiver's repository key).
@@ -141,6 +215,10 @@ pub struct DrRunArgs {
     /// Local staging repository for checkpoints (default under ~/.cache/arkvm/dr-staging).
     #[arg(long, value_name = "DIR")]
     pub dr_staging: Option<PathBuf>,
+    /// Hold every frame the guest transmits until the DR site has committed a checkpoint
+    /// taken after it (see docs/network.md).
+    #[arg(long, requires = "dr_target")]
+    pub dr_output_commit: bool,
 }
 
 #[derive(clap::Args)]
@@ -181,19 +259,28 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// Attach the saved network device NAME to another tap: id=NAME,tap=IFNAME. Repeatable;
+    /// devices not named attach to the tap they were saved with.
+    #[arg(long = "net", value_name = "NET")]
+    pub nets: Vec<String>,
+    /// System call filters on every VMM thread (docs/seccomp.md); `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 #[derive(clap::Args)]
 pub struct SocketArg {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
 }
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -212,7 +299,7 @@ pub enum StrategyArg {
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
     /// The VM's control socket.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_API_SOCKET")]
     pub api_socket: PathBuf,
     /// Write the snapshot to this directory (it must not exist).
     #[arg(
@@ -228,16 +315,17 @@ pub struct SnapshotArgs {
     /// The repository's key file.
     #[arg(long, requires = "repo")]
     pub key: Option<PathBuf>,
-    /// Pause the guest for the whole snapshot instead of taking it live.
-    #[arg(long)]
+    /// Pause the guest for the whole snapshot instead of taking it live (no --strategy).
+    #[arg(long, conflicts_with = "strategy")]
     pub paused: bool,
     /// Live capture strategy.
     #[arg(long, value_enum, default_value = "cow")]
     pub strategy: StrategyArg,
-    /// Return once the snapshot has started, without waiting for it to finish.
+    /// Return once the snapshot has started, without waiting for it to finish; prints the
+    /// snapshot's id.
     #[arg(long)]
     pub no_wait: bool,
-    /// Print the final report as JSON.
+    /// Print the final report (with --no-wait: the snapshot's id) as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -28,6 +28,7 @@
 
 pub mod disk;
 pub mod legacy;
+pub mod net;
 
 #[cfg(test)]
 mod tests;
@@ -54,6 +55,7 @@ use snapshot::{lock, Persist};
 
 pub use disk::{AttachedDisk, DiskSetupError, FreezeError, FrozenDisk, DISK_KIND};
 pub use legacy::{LegacyError, I8042_ID, I8042_KIND, SERIAL_ID, SERIAL_IRQ, SERIAL_KIND};
+pub use net::{AttachedNet, NetInfo, NET_KIND};
 
 /// Why a device could not be registered, restored or saved.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +270,8 @@ pub struct DeviceManager {
     virtio_slots: u32,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     disks: Vec<AttachedDisk>,
+    nets: Vec<AttachedNet>,
+    output_commit: Arc<devices::virtio::net::OutputCommit>,
 }
 
 impl DeviceManager {
@@ -294,6 +298,8 @@ impl DeviceManager {
             virtio_slots: 0,
             serial: None,
             disks: Vec::new(),
+            nets: Vec::new(),
+            output_commit: devices::virtio::net::OutputCommit::new(),
         };
         manager.add_legacy_devices(serial_out)?;
         Ok(manager)
@@ -303,6 +309,7 @@ impl DeviceManager {
     /// of device is registered (one line).
     pub fn add_configured_devices(&mut self, config: &VmConfig) -> Result<(), DeviceManagerError> {
         self.add_disks(&config.disks)?;
+        self.add_nets(&config.nets)?;
         Ok(())
     }
 

@@ -394,6 +394,7 @@ fn restore_snapshot(
     let restore = Restore {
         state: &state,
         memory: memory_of(&reader),
+        label: "test snapshot",
     };
     let built = build_with_devices(&state.config, Some(restore), Box::new(out), extra)?;
     Ok((built, state))
@@ -413,6 +414,7 @@ fn a_device_registered_outside_the_configuration_survives_a_snapshot_and_restore
         memory_bytes: 64 << 20,
         vcpus: 1,
         disks: Vec::new(),
+        nets: Vec::new(),
     };
 
     // Boot with the scratch register, set it through its bus, let the guest run, snapshot.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::builder::{build, BuildError, BuiltVm, Restore};
 use crate::restore::disk_hydration::DiskHydration;
+use crate::restore::lazy_memory::first_output::FirstOutputWriter;
 use crate::restore::lazy_memory::LazyMemoryError;
 use crate::restore::source::{OpenedSource, RestoreSource, SourceError};
 use crate::saved_state::VmSnapshotState;
@@ -26,6 +27,27 @@ pub enum RestoreError {
     Hydrate(#[source] std::io::Error),
     #[error("the snapshot was taken with --memory {snap_mib}M, not the {asked_mib}M asked for")]
     MemoryMismatch { snap_mib: u64, asked_mib: u64 },
+    #[error("--net id={0}: the snapshot has no network device of that id")]
+    UnknownNet(String),
+}
+
+/// Points the saved network devices named in `overrides` (`id=NAME,tap=IFNAME`) at other taps.
+fn apply_net_overrides(
+    nets: &mut [devices::virtio::net::NetConfig],
+    overrides: &[devices::virtio::net::NetConfig],
+) -> Result<(), RestoreError> {
+    for o in overrides {
+        let id = o.id.clone().unwrap_or_default();
+        let found = nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.device_id(*i) == id)
+            .ok_or_else(|| RestoreError::UnknownNet(id.clone()))?;
+        let (i, net) = found;
+        net.id = Some(net.device_id(i));
+        net.tap = o.tap.clone();
+    }
+    Ok(())
 }
 
 /// A restored VM, paused, ready to run.
@@ -53,12 +75,14 @@ pub struct DiskOptions {
 pub fn restore(
     source: RestoreSource,
     expect_memory: Option<u64>,
+    net_overrides: &[devices::virtio::net::NetConfig],
     disk_dir: Option<&Path>,
     disk_options: DiskOptions,
     out: Box<dyn Write + Send>,
 ) -> Result<RestoredVm, RestoreError> {
     let default_disk_dir = source.default_disk_dir();
     let mut opened = source.open()?;
+    apply_net_overrides(&mut opened.state.config.nets, net_overrides)?;
     let hydration = DiskHydration::prepare(
         &mut opened,
         disk_dir,
@@ -105,8 +129,13 @@ fn build_restored(
     let restore = Restore {
         state,
         memory: opened.memory,
+        label: &opened.label,
     };
-    let mut built = build(&state.config, Some(restore), out)?;
+    let (out, first_output) = FirstOutputWriter::new(out);
+    let mut built = build(&state.config, Some(restore), Box::new(out))?;
+    if let Some(lazy) = &built.lazy_memory {
+        let _ = first_output.set(lazy.progress());
+    }
     if opened.load_before_resume {
         if let Some(lazy) = &built.lazy_memory {
             lazy.wait_all_loaded()?;

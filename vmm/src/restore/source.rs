@@ -54,10 +54,9 @@ pub struct OpenedSource {
     pub memory: Arc<dyn ChunkSource>,
     /// Where the VM came from, for `GET /vm` and messages.
     pub label: String,
-    /// Whether every memory chunk must be in (and checked) before the guest runs. A backup
-    /// point is loaded whole first, so that a damaged point is refused before its guest runs
-    /// and with the point's error, as `restore --repo` always did; a directory is loaded while
-    /// the guest runs.
+    /// Whether every memory chunk must be in (and checked) before the guest runs. Neither a
+    /// directory nor a backup point needs it: both are loaded while the guest runs, and a
+    /// damaged chunk stops the VM before any thread sees it (see `lazy_memory`).
     pub load_before_resume: bool,
     disks: DiskParts,
 }
@@ -142,7 +141,7 @@ fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSour
         state,
         memory,
         label: format!("{}#{id}", repo_path.display()),
-        load_before_resume: true,
+        load_before_resume: false,
         disks: DiskParts::Point { repo, point },
     })
 }

@@ -1,5 +1,6 @@
 //! KVM state: guest memory, the VM and its vCPUs.
 
+pub mod exit_metrics;
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_state;

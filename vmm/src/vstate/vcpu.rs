@@ -256,7 +256,7 @@ fn describe_internal_error(run: &kvm_run) -> String {
 
 /// Handles one return from `KVM_RUN`.
 fn handle_exit(index: u8, fd: &mut VcpuFd, buses: &IoBuses) -> ExitAction {
-    match fd.run() {
+    match fd.run().inspect(super::exit_metrics::count) {
         Ok(exit) => match exit {
             VcpuExit::IoIn(port, data) => {
                 if !buses.pio.read(u64::from(port), data) {
@@ -324,7 +324,10 @@ impl Vcpu {
         let (response_tx, response_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, response_tx))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
+                self.run(event_rx, response_tx)
+            })
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(VcpuHandle {
             index,

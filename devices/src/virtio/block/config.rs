@@ -49,6 +49,16 @@ pub enum DiskConfigError {
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
     BadSize { path: PathBuf, size: u64 },
     /// The image cannot be written but `readonly` was not given.
+    /// The image is in a known non-raw format (qcow2, VMDK, ...).
+    #[error(
+        "disk image {path} is a {format} image, not a raw one; convert it with \
+         `qemu-img convert -f {qemu_name} -O raw {path} {path}.raw` and use the raw file"
+    )]
+    NotRaw {
+        path: PathBuf,
+        format: &'static str,
+        qemu_name: &'static str,
+    },
     #[error("disk image {0} is read-only; add ',readonly' to use it")]
     ReadOnlyFile(PathBuf),
     /// The same file appears twice among the disks and overlays.
@@ -159,6 +169,7 @@ fn check_image(cfg: &DiskConfig) -> Result<(u64, u64), DiskConfigError> {
             size: meta.len(),
         });
     }
+    check_raw(path)?;
     if !cfg.readonly {
         // Root ignores permission bits, so look at them as well as trying to open.
         let no_write_bits = meta.permissions().mode() & 0o222 == 0;
@@ -172,6 +183,26 @@ fn check_image(cfg: &DiskConfig) -> Result<(u64, u64), DiskConfigError> {
         }
     }
     Ok((meta.dev(), meta.ino()))
+}
+
+/// Refuses an image that starts with the magic of a known non-raw format.
+fn check_raw(path: &Path) -> Result<(), DiskConfigError> {
+    use std::io::Read;
+    let mut header = Vec::with_capacity(super::image_format::HEADER_LEN);
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(super::image_format::HEADER_LEN as u64)
+                .read_to_end(&mut header)
+        })
+        .map_err(|e| inaccessible(path, e))?;
+    match super::image_format::detect(&header) {
+        Some(f) => Err(DiskConfigError::NotRaw {
+            path: path.to_path_buf(),
+            format: f.name,
+            qemu_name: f.qemu_name,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Checks an overlay path; returns its (device, inode) when the file already exists.

@@ -443,7 +443,9 @@ impl Disk {
         if self.read_stack().write_through.is_some() {
             return Err(DiskError::MergeRunning);
         }
-        let overlay = Arc::new(Layer::Overlay(OverlayFile::create(path, self.size)?));
+        let overlay = Arc::new(Layer::Overlay(OverlayFile::create_reserved(
+            path, self.size,
+        )?));
         let mut st = self.write_stack();
         if st.write_through.is_some() {
             drop(st);

@@ -13,8 +13,10 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod hydrate;
+pub mod image_format;
 pub mod overlay;
 pub mod request;
+mod reserve;
 
 pub use cbt::{ChangedBlockTracker, ChangedBlocks, CBT_BLOCK_SIZE};
 pub use config::{validate_disks, DiskConfig, DiskConfigError, SECTOR_SIZE};

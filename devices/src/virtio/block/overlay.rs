@@ -48,6 +48,17 @@ pub enum OverlayError {
         #[source]
         source: io::Error,
     },
+    /// The overlay's filesystem cannot hold every write the guest may make during a snapshot.
+    #[error(
+        "no room for the snapshot overlay {path}: it needs up to {needed} bytes there for the \
+         guest's writes during the snapshot, and its filesystem has {free} bytes free; the \
+         snapshot did not start (docs/disk-overlay.md)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
     /// `create` found a file already there.
     #[error("overlay {0} already exists")]
     Exists(PathBuf),
@@ -236,6 +247,20 @@ impl OverlayFile {
                 unsynced: false,
             }),
         })
+    }
+
+    /// [`OverlayFile::create`], then reserves the filesystem space of the worst case (every
+    /// cluster of the disk written), so that the guest's writes to this overlay cannot fail for
+    /// lack of space. On failure the file is removed again.
+    pub fn create_reserved(path: &Path, disk_size: u64) -> Result<Self, OverlayError> {
+        let overlay = Self::create(path, disk_size)?;
+        let end = data_offset(disk_size) + map_entries(disk_size) * CLUSTER_SIZE;
+        if let Err(e) = super::reserve::reserve(&overlay.file, path, data_offset(disk_size), end) {
+            drop(overlay);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(overlay)
     }
 
     /// Opens an existing overlay for a disk of `disk_size` bytes and recovers it after a

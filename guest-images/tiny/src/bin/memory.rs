@@ -3,12 +3,13 @@
 //! image (a snapshot mixing two instants) fails that check and the guest prints `TORN`.
 //!
 //! See README.md for the options (`arkvm.passes`, `arkvm.region_mb`, `arkvm.hot_pct`,
-//! `arkvm.rate_pages`) and the exact output lines.
+//! `arkvm.rate_pages`, `arkvm.interval`, `arkvm.fill`) and the exact output lines.
 #![no_std]
 #![no_main]
 
 use arkvm_tiny_guests::bootparams;
 use arkvm_tiny_guests::cmdline::Cmdline;
+use arkvm_tiny_guests::fill::{fill_page, Fill, Rng, FILL_END, FILL_START};
 use arkvm_tiny_guests::region::{hot_pages, print_interval, Region, PAGE};
 use arkvm_tiny_guests::status::{self, Field};
 use arkvm_tiny_guests::{fault, gprintln, serial, tsc};
@@ -74,6 +75,44 @@ impl Throttle {
         };
         self.left = self.rate;
     }
+}
+
+extern "C" {
+    /// The end of the guest's image (link.ld); the image starts at 2 MiB.
+    static _end: u8;
+}
+
+/// Where the image starts (link.ld).
+const IMAGE_START: usize = 0x20_0000;
+
+/// Fills every page's bytes between its generation words for `fill` (before generation 1).
+fn fill_region(region: &Region, pages: u64, fill: Fill) {
+    if fill == Fill::Zero {
+        return;
+    }
+    // SAFETY: the image [2 MiB, _end) is mapped and readable from CPL3 (the guest runs from
+    // it) and nothing writes it while this shared view lives.
+    let code = unsafe {
+        let end = core::ptr::addr_of!(_end) as usize;
+        core::slice::from_raw_parts(IMAGE_START as *const u8, end.saturating_sub(IMAGE_START))
+    };
+    let mut rng = Rng::new(tsc::rdtsc());
+    let mut index = 0u64;
+    region.for_span(0, pages, |addr, n| {
+        for i in 0..n {
+            let page = (addr + i * PAGE) as usize;
+            // SAFETY: the page lies in e820 RAM above 4 MiB, identity-mapped, owned by this
+            // loop alone; the filler bytes never overlap the generation words.
+            let bytes = unsafe {
+                core::slice::from_raw_parts_mut(
+                    (page + FILL_START) as *mut u8,
+                    FILL_END - FILL_START,
+                )
+            };
+            fill_page(fill, index, bytes, &mut rng, code);
+            index += 1;
+        }
+    });
 }
 
 fn torn(addr: u64, expected: u64, found: u64) -> ! {
@@ -147,11 +186,24 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
     let (ticks_per_ms, source) = tsc::khz();
     let cold = pages - hot;
     let later_pages = if hot == 0 { pages } else { hot + hot.min(cold) };
+    // `arkvm.interval=N`: a PASS line every N passes instead of about every 2^20 page visits.
+    let interval = |per_pass| match cmdline.get_u64("arkvm.interval") {
+        Some(n) if n > 0 => n,
+        _ => print_interval(per_pass),
+    };
     gprintln!(
         "MEMGUEST hot_pages={hot} rate_pages={rate} tsc_khz={ticks_per_ms} ({source:?}) interval={}",
-        print_interval(later_pages)
+        interval(later_pages)
     );
     let mut th = Throttle::new(rate, ticks_per_ms);
+    let Some(fill) = Fill::parse(cmdline.get("arkvm.fill")) else {
+        gprintln!("MEMGUEST bad arkvm.fill (zero, random or mixed)");
+        fault();
+    };
+    if fill != Fill::Zero {
+        fill_region(&region, pages, fill);
+        gprintln!("MEMGUEST fill={}", fill.name());
+    }
 
     // Generation 1: every page (fresh RAM holds 0 = "never written").
     let mut gen = 1u64;
@@ -162,7 +214,7 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
     loop {
         status::set(Field::MemPasses, passes);
         let per_pass = if passes == 1 { pages } else { later_pages };
-        if passes % print_interval(per_pass) == 0 {
+        if passes % interval(per_pass) == 0 {
             gprintln!("PASS {passes} GEN {gen}");
         }
         if max_passes == Some(passes) {

@@ -1,13 +1,19 @@
-//! `arkvm backup init|list|verify|prune`: managing a backup repository.
+//! `arkvm backup ...`: managing a backup repository. Listing and checking live here; retention
+//! in [`prune`], getting a point out in [`export`].
+
+pub mod export;
+pub mod prune;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use snapshot::repo::{KeepPolicy, RepoKey, Repository};
+use snapshot::repo::{RepoKey, Repository};
 
 use super::common::{fail, open_repo};
+use super::exit;
+use super::format::{bytes, date_rfc3339, date_utc};
 
 #[derive(clap::Subcommand)]
 pub enum BackupCommand {
@@ -18,8 +24,14 @@ pub enum BackupCommand {
     List(RepoArgs),
     /// Re-hash every chunk; name damaged chunks and the points that use them.
     Verify(RepoArgs),
-    /// Remove points by policy, then collect chunks no point uses.
-    Prune(PruneArgs),
+    /// Remove points by retention policy (restic's --keep-* rules), then collect unused chunks.
+    Prune(prune::PruneArgs),
+    /// Remove the named points (their chunks stay until `backup gc` or `backup prune`).
+    Forget(prune::ForgetArgs),
+    /// Remove chunks no point uses, and leftovers of interrupted writes.
+    Gc(RepoArgs),
+    /// Write a point out as a snapshot directory, or one of its disks as a raw image.
+    Export(export::ExportArgs),
     /// Boot points in isolation and check that their guests run (docs/recovery.md).
     Drill(super::drill::DrillArgs),
 }
@@ -27,57 +39,14 @@ pub enum BackupCommand {
 #[derive(clap::Args)]
 pub struct RepoArgs {
     /// The repository directory.
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_REPO")]
     pub repo: PathBuf,
     /// The repository's key file (encrypted repositories).
-    #[arg(long)]
+    #[arg(long, env = "ARKVM_KEY_FILE")]
     pub key: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(clap::Args)]
-pub struct PruneArgs {
-    #[command(flatten)]
-    pub repo: RepoArgs,
-    /// Keep the newest N points of each VM.
-    #[arg(long, default_value_t = 0)]
-    pub keep_last: usize,
-    /// Keep the newest point of each of the last N days.
-    #[arg(long, default_value_t = 0)]
-    pub keep_daily: usize,
-}
-
-fn time_text(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-fn mib(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
-    } else if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    }
 }
 
 fn init(args: RepoArgs) -> ExitCode {
@@ -85,13 +54,17 @@ fn init(args: RepoArgs) -> ExitCode {
     if let Err(e) = Repository::check_init_target(&args.repo) {
         return fail(&e);
     }
+    let mut key_created = false;
     let key = match &args.key {
         Some(path) if !path.exists() => match RepoKey::create_file(path) {
             Ok(k) => {
-                crate::outln!(
-                    "created key file {} (keep it safe: without it the backups cannot be read)",
-                    path.display()
-                );
+                key_created = true;
+                if !args.json {
+                    crate::outln!(
+                        "created key file {} (keep it safe: without it the backups cannot be read)",
+                        path.display()
+                    );
+                }
                 Some(k)
             }
             Err(e) => return fail(&e),
@@ -104,6 +77,15 @@ fn init(args: RepoArgs) -> ExitCode {
     };
     let encrypted = key.is_some();
     match Repository::init(&args.repo, key) {
+        Ok(_) if args.json => {
+            let key_file = args.key.as_ref().map(|k| k.display().to_string());
+            crate::outln!(
+                "{}",
+                serde_json::json!({"repo": args.repo.display().to_string(),
+                    "encrypted": encrypted, "key_file": key_file, "key_file_created": key_created})
+            );
+            ExitCode::SUCCESS
+        }
         Ok(_) => {
             crate::outln!(
                 "initialized {}repository {}",
@@ -131,6 +113,7 @@ fn list(args: RepoArgs) -> ExitCode {
             .map(|(id, p)| match p {
                 Ok(p) => serde_json::json!({
                     "id": id, "vm": p.vm, "created_unix_ms": p.created_unix_ms,
+                    "created": date_rfc3339(p.created_unix_ms),
                     "parent": p.parent, "bytes_total": p.stats.bytes_total,
                     "bytes_stored": p.stats.bytes_stored, "bytes_hashed": p.stats.bytes_hashed,
                     "chunks_total": p.stats.chunks_total, "chunks_new": p.stats.chunks_new,
@@ -154,16 +137,16 @@ fn list(args: RepoArgs) -> ExitCode {
     for (id, p) in &points {
         let drill = super::drill::last_drill(&repo, id).map_or("-".to_string(), |d| {
             let verdict = if d.passed { "pass" } else { "FAIL" };
-            format!("{verdict} {}", time_text(d.started_unix_ms))
+            format!("{verdict} {}", date_utc(d.started_unix_ms))
         });
         match p {
             Ok(p) => crate::outln!(
                 "{:<44} {:<19} {:<10} {:>12} {:>12}  {}",
                 id,
-                time_text(p.created_unix_ms),
+                date_utc(p.created_unix_ms),
                 p.vm,
-                mib(p.stats.bytes_total),
-                mib(p.stats.bytes_stored),
+                bytes(p.stats.bytes_total),
+                bytes(p.stats.bytes_stored),
                 drill
             ),
             Err(e) => crate::outln!("{id:<44} unreadable: {}", vmm_error(e)),
@@ -180,10 +163,10 @@ fn list_status<P, E>(points: &[(String, Result<P, E>)]) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!(
-        "arkvm: error: {unreadable} of {} points are unreadable (run `arkvm backup verify`)",
-        points.len()
+        "arkvm: error: {unreadable} of {} unreadable (run `arkvm backup verify`)",
+        super::format::count(points.len(), "point")
     );
-    ExitCode::from(3)
+    exit::code(exit::DAMAGE)
 }
 
 fn vmm_error(e: &dyn std::error::Error) -> String {
@@ -235,12 +218,12 @@ fn verify(args: RepoArgs) -> ExitCode {
             crate::outln!("damaged point {id}: {why}");
         }
         for c in &report.damaged_chunks {
-            crate::outln!(
-                "damaged chunk {}: {} (used by {})",
-                c.id.to_hex(),
-                c.problem,
-                c.points.join(", ")
-            );
+            let users = if c.points.is_empty() {
+                "used by no point".to_string()
+            } else {
+                format!("used by {}", c.points.join(", "))
+            };
+            crate::outln!("damaged chunk {}: {} ({users})", c.id.to_hex(), c.problem);
         }
         if report.is_clean() {
             crate::outln!("repository is clean");
@@ -249,43 +232,7 @@ fn verify(args: RepoArgs) -> ExitCode {
     if report.is_clean() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(3)
-    }
-}
-
-fn prune(args: PruneArgs) -> ExitCode {
-    if args.keep_last == 0 && args.keep_daily == 0 {
-        eprintln!("arkvm: error: prune needs --keep-last N and/or --keep-daily N (it would remove every point)");
-        return ExitCode::from(1);
-    }
-    let repo = match open_repo(&args.repo.repo, args.repo.key.as_deref()) {
-        Ok(r) => r,
-        Err(c) => return c,
-    };
-    let policy = KeepPolicy {
-        keep_last: args.keep_last,
-        keep_daily: args.keep_daily,
-    };
-    match repo.prune(&policy) {
-        Ok(r) => {
-            if args.repo.json {
-                crate::outln!(
-                    "{}",
-                    serde_json::json!({"removed": r.removed, "kept": r.kept,
-                        "chunks_removed": r.gc.chunks_removed, "chunks_kept": r.gc.chunks_kept})
-                );
-            } else {
-                crate::outln!(
-                    "removed {} points, kept {}; collected {} unused chunks, {} remain",
-                    r.removed.len(),
-                    r.kept.len(),
-                    r.gc.chunks_removed,
-                    r.gc.chunks_kept
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
+        exit::code(exit::DAMAGE)
     }
 }
 
@@ -295,7 +242,10 @@ pub fn run(cmd: BackupCommand) -> ExitCode {
         BackupCommand::Init(a) => init(a),
         BackupCommand::List(a) => list(a),
         BackupCommand::Verify(a) => verify(a),
-        BackupCommand::Prune(a) => prune(a),
+        BackupCommand::Prune(a) => prune::prune(a),
+        BackupCommand::Forget(a) => prune::forget(a),
+        BackupCommand::Gc(a) => prune::gc(a),
+        BackupCommand::Export(a) => export::export(a),
         BackupCommand::Drill(a) => super::drill::drill(a),
     }
 }
@@ -313,12 +263,5 @@ mod tests {
         let damaged: Vec<(String, Result<(), String>)> =
             vec![("p1".into(), Ok(())), ("p2".into(), Err("damaged".into()))];
         assert_eq!(list_status(&damaged), ExitCode::from(3));
-    }
-
-    #[test]
-    fn civil_time() {
-        assert_eq!(time_text(0), "1970-01-01 00:00:00");
-        assert_eq!(time_text(1_795_000_000_000), "2026-11-18 11:06:40");
-        assert_eq!(time_text(951_782_400_000), "2000-02-29 00:00:00");
     }
 }

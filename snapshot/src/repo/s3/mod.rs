@@ -1,0 +1,227 @@
+//! The S3 backend of the repository: a [`ChunkStore`] on an S3 bucket below a key prefix,
+//! reached through `object_store` (see [`client`]).
+//!
+//! ```text
+//! s3://BUCKET/PREFIX/
+//!   config.json, chunks/..., points/...   as in a local repository
+//!   locks/<shared|exclusive>-<holder>-<seq>  leases instead of flock (see [`lease`])
+//! ```
+//!
+//! Every object is created with `PutMode::Create` (`If-None-Match: *`) and never overwritten;
+//! a PUT is atomic, so there are no temporaries to clean. Point manifests are cached locally
+//! (see [`cache`]) by name and entity tag, so listing and planning do not download every
+//! manifest each time. Layout and protocol: docs/object-store.md.
+
+mod cache;
+mod client;
+mod lease;
+
+use std::sync::Arc;
+
+pub use client::S3Url;
+pub use lease::{LEASE_TTL, LOCK_PREFIX};
+
+use crate::repo::store::{ChunkStore, LockMode, StoreError, StoreLock};
+use cache::ManifestCache;
+use client::{Failure, Listed, S3Client};
+
+/// Why an S3 store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The URL is not a usable `s3://BUCKET/PREFIX`.
+    #[error("'{url}' is not a usable repository URL: {problem}")]
+    BadUrl {
+        /// The URL (shortened).
+        url: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A required environment variable is not set.
+    #[error("{name} is not set: an s3:// repository needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS)")]
+    MissingEnv {
+        /// The variable.
+        name: &'static str,
+    },
+    /// The S3 client refused its configuration.
+    #[error("the S3 client configuration is invalid: {problem}")]
+    Config {
+        /// What is wrong (without secrets).
+        problem: String,
+    },
+    /// The private runtime could not start.
+    #[error("cannot start the S3 client's runtime")]
+    Runtime {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<S3Error> for StoreError {
+    fn from(e: S3Error) -> Self {
+        StoreError::Unusable {
+            problem: crate::error::error_chain(&e),
+        }
+    }
+}
+
+/// A repository store in an S3 bucket.
+pub struct S3Store {
+    client: Arc<S3Client>,
+    holder: String,
+    cache: Option<ManifestCache>,
+}
+
+impl S3Store {
+    /// Opens the store at `url` with the configuration in the environment (see
+    /// [`S3Client::from_env`]). Sends no request.
+    pub fn open(url: &S3Url) -> Result<Self, StoreError> {
+        let client = S3Client::from_env(url)?;
+        Ok(Self {
+            client: Arc::new(client),
+            holder: format!("{:016x}", lease::random_u64()),
+            cache: ManifestCache::open(url),
+        })
+    }
+
+    /// Parses `s3://BUCKET/PREFIX`: `None` if `text` is not an `s3://` URL.
+    pub fn parse_url(text: &str) -> Option<Result<S3Url, StoreError>> {
+        S3Url::parse(text).map(|r| r.map_err(StoreError::from))
+    }
+}
+
+/// Builds the [`StoreError`] of a failed request on `name`.
+fn remote(client: &S3Client, action: &'static str, name: &str, e: &object_store::Error) -> StoreError {
+    match client.classify(e) {
+        Failure::NotFound => StoreError::NotFound {
+            name: name.to_string(),
+        },
+        Failure::Exists => StoreError::Remote {
+            action,
+            location: object_url(client.url(), name),
+            problem: "it already exists".into(),
+        },
+        Failure::Other(problem) => StoreError::Remote {
+            action,
+            location: object_url(client.url(), name),
+            problem,
+        },
+    }
+}
+
+/// Creates `name`, which must not exist.
+fn put_new(client: &S3Client, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    client
+        .put_create(name, bytes)
+        .map_err(|e| remote(client, "create", name, &e))
+}
+
+/// Lists below `folder`.
+fn listed(client: &S3Client, folder: &str) -> Result<Vec<Listed>, StoreError> {
+    client
+        .list(folder)
+        .map_err(|e| remote(client, "list", folder, &e))
+}
+
+/// Deletes `name`.
+fn remove(client: &S3Client, name: &str) -> Result<(), StoreError> {
+    client
+        .delete(name)
+        .map_err(|e| remote(client, "delete", name, &e))
+}
+
+/// The URL of object `name` of the repository at `url`.
+fn object_url(url: &S3Url, name: &str) -> String {
+    format!("s3://{}/{}{name}", url.bucket, url.prefix)
+}
+
+impl ChunkStore for S3Store {
+    fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        crate::repo::store::check_name(name)?;
+        match self.client.put_create(name, bytes) {
+            Ok(()) => Ok(true),
+            Err(e) => match self.client.classify(&e) {
+                Failure::Exists => Ok(false),
+                _ => Err(remote(&self.client, "create", name, &e)),
+            },
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // A PUT is durable when it returns.
+        Ok(())
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        crate::repo::store::check_name(name)?;
+        if let Some(bytes) = self.cache.as_ref().and_then(|c| c.get(name)) {
+            return Ok(bytes);
+        }
+        let (bytes, etag) = self
+            .client
+            .get(name)
+            .map_err(|e| remote(&self.client, "read", name, &e))?;
+        if let Some(cache) = &self.cache {
+            cache.put(name, etag.as_deref(), &bytes);
+        }
+        Ok(bytes)
+    }
+
+    fn contains(&self, name: &str) -> Result<bool, StoreError> {
+        crate::repo::store::check_name(name)?;
+        self.client
+            .head(name)
+            .map_err(|e| remote(&self.client, "inspect", name, &e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let folder = match prefix.rfind('/') {
+            Some(i) => &prefix[..=i],
+            None => "",
+        };
+        let listed = listed(&self.client, folder)?;
+        if let Some(cache) = &self.cache {
+            cache.note_listing(&listed);
+        }
+        let mut names: Vec<String> = listed
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n.starts_with(prefix) && !n.starts_with(LOCK_PREFIX))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        crate::repo::store::check_name(name)?;
+        if let Some(cache) = &self.cache {
+            cache.forget(name);
+        }
+        remove(&self.client, name)
+    }
+
+    fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError> {
+        let lease = lease::acquire(&self.client, &self.holder, mode, wait)?;
+        Ok(StoreLock::new(Box::new(lease)))
+    }
+
+    fn clean_incomplete(&self) -> Result<usize, StoreError> {
+        // PUTs are atomic, so nothing is ever half-written; leases of dead holders are removed.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut removed = 0;
+        for lease in listed(&self.client, LOCK_PREFIX)? {
+            if now - lease.modified_unix_ms > 2 * LEASE_TTL.as_millis() as i64 {
+                remove(&self.client, &lease.name)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn location(&self) -> String {
+        self.client.url().to_string()
+    }
+}
