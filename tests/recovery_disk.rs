@@ -182,6 +182,17 @@ fn a_restored_disk_works_while_it_hydrates_and_ends_as_point_plus_writes() {
     let (i, _) = wait_parsed(&vm, 0, diskgen);
     let during = hydration(&sock);
     assert_eq!(during["done"], false, "hydration ended too soon: {during}");
+    // A backup of the recovering VM while its disk hydrates reads the disk through the point.
+    let again = backup(&sock, &p.repo, None);
+    assert_eq!(again["state"], "done", "{again}");
+    let lib = Repository::open(&p.repo, None).expect("open repository");
+    let second = lib
+        .read_point(again["id"].as_str().expect("id"))
+        .expect("read the new point");
+    let mut image = Vec::new();
+    lib.read_object(&second, DISK_OBJECT, &mut image)
+        .expect("read the new point's disk");
+    check_hydrated(&p.image, &image, 0);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let h = hydration(&sock);
