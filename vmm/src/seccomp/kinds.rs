@@ -126,6 +126,10 @@ const BASE: &[&str] = &[
     "lseek",
     "fcntl",
     "dup",
+    // Thread priorities: the pause boost (capture/pause_boost.rs), the copier and backup
+    // workers at nice +10, the lazy restore's prefetch at nice 10.
+    "getpriority",
+    "setpriority",
     "getuid",
     "geteuid",
     "getgid",
