@@ -283,11 +283,16 @@ fn damaged_chunk_stops_the_vm(tag: &str, index: usize) {
     let st = vm
         .wait_exit(Duration::from_secs(120))
         .unwrap_or_else(|| panic!("the restore hung on a damaged chunk\n{}", vm.dump()));
-    assert!(!st.success(), "exit status {st:?}\n{}", vm.dump());
+    assert_eq!(
+        st.code(),
+        Some(4),
+        "exit status {st:?} (4: docs/exit-status.md)\n{}",
+        vm.dump()
+    );
     let err = vm.stderr();
     let line = err
         .iter()
-        .find(|l| l.starts_with("arkvm: guest stopped: restore failed"))
+        .find(|l| l.starts_with("arkvm: error: restore failed"))
         .unwrap_or_else(|| panic!("no restore error\n{}", vm.dump()));
     assert!(line.contains(&format!("chunk {index} ")), "{line}");
     assert!(line.contains(&p.id), "the point is not named: {line}");
