@@ -163,6 +163,19 @@ fn exported_points_restore_and_disks_match_their_instant() {
         ark(&["pause", "--api-socket", s, "--json"])["result"],
         "paused"
     );
+    // The live point's overlay is merged back into the disk file in the background after
+    // the point is done; only once it is gone is the file the disk at the pause.
+    let overlay = img.with_file_name("d.img.arkvm-snap");
+    let merged_by = Instant::now() + Duration::from_secs(120);
+    while overlay.exists() {
+        assert!(
+            Instant::now() < merged_by,
+            "the snapshot overlay {} was never merged back\n{}",
+            overlay.display(),
+            vm.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let disk_at_pause = std::fs::read(&img).expect("read disk");
     let paused = ark(&[
         "snapshot",
