@@ -12,6 +12,9 @@ use snapshot::{lock, Persist};
 use super::{DeviceManager, DeviceManagerError};
 use crate::arch::layout;
 
+/// How long a snapshot waits for the previous snapshot's overlay merge before freezing a disk.
+const MERGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The kind of a virtio-blk disk.
 pub const DISK_KIND: &str = "disk";
 
@@ -93,6 +96,15 @@ impl DeviceManager {
         let mut frozen = Vec::with_capacity(self.disks.len());
         for d in &self.disks {
             let disk = lock(&d.block).disk().clone();
+            // The previous snapshot's overlay may still be merging back (in the background,
+            // after that snapshot ended): let it finish rather than refuse this snapshot.
+            if !disk.wait_merge_done(MERGE_WAIT) {
+                tracing::warn!(
+                    "disk {}: the previous snapshot's overlay is still merging after {:?}",
+                    d.id,
+                    MERGE_WAIT
+                );
+            }
             match disk.start_snapshot_overlay() {
                 Ok(image) => frozen.push(FrozenDisk {
                     id: d.id.clone(),

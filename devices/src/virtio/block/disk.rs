@@ -335,6 +335,22 @@ impl Disk {
         &self.snapshot_overlay
     }
 
+    /// Waits until no overlay merge runs on this disk, or `timeout` passes; true when none
+    /// runs. A snapshot cannot freeze a disk while the previous snapshot's overlay is still
+    /// being merged back.
+    pub fn wait_merge_done(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.read_stack().write_through.is_none() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// [`Disk::start_overlay`] at [`Disk::snapshot_overlay_path`].
     pub fn start_snapshot_overlay(&self) -> Result<FrozenImage, DiskError> {
         self.start_overlay(&self.snapshot_overlay)

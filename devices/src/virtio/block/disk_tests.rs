@@ -381,3 +381,29 @@ fn kill_9_during_a_merge_loses_no_completed_write() {
         "the leftover overlay was merged into the base"
     );
 }
+
+#[test]
+fn a_snapshot_waits_for_a_running_merge_to_end() {
+    let dir = TempDir::new().unwrap();
+    let (path, mut model) = base_image(&dir);
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    assert!(
+        disk.wait_merge_done(std::time::Duration::ZERO),
+        "no merge yet"
+    );
+    drop(disk.start_snapshot_overlay().unwrap());
+    apply(&disk, &mut model, &scattered(9, 50));
+    // A merge that stopped half way leaves the disk merging.
+    disk.merge_prefix(1).unwrap();
+    assert!(!disk.wait_merge_done(std::time::Duration::from_millis(20)));
+    assert!(matches!(
+        disk.start_snapshot_overlay(),
+        Err(DiskError::MergeRunning)
+    ));
+    drop(disk);
+    // Reopened, the leftover overlay is merged on open, and nothing is left merging.
+    let disk = Disk::open(&cfg(&path, None, false)).unwrap();
+    assert!(disk.wait_merge_done(std::time::Duration::ZERO));
+    drop(disk.start_snapshot_overlay().unwrap());
+    assert_eq!(read_all(&disk), model);
+}
