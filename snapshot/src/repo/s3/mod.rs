@@ -120,7 +120,11 @@ impl ChunkStore for S3Store {
     }
 
     fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError> {
-        let lease = lease::acquire(&self.client, &self.holder, mode, wait)?;
+        // Each lock is its own holder, as each `flock` of a local store is its own open file:
+        // two locks of one store (a restore's and its disk hydration's) must not share lease
+        // names, or the second one's create finds the first one's lease and fails.
+        let holder = format!("{}{:08x}", self.holder, ops::random_u64() as u32);
+        let lease = lease::acquire(&self.client, &holder, mode, wait)?;
         Ok(StoreLock::new(Box::new(lease)))
     }
 
