@@ -1,7 +1,8 @@
 //! The backup repository in an S3 bucket (issue 12), against a real Ceph RGW started by
 //! `scripts/ceph-rgw` (scripts/test starts it before and stops it after; run alone, the first
 //! test starts it and leaves it running: `scripts/ceph-rgw stop` ends it). This file: backups of
-//! a running guest into `s3://`, list, verify, restore, damage, misconfiguration.
+//! a running guest into `s3://`, list, verify, restore, damage, misconfiguration, and the disk
+//! guest's points (`disk_points.rs`, shared with tests/backup.rs) restored from the bucket.
 //! `s3_faults.rs` (a module of this test binary): radosgw killed mid-backup, and two VMs backing
 //! up while prune runs. `s3_dr.rs`: `run --dr-target s3://` and `dr recover --repo s3://`.
 
@@ -17,6 +18,9 @@ mod faults;
 
 #[path = "s3_dr.rs"]
 mod dr;
+
+#[path = "disk_points.rs"]
+mod disk_points;
 
 use arkvm_tests::{require_kvm, ScratchDir};
 use s3::*;
@@ -122,6 +126,17 @@ fn backups_into_s3_list_verify_restore_and_refuse_damage() {
 
     assert!(bucket.put_if_absent(&name, &saved).unwrap());
     assert_clean(&repo, None, 3);
+}
+
+#[test]
+fn disk_backups_in_s3_restore_a_disk_consistent_with_memory() {
+    require_kvm();
+    let _serial = serial();
+    let dir = ScratchDir::new("s3-disk");
+    let repo = fresh_repo("disk");
+    // Three points: a full and two incrementals, each restored with its disk read through
+    // from the bucket and hydrated.
+    disk_points::backups_restore_the_disk_at_each_point(dir.path(), &repo, 3);
 }
 
 #[test]

@@ -308,7 +308,8 @@ impl ObjectWriter {
             chunk_id(data, self.key.as_deref())
         });
         let name = chunk_object_name(&id);
-        if !t.time(Stage::Store, 0, || self.store.contains(&name))? {
+        let probe = self.store.probe_before_put();
+        if !probe || !t.time(Stage::Store, 0, || self.store.contains(&name))? {
             let stored = encode_chunk_timed(&id, data, self.key.as_deref(), t);
             if t.time(Stage::Store, stored.len(), || {
                 self.store.put_if_absent(&name, &stored)

@@ -101,6 +101,13 @@ pub trait ChunkStore: Send + Sync {
     fn get(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     /// Whether `name` exists.
     fn contains(&self, name: &str) -> Result<bool, StoreError>;
+    /// Whether a writer should ask [`ChunkStore::contains`] before encoding and putting a
+    /// chunk. True where that answer is cheap (a local `stat`); false where it costs a request
+    /// of its own and [`ChunkStore::put_if_absent`] answers "exists" just as well (a
+    /// create-only PUT on S3 fails with 412 on an existing object).
+    fn probe_before_put(&self) -> bool {
+        true
+    }
     /// Every object name that starts with `prefix` (a `/`-terminated folder, or empty), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Removes `name`; removing an absent object is not an error.

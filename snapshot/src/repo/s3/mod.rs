@@ -93,6 +93,12 @@ impl ChunkStore for S3Store {
             .map_err(|e| remote(&self.client, "inspect", name, &e))
     }
 
+    fn probe_before_put(&self) -> bool {
+        // A HEAD is one round trip per chunk, one at a time per worker; the create-only PUT
+        // (If-None-Match: *) answers 412 for an object that exists, so skip the HEAD.
+        false
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let folder = match prefix.rfind('/') {
             Some(i) => &prefix[..=i],
@@ -120,7 +126,11 @@ impl ChunkStore for S3Store {
     }
 
     fn lock(&self, mode: LockMode, wait: bool) -> Result<StoreLock, StoreError> {
-        let lease = lease::acquire(&self.client, &self.holder, mode, wait)?;
+        // Each lock is its own holder, as each `flock` of a local store is its own open file:
+        // two locks of one store (a restore's and its disk hydration's) must not share lease
+        // names, or the second one's create finds the first one's lease and fails.
+        let holder = format!("{}{:08x}", self.holder, ops::random_u64() as u32);
+        let lease = lease::acquire(&self.client, &holder, mode, wait)?;
         Ok(StoreLock::new(Box::new(lease)))
     }
 
