@@ -16,8 +16,8 @@ pub enum MemorySinkError {
     Repo(#[from] RepoError),
     /// A worker of a [`crate::sink_pipeline::PipelineSink`] failed earlier (its error is
     /// returned by `finish`).
-    #[error("an earlier chunk could not be stored")]
-    PipelineFailed,
+    #[error("an earlier chunk could not be stored: {earlier}")]
+    PipelineFailed { earlier: String },
     /// A pipeline worker thread could not be started.
     #[error("cannot start a backup worker thread")]
     Spawn(#[source] std::io::Error),

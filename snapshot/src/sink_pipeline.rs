@@ -150,8 +150,10 @@ impl MemorySink for PipelineSink {
     }
 
     fn write_chunk(&self, index: u64, data: &[u8]) -> Result<(), MemorySinkError> {
-        if lock(&self.shared.error).is_some() {
-            return Err(MemorySinkError::PipelineFailed);
+        if let Some(e) = lock(&self.shared.error).as_ref() {
+            return Err(MemorySinkError::PipelineFailed {
+                earlier: crate::error_chain(e),
+            });
         }
         let mut buf = lock(&self.shared.free).pop().unwrap_or_default();
         buf.clear();
@@ -162,11 +164,14 @@ impl MemorySink for PipelineSink {
             n.checked_sub(1)
                 .and_then(|_| senders.get((index % n) as usize).cloned())
         };
+        let failed = || MemorySinkError::PipelineFailed {
+            earlier: lock(&self.shared.error)
+                .as_ref()
+                .map_or_else(|| "a backup worker ended".into(), |e| crate::error_chain(e)),
+        };
         match tx {
-            Some(tx) => tx
-                .send(Job { index, data: buf })
-                .map_err(|_| MemorySinkError::PipelineFailed),
-            None => Err(MemorySinkError::PipelineFailed),
+            Some(tx) => tx.send(Job { index, data: buf }).map_err(|_| failed()),
+            None => Err(failed()),
         }
     }
 
@@ -203,7 +208,9 @@ mod tests {
         fn write_chunk(&self, index: u64, data: &[u8]) -> Result<(), MemorySinkError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             if index == self.fail_at {
-                return Err(MemorySinkError::PipelineFailed);
+                return Err(MemorySinkError::PipelineFailed {
+                    earlier: "test".into(),
+                });
             }
             lock(&self.seen).push((index, data.to_vec()));
             Ok(())
