@@ -149,7 +149,10 @@ fn write_read_flush_and_get_id() {
         RequestCounters {
             ok: 5,
             ioerr: 0,
-            unsupported: 1
+            unsupported: 1,
+            // Two reads (8192 and 512 + 1024 bytes) and one write; the id is not disk data.
+            read_bytes: 8192 + 1536,
+            written_bytes: 8192,
         }
     );
     assert!(r.irq.status() & crate::virtio::VIRTIO_MMIO_INT_VRING != 0);
