@@ -2,8 +2,8 @@
 //! must produce it, `--json` of the repository and `dr` commands, environment variables (flags
 //! win), completions and man pages. Status 4 (guest crash) is caused in tests/boot.rs.
 
-use std::path::Path;
 use std::io::BufRead;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use arkvm_tests::{arkvm_bin, ScratchDir};
@@ -286,7 +286,9 @@ fn every_dr_command_prints_json() {
 
     let (code, out, err) = ark(
         &[],
-        &["dr", "send", "--repo", r, "--target", addr, "--key", k, "--json"],
+        &[
+            "dr", "send", "--repo", r, "--target", addr, "--key", k, "--json",
+        ],
     );
     let (scode, sout, serr) = ark(
         &[],
