@@ -1,13 +1,15 @@
 //! The control API against its document: every path, method and status in docs/api.yaml is
 //! caused on a running VM, and nothing else is answered; `GET /metrics` parses as the
-//! Prometheus text format and its snapshot counters move when snapshots are taken.
+//! Prometheus text format and its snapshot counters move when snapshots are taken; a disk
+//! guest's request and byte counters move as it writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arkvm_tests::{
-    api_json, api_request, one_at_a_time, require_kvm, start_memory_guest, ScratchDir,
+    api_json, api_request, one_at_a_time, require_kvm, start_memory_guest, tiny_guest,
+    wait_for_path, ScratchDir, Vmm,
 };
 
 /// (path, method, status) of every documented answer (the `default` entries aside).
@@ -251,5 +253,74 @@ fn every_documented_status_is_answered_and_metrics_move() {
     assert!(
         undocumented.is_empty(),
         "answered but not documented: {undocumented:?}"
+    );
+}
+
+#[test]
+fn disk_byte_counters_move_as_the_guest_writes() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let dir = ScratchDir::new("api-doc-disk");
+    let sock = dir.path().join("vm.sock");
+    let img = dir.path().join("d.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("disk file");
+    let kernel = tiny_guest("disk");
+    // The numbered guest reads 512 bytes of each 4 KiB block, then writes the whole block, in
+    // a ring over the disk, for ever.
+    let mut vm = Vmm::spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().expect("utf-8"),
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("{},id=data", img.display()),
+        "--api-socket",
+        sock.to_str().expect("utf-8"),
+        "--cmdline",
+        "arkvm.mode=numbered",
+    ]);
+    assert!(
+        wait_for_path(&sock, Duration::from_secs(60)),
+        "no socket\n{}",
+        vm.dump()
+    );
+    let gen_line = |from: usize| {
+        vm.wait_line_from(from, Duration::from_secs(120), |l| {
+            l.starts_with("DISKGEN ")
+        })
+        .unwrap_or_else(|| panic!("no DISKGEN line\n{}", vm.dump()))
+        .0
+    };
+    let first = gen_line(0);
+    let before = metrics(&sock);
+    gen_line(first + 1);
+    let after = metrics(&sock);
+    let get = |m: &BTreeMap<String, f64>, k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("no {k} in /metrics: {m:?}"))
+    };
+    let written = "arkvm_disk_bytes_total{disk=\"data\",direction=\"write\"}";
+    let read = "arkvm_disk_bytes_total{disk=\"data\",direction=\"read\"}";
+    let ok = "arkvm_disk_requests_total{disk=\"data\",status=\"ok\"}";
+    // Writes are whole 4 KiB blocks; at least one block went by between the two lines.
+    let wrote = get(&after, written) - get(&before, written);
+    assert!(wrote >= 4096.0 && wrote % 4096.0 == 0.0, "wrote {wrote}");
+    assert!(get(&after, read) - get(&before, read) >= 512.0, "{after:?}");
+    assert!(get(&after, ok) > get(&before, ok), "{after:?}");
+    // Every completed request moved 512 (a read) or 4096 (a write) bytes, or none (an id or
+    // a flush): the bytes cannot outrun the requests.
+    assert!(
+        get(&after, written) + get(&after, read) <= 4096.0 * get(&after, ok),
+        "{after:?}"
+    );
+    let (code, text) = api_request(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204, "{text}");
+    assert!(
+        vm.wait_exit(Duration::from_secs(60)).is_some(),
+        "the VM did not stop\n{}",
+        vm.dump()
     );
 }

@@ -1,9 +1,10 @@
 //! The scripting contract: each exit status of docs/exit-status.md caused by a command that
-//! must produce it, `--json` of the repository commands, environment variables (flags win),
-//! completions and man pages. Status 4 (guest crash) is caused in tests/boot.rs.
+//! must produce it, `--json` of the repository and `dr` commands, environment variables (flags
+//! win), completions and man pages. Status 4 (guest crash) is caused in tests/boot.rs.
 
+use std::io::BufRead;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use arkvm_tests::{arkvm_bin, ScratchDir};
 use snapshot::repo::Repository;
@@ -212,4 +213,95 @@ fn a_qcow2_image_is_refused_with_the_conversion_command() {
         image,
         "the image was changed"
     );
+}
+
+#[test]
+fn every_dr_command_prints_json() {
+    let dir = ScratchDir::new("dr-json");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    let id = repo_with_a_point(&repo);
+    let key = dir.path().join("dr.key");
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let k = key.to_str().unwrap();
+
+    // recover --export-only: the directory, the point, its VM and time.
+    let work = dir.path().join("work");
+    let (code, out, err) = ark(
+        &[],
+        &[
+            "dr",
+            "recover",
+            "--repo",
+            r,
+            "--export-only",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let rec = json(&out);
+    assert_eq!(rec["id"], id.as_str(), "{rec}");
+    assert_eq!(rec["vm"], "vm1", "{rec}");
+    assert!(rec["created"].as_str().unwrap().ends_with('Z'), "{rec}");
+    let exported = Path::new(rec["dir"].as_str().unwrap());
+    assert!(exported.starts_with(&work), "{rec}");
+    assert!(exported.join("manifest.json").exists(), "{rec}");
+    // Without --export-only the VM's console is the output: --json is refused.
+    assert_eq!(ark(&[], &["dr", "recover", "--repo", r, "--json"]).0, 2);
+
+    // serve --json: one line once listening, then it keeps serving.
+    let received = dir.path().join("received");
+    let mut serve = Command::new(arkvm_bin())
+        .args([
+            "dr",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--repo",
+            received.to_str().unwrap(),
+            "--key",
+            k,
+            "--no-encrypt-at-rest",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dr serve");
+    let mut line = String::new();
+    std::io::BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("read dr serve");
+    let listening = json(&line);
+    let addr = listening["listening"].as_str().unwrap_or_else(|| {
+        let _ = serve.kill();
+        panic!("no address: {line}")
+    });
+    assert!(!addr.ends_with(":0"), "{listening}");
+    assert_eq!(listening["repo"], received.to_str().unwrap());
+    assert_eq!(listening["checkpoints"], 0);
+
+    let (code, out, err) = ark(
+        &[],
+        &[
+            "dr", "send", "--repo", r, "--target", addr, "--key", k, "--json",
+        ],
+    );
+    let (scode, sout, serr) = ark(
+        &[],
+        &["dr", "status", "--target", addr, "--key", k, "--json"],
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(code, 0, "{err}");
+    let sent = json(&out);
+    assert_eq!(sent["point_id"], id.as_str(), "{sent}");
+    assert_eq!(sent["chunks_total"], 3, "{sent}");
+    assert_eq!(scode, 0, "{serr}");
+    let status = json(&sout);
+    assert_eq!(status["points"], 1, "{status}");
+    assert!(status["rpo_ms"].is_u64(), "{status}");
 }

@@ -1,6 +1,6 @@
 //! What `GET /` and `GET /metrics` answer: arkvm's version and the VM's state, and the
 //! metrics of every module, refreshed from the ones read at request time (disk request
-//! counters, continuous-protection status).
+//! and byte counters, continuous-protection status).
 
 use crate::api::{RootInfo, VmState};
 use crate::dr_checkpoints::DrStatus;
@@ -38,6 +38,15 @@ pub fn metrics_text(machine: &Machine, dr: &DrStatus, now_ms: u64) -> String {
                 "virtio-blk requests completed, by disk and status.",
                 MetricKind::Counter,
                 &[("disk", disk), ("status", status)],
+            )
+            .set(n);
+        }
+        for (direction, n) in [("read", c.read_bytes), ("write", c.written_bytes)] {
+            register(
+                "arkvm_disk_bytes_total",
+                "Data bytes moved by completed virtio-blk requests, by disk and direction.",
+                MetricKind::Counter,
+                &[("disk", disk), ("direction", direction)],
             )
             .set(n);
         }

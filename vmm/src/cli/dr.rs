@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use snapshot::dr::{
     query_status, send_checkpoint, CheckpointInfo, DrError, LinkKey, Receiver, ReceiverConfig,
-    ReceiverStatus,
 };
 use snapshot::repo::{chunk_object_name, KeyError, PointManifest, RepoError, RepoKey, Repository};
 
 use super::common::fail;
+use super::dr_report::{rpo_ms, serve_json, status_text};
 
 /// Why a `dr` command failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,10 @@ pub struct DrServeArgs {
     /// that one address cannot take every slot.
     #[arg(long, value_name = "N")]
     pub max_connections_per_peer: Option<usize>,
+    /// Print one JSON line once listening (`{"listening": ADDR, "repo": DIR, ...}`) instead
+    /// of the text line, then keep serving.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `arkvm dr status`.
@@ -147,6 +151,10 @@ pub struct DrRecoverArgs {
     /// `arkvm restore`). Repeatable.
     #[arg(long = "net", value_name = "NET")]
     pub nets: Vec<String>,
+    /// With --export-only: print the exported directory, the checkpoint's id, VM and time as
+    /// JSON.
+    #[arg(long, requires = "export_only")]
+    pub json: bool,
 }
 
 /// `arkvm dr send`.
@@ -209,21 +217,29 @@ pub fn serve(args: DrServeArgs) -> Result<(), DrCommandError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| args.listen.clone());
     let points = receiver.repository().point_ids()?.len();
-    crate::outln!(
-        "dr: listening on {local}, repository {} ({} checkpoints, {}, keeping {})",
-        args.repo.display(),
-        points,
-        if receiver.repository().is_encrypted() {
-            "encrypted at rest"
-        } else {
-            "not encrypted at rest"
-        },
-        if args.keep == 0 {
-            "all".to_string()
-        } else {
-            format!("the last {} per VM", args.keep)
-        }
-    );
+    let encrypted = receiver.repository().is_encrypted();
+    if args.json {
+        crate::outln!(
+            "{}",
+            serve_json(&local, &args.repo, points, encrypted, args.keep)
+        );
+    } else {
+        crate::outln!(
+            "dr: listening on {local}, repository {} ({} checkpoints, {}, keeping {})",
+            args.repo.display(),
+            points,
+            if encrypted {
+                "encrypted at rest"
+            } else {
+                "not encrypted at rest"
+            },
+            if args.keep == 0 {
+                "all".to_string()
+            } else {
+                format!("the last {} per VM", args.keep)
+            }
+        );
+    }
     let _ = std::io::stdout().flush();
     let receiver = Arc::new(receiver);
     // SIGTERM and SIGINT stop the receiver cleanly (exit 0); a checkpoint being received is
@@ -301,74 +317,6 @@ pub fn send(args: DrSendArgs) -> Result<(), DrCommandError> {
     Ok(())
 }
 
-/// The recovery point lag: the receiver's clock minus the creation time of the newest point
-/// (on the primary's clock).
-fn rpo_ms(status: &ReceiverStatus) -> Option<u64> {
-    status
-        .vms
-        .iter()
-        .map(|v| v.last_created_unix_ms)
-        .max()
-        .map(|created| status.receiver_unix_ms.saturating_sub(created))
-}
-
-/// The human-readable status.
-fn status_text(target: &str, status: &ReceiverStatus) -> String {
-    let mut out = format!(
-        "receiver:     {target} ({} checkpoints, {}, keeping {})\n",
-        status.points,
-        if status.encrypted {
-            "encrypted at rest"
-        } else {
-            "not encrypted at rest"
-        },
-        if status.keep_last == 0 {
-            "all".to_string()
-        } else {
-            format!("the last {} per VM", status.keep_last)
-        }
-    );
-    for vm in &status.vms {
-        let age = status
-            .receiver_unix_ms
-            .saturating_sub(vm.last_created_unix_ms);
-        out.push_str(&format!(
-            "vm {}:  {} checkpoints, last {} (RPO {:.1} s)\n",
-            vm.vm,
-            vm.points,
-            vm.last_point_id,
-            age as f64 / 1000.0
-        ));
-    }
-    if status.vms.is_empty() {
-        out.push_str("no checkpoints yet\n");
-    }
-    if let Some(last) = status.recent.last() {
-        let pause = last
-            .pause_us
-            .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
-            .unwrap_or_else(|| "unknown".into());
-        out.push_str(&format!(
-            "last transfer: {} bytes, {} of {} chunks sent, {} ms, guest pause {pause}\n",
-            last.bytes_received, last.chunks_received, last.chunks_offered, last.transfer_ms
-        ));
-        let n = status.recent.len() as u64;
-        let bytes: u64 = status.recent.iter().map(|r| r.bytes_received).sum();
-        out.push_str(&format!(
-            "average:      {} bytes per checkpoint over the last {n}\n",
-            bytes / n
-        ));
-    }
-    out.push_str(&format!(
-        "since start:  {} committed, {} discarded\n",
-        status.checkpoints_committed, status.checkpoints_discarded
-    ));
-    if let Some(why) = &status.last_discard {
-        out.push_str(&format!("last discard: {why}\n"));
-    }
-    out
-}
-
 /// `arkvm dr recover`: becomes `arkvm restore --repo` of the chosen checkpoint, read in place
 /// (memory and disks straight from the repository, the disks hydrated in the background); with
 /// `--export-only`, exports it as a snapshot directory instead.
@@ -405,13 +353,22 @@ pub fn recover(args: DrRecoverArgs) -> Result<(), DrCommandError> {
         source,
     })?;
     let (point, dir) = export_newest(&repo, &args, &work_dir)?;
-    crate::outln!(
-        "dr: recovering checkpoint {} of VM '{}' (created {} UTC), exported to {}",
-        point.id,
-        point.vm,
-        super::format::date_utc(point.created_unix_ms),
-        dir.display()
-    );
+    if args.json {
+        crate::outln!(
+            "{}",
+            serde_json::json!({"dir": dir.display().to_string(), "id": point.id,
+                "vm": point.vm, "created": super::format::date_rfc3339(point.created_unix_ms),
+                "created_unix_ms": point.created_unix_ms})
+        );
+    } else {
+        crate::outln!(
+            "dr: recovering checkpoint {} of VM '{}' (created {} UTC), exported to {}",
+            point.id,
+            point.vm,
+            super::format::date_utc(point.created_unix_ms),
+            dir.display()
+        );
+    }
     let _ = std::io::stdout().flush();
     Ok(())
 }
@@ -564,38 +521,6 @@ fn fresh_dir(work_dir: &Path, id: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snapshot::dr::{CheckpointRecord, VmStatus};
-
-    #[test]
-    fn status_text_shows_lag_bytes_and_pause() {
-        let status = ReceiverStatus {
-            receiver_unix_ms: 10_000,
-            points: 2,
-            vms: vec![VmStatus {
-                vm: "vm1".into(),
-                points: 2,
-                last_point_id: "p2".into(),
-                last_created_unix_ms: 8_500,
-            }],
-            keep_last: 3,
-            recent: vec![CheckpointRecord {
-                point_id: "p2".into(),
-                bytes_received: 4096,
-                chunks_received: 1,
-                chunks_offered: 9,
-                pause_us: Some(1500),
-                ..CheckpointRecord::default()
-            }],
-            checkpoints_committed: 1,
-            ..ReceiverStatus::default()
-        };
-        let text = status_text("host:1", &status);
-        assert!(text.contains("RPO 1.5 s"), "{text}");
-        assert!(text.contains("4096 bytes, 1 of 9 chunks"), "{text}");
-        assert!(text.contains("guest pause 1.50 ms"), "{text}");
-        assert_eq!(rpo_ms(&status), Some(1500));
-        assert_eq!(rpo_ms(&ReceiverStatus::default()), None);
-    }
 
     #[test]
     fn recovery_paths() {

@@ -18,6 +18,7 @@ pub mod common;
 pub mod control;
 pub mod docs;
 pub mod dr;
+pub mod dr_report;
 pub mod drill;
 pub mod exit;
 pub mod format;

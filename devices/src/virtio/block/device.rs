@@ -5,10 +5,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP,
-};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -167,14 +164,9 @@ impl Block {
                         tracing::error!("virtio-blk {}: request {head} held: {why}", self.id);
                         break 'outer;
                     }
-                    Ok((len, status)) => {
-                        match u32::from(status) {
-                            VIRTIO_BLK_S_OK => self.counters.ok += 1,
-                            VIRTIO_BLK_S_IOERR => self.counters.ioerr += 1,
-                            VIRTIO_BLK_S_UNSUPP => self.counters.unsupported += 1,
-                            _ => {}
-                        }
-                        (len, None)
+                    Ok(handled) => {
+                        self.counters.record(&handled);
+                        (handled.used_len, None)
                     }
                     Err(e) => (0, Some(e.to_string())),
                 };

@@ -4,7 +4,7 @@ use super::*;
 use crate::virtio::mmio::{MmioTransport, MmioTransportArgs};
 use crate::virtio::test_utils::{guest_memory, TestQueue, F_NEXT, F_WRITE};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -149,7 +149,10 @@ fn write_read_flush_and_get_id() {
         RequestCounters {
             ok: 5,
             ioerr: 0,
-            unsupported: 1
+            unsupported: 1,
+            // Two reads (8192 and 512 + 1024 bytes) and one write; the id is not disk data.
+            read_bytes: 8192 + 1536,
+            written_bytes: 8192,
         }
     );
     assert!(r.irq.status() & crate::virtio::VIRTIO_MMIO_INT_VRING != 0);

@@ -49,6 +49,49 @@ pub struct RequestCounters {
     pub ioerr: u64,
     /// Requests completed with UNSUPP.
     pub unsupported: u64,
+    /// Data bytes read from the disk by completed read requests.
+    pub read_bytes: u64,
+    /// Data bytes written to the disk by completed write requests.
+    pub written_bytes: u64,
+}
+
+impl RequestCounters {
+    /// Counts one answered request.
+    pub fn record(&mut self, handled: &Handled) {
+        match u32::from(handled.status) {
+            VIRTIO_BLK_S_OK => self.ok += 1,
+            VIRTIO_BLK_S_IOERR => self.ioerr += 1,
+            VIRTIO_BLK_S_UNSUPP => self.unsupported += 1,
+            _ => {}
+        }
+        match handled.transfer {
+            Transfer::None => {}
+            Transfer::Read(n) => self.read_bytes += n,
+            Transfer::Written(n) => self.written_bytes += n,
+        }
+    }
+}
+
+/// The disk data a completed request moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transfer {
+    /// None (a failed request, a flush, an id).
+    None,
+    /// This many bytes read from the disk.
+    Read(u64),
+    /// This many bytes written to the disk.
+    Written(u64),
+}
+
+/// An answered request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handled {
+    /// Bytes written into the chain (for the used ring), the status byte included.
+    pub used_len: u32,
+    /// The status byte reported to the guest.
+    pub status: u8,
+    /// The disk data it moved.
+    pub transfer: Transfer,
 }
 
 /// A run of guest memory taken from one descriptor.
@@ -113,13 +156,14 @@ impl<'a> Segments<'a> {
 }
 
 /// Handles one chain: checks it, serves it, writes the status byte. Returns the number of
-/// bytes written into the chain (for the used ring) and the status it reported.
+/// bytes written into the chain (for the used ring), the status it reported and the disk data
+/// it moved.
 pub fn handle_chain<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
     disk: &Disk,
     id: &str,
-) -> Result<(u32, u8), RequestError>
+) -> Result<Handled, RequestError>
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
@@ -164,7 +208,7 @@ where
         seg.1 -= 1;
     }
 
-    let (status, written) = if framing_ok {
+    let (status, written, transfer) = if framing_ok {
         serve(
             disk,
             id,
@@ -173,23 +217,27 @@ where
         )
         .map_err(|why| RequestError::Held(head, why))?
     } else {
-        (VIRTIO_BLK_S_IOERR, 0)
+        (VIRTIO_BLK_S_IOERR, 0, Transfer::None)
     };
     let status = status as u8;
     // Checked above: the status byte is inside guest memory.
     mem.write_obj(status, status_addr)
         .map_err(|_| RequestError::NoStatus(head))?;
-    Ok((written.saturating_add(1), status))
+    Ok(Handled {
+        used_len: written.saturating_add(1),
+        status,
+        transfer,
+    })
 }
 
-/// Serves a well-framed request; returns (status, data bytes written to the guest), or why it
-/// must be held unanswered.
+/// Serves a well-framed request; returns (status, data bytes written to the guest, disk data
+/// moved), or why it must be held unanswered.
 fn serve(
     disk: &Disk,
     id: &str,
     readable: Segments<'_>,
     writable: Segments<'_>,
-) -> Result<(u32, u32), String> {
+) -> Result<(u32, u32, Transfer), String> {
     let held = std::cell::RefCell::new(None);
     let outcome = serve_inner(disk, id, readable, writable, &held);
     match held.into_inner() {
@@ -216,10 +264,10 @@ fn serve_inner(
     mut readable: Segments<'_>,
     mut writable: Segments<'_>,
     held: &std::cell::RefCell<Option<String>>,
-) -> (u32, u32) {
+) -> (u32, u32, Transfer) {
     let mut header = [0u8; 16];
     if !readable.read_into(&mut header) {
-        return (VIRTIO_BLK_S_IOERR, 0);
+        return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
@@ -227,10 +275,10 @@ fn serve_inner(
         VIRTIO_BLK_T_IN => {
             let len = writable.total();
             if readable.total() != header.len() {
-                return (VIRTIO_BLK_S_IOERR, 0); // data buffers the device would have to read
+                return (VIRTIO_BLK_S_IOERR, 0, Transfer::None); // data buffers the device would have to read
             }
             let Some(offset) = data_range(disk, sector, len) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
             };
             let mut buf = vec![0u8; len.min(CHUNK)];
             let mut done = 0usize;
@@ -239,19 +287,19 @@ fn serve_inner(
                 if !disk_ok(disk.read_at(offset + done as u64, &mut buf[..n]), held)
                     || !writable.write_from(&buf[..n])
                 {
-                    return (VIRTIO_BLK_S_IOERR, done as u32);
+                    return (VIRTIO_BLK_S_IOERR, done as u32, Transfer::None);
                 }
                 done += n;
             }
-            (VIRTIO_BLK_S_OK, len as u32)
+            (VIRTIO_BLK_S_OK, len as u32, Transfer::Read(len as u64))
         }
         VIRTIO_BLK_T_OUT => {
             let len = readable.total() - header.len();
             if disk.readonly() || writable.total() != 0 {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
             }
             let Some(offset) = data_range(disk, sector, len) else {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
             };
             let mut buf = vec![0u8; len.min(CHUNK)];
             let mut done = 0usize;
@@ -260,17 +308,17 @@ fn serve_inner(
                 if !readable.read_into(&mut buf[..n])
                     || !disk_ok(disk.write_at(offset + done as u64, &buf[..n]), held)
                 {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
                 }
                 done += n;
             }
-            (VIRTIO_BLK_S_OK, 0)
+            (VIRTIO_BLK_S_OK, 0, Transfer::Written(len as u64))
         }
         VIRTIO_BLK_T_FLUSH => match disk.flush() {
-            Ok(()) => (VIRTIO_BLK_S_OK, 0),
+            Ok(()) => (VIRTIO_BLK_S_OK, 0, Transfer::None),
             Err(e) => {
                 tracing::warn!("virtio-blk flush failed: {e}");
-                (VIRTIO_BLK_S_IOERR, 0)
+                (VIRTIO_BLK_S_IOERR, 0, Transfer::None)
             }
         },
         VIRTIO_BLK_T_GET_ID => {
@@ -280,11 +328,11 @@ fn serve_inner(
             serial[..n].copy_from_slice(&bytes[..n]);
             let len = writable.total().min(MAX_ID_LEN);
             if !writable.write_from(&serial[..len]) {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return (VIRTIO_BLK_S_IOERR, 0, Transfer::None);
             }
-            (VIRTIO_BLK_S_OK, len as u32)
+            (VIRTIO_BLK_S_OK, len as u32, Transfer::None)
         }
-        _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        _ => (VIRTIO_BLK_S_UNSUPP, 0, Transfer::None),
     }
 }
 
