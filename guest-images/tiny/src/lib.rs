@@ -20,6 +20,7 @@ mod mem;
 
 pub mod blk;
 pub mod bootparams;
+pub mod campaign;
 pub mod cmdline;
 pub mod diskpattern;
 pub mod fill;
