@@ -521,6 +521,10 @@ pub fn run(disk: Mmio, seed: u64, rounds: u64, seconds: u64, every: u64) -> bool
                 t.resets += 1;
             } else {
                 t.timeouts += 1;
+                gprintln!(
+                    "CAMPAIGN TIMEOUT round={} want={want} got={got} qsize={q}",
+                    t.rounds
+                );
             }
             if !b.mmio().reset() {
                 gprintln!("CAMPAIGN RESET-TIMEOUT round={}", t.rounds);
