@@ -195,6 +195,12 @@ impl Blk {
     /// Resets and initialises the device at `mmio` with queue memory `qm` (< QUEUE_MEMS),
     /// negotiating VERSION_1 plus FLUSH, RO, BLK_SIZE, SIZE_MAX, SEG_MAX and `extra` when offered.
     pub fn init(mmio: Mmio, qm: usize, extra: u64) -> Result<Blk, BlkError> {
+        Self::init_sized(mmio, qm, extra, QSIZE)
+    }
+
+    /// `init` with a queue of at most `limit` entries (the largest power of two that the
+    /// device and `QSIZE` allow).
+    pub fn init_sized(mmio: Mmio, qm: usize, extra: u64, limit: usize) -> Result<Blk, BlkError> {
         assert!(qm < QUEUE_MEMS, "queue memory index out of range");
         if mmio.read(reg::MAGIC) != MAGIC {
             return Err(BlkError::NoDevice);
@@ -239,7 +245,7 @@ impl Blk {
             return Err(BlkError::QueueUnavailable);
         }
         let mut qsize = 1usize;
-        while qsize * 2 <= max.min(QSIZE) {
+        while qsize * 2 <= max.min(QSIZE).min(limit.max(2)) {
             qsize *= 2;
         }
         // SAFETY: `qm` is in bounds; the device is reset, so nothing else reads or writes this
@@ -411,6 +417,20 @@ impl Blk {
             self.avail_idx = self.avail_idx.wrapping_add(1);
             write_volatile(addr_of_mut!(QUEUES[self.qm].avail_idx), self.avail_idx);
         }
+    }
+
+    /// Publishes `idx` as the available index as is (also a bogus one; later `push_avail`s
+    /// continue from it).
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        fence(Ordering::SeqCst);
+        self.avail_idx = idx;
+        // SAFETY: the driver owns the available index.
+        unsafe { write_volatile(addr_of_mut!(QUEUES[self.qm].avail_idx), idx) }
+    }
+
+    /// The available index last published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
     }
 
     /// Tells the device that queue 0 has new buffers.

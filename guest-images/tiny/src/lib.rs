@@ -20,6 +20,8 @@ mod mem;
 
 pub mod blk;
 pub mod bootparams;
+pub mod campaign;
+pub mod campaign_chains;
 pub mod cmdline;
 pub mod diskpattern;
 pub mod fill;

@@ -158,6 +158,15 @@ impl Block {
                 }
                 budget -= 1;
                 let head = chain.head_index();
+                if head >= queue.size() {
+                    // Checked here: virtio-queue's `add_used` would log an ERROR line for
+                    // each such head, which would let a guest flood the host's log.
+                    failure = Some(format!(
+                        "descriptor chain head {head} is outside the queue of {}",
+                        queue.size()
+                    ));
+                    break 'outer;
+                }
                 let (len, result) = match handle_chain(chain, mem, &self.disk, &self.id) {
                     Err(RequestError::Held(_, why)) => {
                         // Never answered: the guest waits while the VM is stopped.

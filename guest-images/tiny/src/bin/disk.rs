@@ -1,5 +1,5 @@
 //! The disk guest: a polling virtio-blk driver in CPL3 with several workloads selected by
-//! `arkvm.mode=` (roundtrip, readonly, numbered, scatter, hostile, bench).
+//! `arkvm.mode=` (roundtrip, readonly, numbered, scatter, hostile, campaign, bench).
 //!
 //! See README.md for the options and the exact output lines.
 #![no_std]
@@ -9,7 +9,9 @@ use arkvm_tiny_guests::blk::{Blk, SECTOR, S_IOERR, S_OK, T_GET_ID, T_IN, T_OUT};
 use arkvm_tiny_guests::cmdline::Cmdline;
 use arkvm_tiny_guests::status::{self, Field};
 use arkvm_tiny_guests::virtio_mmio::{find_devices, Mmio, DEVICE_ID_BLOCK};
-use arkvm_tiny_guests::{bootparams, diskpattern, fault, gprint, gprintln, hostile, serial, tsc};
+use arkvm_tiny_guests::{
+    bootparams, campaign, diskpattern, fault, gprint, gprintln, hostile, serial, tsc,
+};
 
 /// Bytes per numbered block.
 const BLOCK: u64 = 4096;
@@ -288,6 +290,20 @@ extern "C" fn guest_main(boot_params: u64) -> ! {
     if n == 0 {
         gprintln!("DISKGUEST no virtio-blk device");
         fault();
+    }
+    if mode == "campaign" {
+        let seed = c.get_u64("arkvm.seed").unwrap_or(1);
+        let rounds = c.get_u64("arkvm.rounds").unwrap_or(u64::MAX);
+        let seconds = c.get_u64("arkvm.seconds").unwrap_or(u64::MAX / 1000);
+        let every = c.get_u64("arkvm.every").unwrap_or(1000);
+        campaign::run(disks[0], seed, rounds, seconds, every);
+        if c.get("arkvm.then") == Some("exit") {
+            serial::reset();
+        }
+        gprintln!("CAMPAIGN IDLE");
+        loop {
+            core::hint::spin_loop();
+        }
     }
     if mode == "hostile" {
         hostile::run(&disks[..n]);

@@ -64,7 +64,12 @@ fn echo(mmio: Mmio, hb_ms: u64) -> ! {
     let m = net.mac();
     gprintln!(
         "NETGUEST READY mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
     );
     let hb_ticks = tsc::khz().0.saturating_mul(hb_ms).max(1);
     let mut last_hb = tsc::rdtsc();
@@ -77,7 +82,10 @@ fn echo(mmio: Mmio, hb_ms: u64) -> ! {
     hb[18] = KIND_HEARTBEAT;
     loop {
         while let Some(n) = net.recv(&mut buf) {
-            if n < 36 || buf[12..14] != ETHERTYPE || &buf[14..18] != MAGIC || buf[18] != KIND_REQUEST
+            if n < 36
+                || buf[12..14] != ETHERTYPE
+                || &buf[14..18] != MAGIC
+                || buf[18] != KIND_REQUEST
             {
                 continue;
             }
