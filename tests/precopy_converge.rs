@@ -30,10 +30,7 @@ fn precopy_throttles_a_full_speed_writer_until_it_converges() {
     let pc = &r["precopy"];
     assert_eq!(pc["throttle_enabled"], true, "{r}");
     let throttle = pc["throttle_pct"].as_u64().expect("throttle_pct");
-    assert!(
-        throttle > 0,
-        "a full-speed writer must be throttled: {r}"
-    );
+    assert!(throttle > 0, "a full-speed writer must be throttled: {r}");
     let rounds = r["precopy_rounds"].as_u64().expect("precopy_rounds");
     let max_rounds = pc["max_rounds"].as_u64().expect("max_rounds");
     assert_eq!(r["precopy_converged"], true, "{r}");

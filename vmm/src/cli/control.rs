@@ -274,7 +274,11 @@ fn report(s: &SnapshotStatus, json: bool, target: &SnapshotTarget) -> ExitCode {
                 "precopy: {} rounds, vCPU throttle {}%{}, final dirty set {}, copy rate {}/s",
                 s.precopy_rounds.unwrap_or(0),
                 pc.throttle_pct,
-                if pc.throttle_enabled { "" } else { " (throttle off)" },
+                if pc.throttle_enabled {
+                    ""
+                } else {
+                    " (throttle off)"
+                },
                 super::format::bytes(pc.final_dirty_bytes),
                 super::format::bytes(pc.copy_rate_bps)
             );
