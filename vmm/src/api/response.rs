@@ -271,6 +271,7 @@ mod tests {
             precopy_rounds: Some(2),
             precopy_converged: Some(true),
             cow: None,
+            precopy: None,
             error: None,
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -110,6 +110,7 @@ impl FakeVmm {
                     precopy_rounds: None,
                     precopy_converged: None,
                     cow: None,
+                    precopy: None,
                     error: None,
                 });
                 ApiResponse::snapshot_started(&SnapshotStarted {

@@ -27,6 +27,7 @@
 //! memory written by devices (through vm-memory, which records it in the dirty bitmap) counts as
 //! dirty exactly like memory written by vCPUs.
 
+pub mod converge;
 pub mod cow;
 pub mod cow_counters;
 pub mod cow_fault;
@@ -56,7 +57,7 @@ pub use engine::{CaptureEngine, SnapshotEnded};
 pub use error::{CaptureError, CowError};
 pub use request::{SnapshotMode, SnapshotRequest, SnapshotStrategy, SnapshotTarget};
 pub use sink::SnapshotOut;
-pub use status::{CowStats, SnapshotState, SnapshotStatus};
+pub use status::{CowStats, PrecopyStats, SnapshotState, SnapshotStatus};
 pub use strategy::CaptureStrategy;
 pub use tracking::ChangeTracking;
 pub use vm::CaptureVm;

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use snapshot::{MemoryLayout, MemorySink};
 
+use super::converge::{Converge, LiftOnDrop};
 use super::dirty_log::take_dirty_chunks;
 use super::disks::{copy_frozen_disks, frozen_bytes, FrozenDisk};
 use super::error::CaptureError;
@@ -21,11 +22,7 @@ use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
 use super::vm::CaptureVm;
 use crate::saved_state::VmSnapshotState;
 use crate::vstate::memory::{mapped_layout, memory_size};
-
-/// The most copy rounds after the first full copy.
-pub const MAX_ROUNDS: u32 = 8;
-/// Dirty chunks small enough to copy in the final pause.
-pub const CONVERGED_CHUNKS: usize = 16;
+use crate::vstate::throttle;
 
 /// What the worker gets back from the final pause.
 type FinalState = Result<(VmSnapshotState, Vec<FrozenDisk>), CaptureError>;
@@ -71,6 +68,8 @@ impl LoopWork for FinalPause {
         };
         let was_running = vm.is_running();
         let t = Instant::now();
+        // The throttle ends with the rounds; the pause stops the vCPUs anyway.
+        throttle::lift();
         let result = self.run(vm, progress, &*sink);
         if let Err(e) = vm.vm().set_dirty_logging(false) {
             tracing::warn!("cannot turn dirty logging off: {e}");
@@ -127,27 +126,36 @@ impl CaptureStrategy for PrecopyCapture {
         let wake = done.clone();
         let job = SnapshotJob::spawn(progress, cancel, done, move || {
             let sink = worker_sink;
+            let mut conv = Converge::from_env();
+            let _lift = LiftOnDrop;
+            let chunk_size = lay.chunk_size();
+            let t = Instant::now();
             copy_all(&mem, &lay, &*sink, &p, &c, None)?;
+            conv.copied(mem_size, t.elapsed());
             let mut buf = Vec::new();
             let mut converged = false;
-            for round in 1..=MAX_ROUNDS {
+            for round in 1..=conv.max_rounds() {
                 if c.load(Ordering::Relaxed) {
                     return Err(CaptureError::Cancelled);
                 }
                 let (chunks, pages) = take_dirty_chunks(&kvm_vm, &mem, &lay)?;
+                let dirty = chunks.len() as u64 * chunk_size;
+                converged = conv.converged(chunks.len(), dirty);
+                if !converged {
+                    if let Some(pct) = conv.next_throttle(dirty) {
+                        tracing::info!("precopy round {round}: throttling the vCPUs to {pct}%");
+                        throttle::set_percent(pct).map_err(CaptureError::Spawn)?;
+                    }
+                }
+                let stats = conv.stats();
                 p.update(|s| {
                     s.precopy_rounds = Some(round);
                     s.pages_recopied += pages;
+                    s.precopy = Some(stats);
                 });
-                if chunks.len() <= CONVERGED_CHUNKS {
-                    // Few enough to copy in the final pause; copy them now anyway so the pause
-                    // only sees what changes from here on.
-                    for &index in &chunks {
-                        copy_chunk(&mem, &lay, &*sink, index, &mut buf)?;
-                    }
-                    converged = true;
-                    break;
-                }
+                // Copy the set now even when it is small enough for the final pause, so the
+                // pause only sees what changes from here on.
+                let t = Instant::now();
                 for &index in &chunks {
                     if c.load(Ordering::Relaxed) {
                         return Err(CaptureError::Cancelled);
@@ -155,11 +163,16 @@ impl CaptureStrategy for PrecopyCapture {
                     let n = copy_chunk(&mem, &lay, &*sink, index, &mut buf)?;
                     p.update(|s| s.bytes_written += n);
                 }
+                conv.copied(dirty, t.elapsed());
+                if converged {
+                    break;
+                }
             }
             p.update(|s| s.precopy_converged = Some(converged));
             if !converged {
                 tracing::warn!(
-                    "precopy did not converge in {MAX_ROUNDS} rounds; the final pause copies the rest"
+                    "precopy did not converge in {} rounds; the final pause copies the rest",
+                    conv.max_rounds()
                 );
             }
             // The final pause happens on the event loop, which owns the vCPUs.

@@ -33,6 +33,7 @@ impl Progress {
                 precopy_rounds: None,
                 precopy_converged: None,
                 cow: None,
+                precopy: None,
                 error: None,
             })),
             started: Instant::now(),

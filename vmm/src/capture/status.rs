@@ -43,6 +43,9 @@ pub struct SnapshotStatus {
     /// cow: what the guest's writes cost during the copy; `null` for other modes.
     #[serde(default)]
     pub cow: Option<CowStats>,
+    /// precopy: the rounds' outcome and the vCPU throttle applied; `null` for other modes.
+    #[serde(default)]
+    pub precopy: Option<PrecopyStats>,
     /// Why the snapshot failed; `null` unless `state` is `failed`.
     pub error: Option<String>,
 }
@@ -64,4 +67,22 @@ pub struct CowStats {
     pub writer_wait_max_us: u64,
     /// The staging pool's size in bytes (0: staging off).
     pub staging_bytes: u64,
+}
+
+/// What a pre-copy snapshot's rounds did (see `docs/precopy.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrecopyStats {
+    /// Whether the vCPU throttle (auto-converge) was allowed.
+    pub throttle_enabled: bool,
+    /// The highest throttle applied, in percent of each vCPU's time (0: never throttled).
+    pub throttle_pct: u8,
+    /// Bytes of dirty chunks found by the last round before the final pause.
+    pub final_dirty_bytes: u64,
+    /// The copy rate measured over the rounds, in bytes per second.
+    pub copy_rate_bps: u64,
+    /// The final-pause target, in milliseconds: rounds stop once the remaining dirty bytes
+    /// would copy in this time at the measured rate.
+    pub target_pause_ms: u64,
+    /// The round limit.
+    pub max_rounds: u32,
 }

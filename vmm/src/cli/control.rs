@@ -269,6 +269,20 @@ fn report(s: &SnapshotStatus, json: bool, target: &SnapshotTarget) -> ExitCode {
                 c.writer_wait_max_us
             );
         }
+        if let Some(pc) = &s.precopy {
+            crate::outln!(
+                "precopy: {} rounds, vCPU throttle {}%{}, final dirty set {}, copy rate {}/s",
+                s.precopy_rounds.unwrap_or(0),
+                pc.throttle_pct,
+                if pc.throttle_enabled {
+                    ""
+                } else {
+                    " (throttle off)"
+                },
+                super::format::bytes(pc.final_dirty_bytes),
+                super::format::bytes(pc.copy_rate_bps)
+            );
+        }
         if s.precopy_converged == Some(false) {
             crate::outln!(
                 "precopy did not converge in {} rounds: the guest dirtied memory faster than it was copied, so the final pause copied the rest",

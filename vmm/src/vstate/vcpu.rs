@@ -339,6 +339,8 @@ impl Vcpu {
 
     fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>) {
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _kicks = super::throttle::register_current();
+        let mut clock = super::throttle::ThrottleClock::new();
         let mut state = RunState::Paused;
         while state != RunState::Finished {
             let event = if state == RunState::Paused {
@@ -355,7 +357,15 @@ impl Vcpu {
                         state = RunState::Paused;
                     }
                 }
-                events.try_recv().ok()
+                match clock.due() {
+                    // Throttled (pre-copy auto-converge): sleep, but wake at once for an event.
+                    Some(sleep) if state == RunState::Running => {
+                        let event = events.recv_timeout(sleep).ok();
+                        clock.restart();
+                        event
+                    }
+                    _ => events.try_recv().ok(),
+                }
             };
             if let Some(event) = event {
                 state = self.handle_event(event, state, &responses);
