@@ -22,7 +22,7 @@ const WORKER_THREADS: usize = 2;
 /// Transient failures (connection errors, 5xx, throttling) are retried this many times, with
 /// exponential backoff from [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`], for at most
 /// [`RETRY_TIMEOUT`] per request.
-const MAX_RETRIES: usize = 5;
+const MAX_RETRIES: usize = 10;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
