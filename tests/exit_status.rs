@@ -6,33 +6,9 @@ use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use arkvm_tests::{arkvm_bin, ScratchDir};
+use arkvm_tests::{ark_cli as ark, arkvm_bin, parse_json as json, ScratchDir};
 use snapshot::repo::Repository;
 use snapshot::PartKind;
-
-/// Runs arkvm with `args` and the environment `env` (no other ARKVM_ variable).
-fn ark(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(arkvm_bin());
-    for var in [
-        "ARKVM_REPO",
-        "ARKVM_KEY_FILE",
-        "ARKVM_API_SOCKET",
-        "ARKVM_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied()).args(args);
-    let out = cmd.output().expect("run arkvm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(out: &str) -> serde_json::Value {
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
 
 /// A repository with one point holding a 3-chunk memory object; returns the point's id.
 fn repo_with_a_point(dir: &Path) -> String {

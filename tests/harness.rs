@@ -701,3 +701,31 @@ impl Vmm {
         }
     }
 }
+
+/// Runs `arkvm ARGS` to its end with `env` set and the variables that would change what it
+/// does (`ARKVM_REPO`, `ARKVM_KEY_FILE`, `ARKVM_API_SOCKET`, `ARKVM_LOG`, `TZ`) removed
+/// unless `env` sets them: its exit code (-1 for a signal), stdout and stderr.
+pub fn ark_cli(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(arkvm_bin());
+    for var in [
+        "ARKVM_REPO",
+        "ARKVM_KEY_FILE",
+        "ARKVM_API_SOCKET",
+        "ARKVM_LOG",
+        "TZ",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied()).args(args);
+    let out = cmd.output().expect("run arkvm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `out` parsed as one JSON value; panics with the text when it is not.
+pub fn parse_json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}

@@ -4,39 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use arkvm_tests::{arkvm_bin, ScratchDir};
+use arkvm_tests::{ark_cli as ark, parse_json as json, ScratchDir};
 use snapshot::repo::Repository;
 
 const HOUR: u64 = 3_600_000;
 const DAY: u64 = 24 * HOUR;
-
-/// Runs arkvm with `args` and the environment `env` (no other ARKVM_ variable).
-fn ark(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(arkvm_bin());
-    for var in [
-        "ARKVM_REPO",
-        "ARKVM_KEY_FILE",
-        "ARKVM_API_SOCKET",
-        "ARKVM_LOG",
-        "TZ",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied()).args(args);
-    let out = cmd.output().expect("run arkvm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(out: &str) -> serde_json::Value {
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
 
 /// A repository holding one empty point of `vm` at each of `times` (ms since the epoch);
 /// returns the ids in the order of `times`.
