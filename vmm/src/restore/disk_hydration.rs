@@ -16,10 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{hydrate, Hydration};
-use snapshot::repo::{LockMode, ObjectReader, RepoError, StoreLock};
-use snapshot::{ChunkSource, ChunkSourceError};
+use snapshot::repo::{LockMode, RepoError};
 
-use super::source::{OpenedSource, SourceError};
+use super::source::{LockedObject, OpenedSource, SourceError};
 use crate::saved_state::disk_part_name;
 use crate::vstate::vcpu::{ExitSignal, GuestExit};
 
@@ -64,31 +63,6 @@ pub fn cleanup_stale() -> usize {
         }
     }
     removed
-}
-
-/// A disk object of a point, read under the repository's shared lock (prune and gc wait
-/// until every disk is whole).
-struct LockedDisk {
-    reader: ObjectReader,
-    _lock: Arc<StoreLock>,
-}
-
-impl ChunkSource for LockedDisk {
-    fn size(&self) -> u64 {
-        self.reader.size()
-    }
-    fn chunk_size(&self) -> u64 {
-        self.reader.chunk_size()
-    }
-    fn chunk_count(&self) -> u64 {
-        self.reader.chunk_count()
-    }
-    fn is_zero_chunk(&self, index: u64) -> bool {
-        self.reader.is_zero_chunk(index)
-    }
-    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), ChunkSourceError> {
-        ChunkSource::read_chunk(&self.reader, index, buf)
-    }
 }
 
 /// Totals over every disk, for `GET /vm`, `status` and the progress bar.
@@ -170,7 +144,7 @@ impl DiskHydration {
                 .open(&path)
                 .map_err(write_err(&path))?;
             file.set_len(reader.size()).map_err(write_err(&path))?;
-            let source = Arc::new(LockedDisk {
+            let source = Arc::new(LockedObject {
                 reader,
                 _lock: lock.clone(),
             });

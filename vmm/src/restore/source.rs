@@ -134,7 +134,7 @@ fn open_point(repo: Repository, repo_path: &Path, id: &str) -> Result<OpenedSour
     let state: VmSnapshotState = repo.read_state(&point, STATE_PART)?;
     let memory = Arc::new(LockedObject {
         reader: repo.object_reader(&point, MEMORY_PART)?,
-        _lock: lock,
+        _lock: Arc::new(lock),
     });
     check_memory_size(&state, memory.as_ref())?;
     Ok(OpenedSource {
@@ -195,11 +195,12 @@ impl OpenedSource {
     }
 }
 
-/// A backup point's memory object, read under the repository's shared lock: the lock goes when
-/// the loader drops the source, after the last chunk is in.
-struct LockedObject {
-    reader: ObjectReader,
-    _lock: StoreLock,
+/// An object of a backup point (its memory, or a disk being hydrated), read under the
+/// repository's shared lock: the lock goes when the last user drops its source (after the last
+/// chunk is in), so prune and gc wait until then.
+pub(crate) struct LockedObject {
+    pub(crate) reader: ObjectReader,
+    pub(crate) _lock: Arc<StoreLock>,
 }
 
 impl ChunkSource for LockedObject {
@@ -252,7 +253,7 @@ mod tests {
 
         let memory: Arc<dyn ChunkSource> = Arc::new(LockedObject {
             reader: repo.object_reader(&point, MEMORY_PART).unwrap(),
-            _lock: repo.store().lock(LockMode::Shared, false).unwrap(),
+            _lock: Arc::new(repo.store().lock(LockMode::Shared, false).unwrap()),
         });
         // Prune and gc take the lock exclusively: they cannot while the source is alive.
         assert!(matches!(
