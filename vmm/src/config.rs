@@ -121,10 +121,21 @@ pub fn host_memory_bytes() -> Option<u64> {
     meminfo_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
+/// The host's memory available to new work without swapping (`MemAvailable` of
+/// `/proc/meminfo`), or `None` if it cannot be read.
+pub fn host_available_bytes() -> Option<u64> {
+    meminfo_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable:")
+}
+
 /// `MemTotal` in bytes, from the text of `/proc/meminfo` (`MemTotal:   24567890 kB`).
 fn meminfo_total(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut words = line["MemTotal:".len()..].split_whitespace();
+    meminfo_field(meminfo, "MemTotal:")
+}
+
+/// The value of `field` (with its colon) in bytes, from the text of `/proc/meminfo`.
+fn meminfo_field(meminfo: &str, field: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with(field))?;
+    let mut words = line[field.len()..].split_whitespace();
     let value: u64 = words.next()?.parse().ok()?;
     match words.next() {
         Some("kB") => value.checked_mul(1024),
@@ -211,6 +222,8 @@ mod tests {
         let text = "MemTotal:       24567896 kB\nMemFree:         1000 kB\n";
         assert_eq!(meminfo_total(text), Some(24567896 * 1024));
         assert_eq!(meminfo_total("MemFree: 1 kB\n"), None);
+        let both = "MemTotal: 8 kB\nMemFree: 1 kB\nMemAvailable:    4 kB\n";
+        assert_eq!(meminfo_field(both, "MemAvailable:"), Some(4096));
         assert_eq!(meminfo_total("MemTotal: lots kB\n"), None);
         assert!(host_memory_bytes().is_some_and(|b| b > 64 << 20));
     }

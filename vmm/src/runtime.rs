@@ -198,9 +198,9 @@ impl Vmm {
         })
     }
 
-    /// Sizes the copy-on-write staging pool of live snapshots (bytes, 0 = off).
-    pub fn set_cow_staging(&mut self, bytes: u64) {
-        self.engine.set_cow_staging(bytes);
+    /// Bounds the copy-on-write staging pool of live snapshots.
+    pub fn set_cow_staging(&mut self, size: crate::capture::staging::StagingSize) {
+        self.engine.set_cow_staging(size);
     }
 
     /// Serves the control API on `server` from now on.

@@ -25,7 +25,7 @@ use crate::FORMAT_VERSION;
 pub struct BackupWriter {
     store: Arc<dyn ChunkStore>,
     key: Option<Arc<RepoKey>>,
-    _lock: StoreLock,
+    lock: StoreLock,
     token: u64,
     vm: String,
     parent: Option<PointManifest>,
@@ -48,7 +48,7 @@ impl BackupWriter {
         Self {
             store,
             key,
-            _lock: lock,
+            lock,
             token: TOKENS.fetch_add(1, Ordering::Relaxed),
             vm: vm.to_string(),
             parent,
@@ -57,6 +57,12 @@ impl BackupWriter {
             stats: PointStats::default(),
             reused: HashSet::new(),
         }
+    }
+
+    /// How many chunk writes this backup should keep in flight (see
+    /// [`ChunkStore::writes_in_flight`]).
+    pub fn writes_in_flight(&self) -> usize {
+        self.store.writes_in_flight()
     }
 
     /// The parent point, if this backup is incremental.
@@ -176,6 +182,12 @@ impl BackupWriter {
 
     /// Makes the point visible: checks that every reused chunk is still stored, then creates
     /// the point manifest (create-if-absent; every chunk was durable before this).
+    ///
+    /// The reused chunks are the parent point's, and the parent existed when the shared lock
+    /// was taken ([`super::Repository::start_backup`]); garbage collection needs the exclusive
+    /// lock, so while the shared one was held without a gap they are all still there and the
+    /// check is skipped (on S3 it is one request per chunk). After a gap (a lease renewed too
+    /// late) every one is checked.
     pub fn commit(self) -> Result<PointManifest, RepoError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -192,10 +204,21 @@ impl BackupWriter {
                 problem: "it was added but never finished".into(),
             });
         }
-        for id in &self.reused {
-            if !self.store.contains(&chunk_object_name(id))? {
-                return Err(RepoError::ChunkMissing { id: id.to_hex() });
-            }
+        let reused: Vec<String> = if self.lock.unbroken() {
+            Vec::new()
+        } else {
+            tracing::warn!(
+                "the repository lock was not held throughout the backup: checking that every reused chunk is still stored"
+            );
+            self.reused.iter().map(chunk_object_name).collect()
+        };
+        if let Some(name) = self.store.first_missing(&reused)? {
+            let id = self
+                .reused
+                .iter()
+                .find(|id| chunk_object_name(id) == name)
+                .map_or(name, |id| id.to_hex());
+            return Err(RepoError::ChunkMissing { id });
         }
         let nonce = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),

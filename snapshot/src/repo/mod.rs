@@ -52,7 +52,7 @@ pub use repository::{
 pub use resolve::LATEST;
 pub use retention::{KeepPolicy, KeepReason};
 pub use stage_times::{Stage, StageTimes};
-pub use store::{ChunkStore, LocalDirStore, LockMode, StoreError, StoreLock};
+pub use store::{ChunkStore, LocalDirStore, LockGuard, LockMode, StoreError, StoreLock};
 
 use crate::sealed_json::SealError;
 use crate::state_file::StateFileError;

@@ -278,6 +278,14 @@ impl Repository {
         validate_point_name(vm)?;
         let lock = self.store.lock(LockMode::Shared, true)?;
         let parent = parent.map(|id| self.read_point(id)).transpose()?;
+        // The manifest may have come from a cache: the point must still be there now that the
+        // lock is held, so that its chunks stay until the backup commits (see
+        // [`BackupWriter::commit`]).
+        if let Some(p) = &parent {
+            if !self.store.contains(&point_object_name(&p.id))? {
+                return Err(RepoError::NoSuchPoint { id: p.id.clone() });
+            }
+        }
         Ok(BackupWriter::new(
             self.store.clone(),
             self.key.clone(),

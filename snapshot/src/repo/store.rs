@@ -68,15 +68,32 @@ pub enum LockMode {
     Exclusive,
 }
 
+/// What holds a repository lock for as long as it lives.
+pub trait LockGuard: Send + Sync {
+    /// Whether the lock has been held without a gap since it was taken. An `flock` always is;
+    /// a lease that was not renewed in time may have let a prune run in the gap.
+    fn unbroken(&self) -> bool {
+        true
+    }
+}
+
+impl LockGuard for fs::File {}
+
 /// A held repository lock, released on drop (and by the OS when the holder dies).
 pub struct StoreLock {
-    _guard: Box<dyn Send + Sync>,
+    guard: Box<dyn LockGuard>,
 }
 
 impl StoreLock {
     /// A lock held for as long as `guard` lives.
-    pub fn new(guard: Box<dyn Send + Sync>) -> Self {
-        Self { _guard: guard }
+    pub fn new(guard: Box<dyn LockGuard>) -> Self {
+        Self { guard }
+    }
+
+    /// Whether the lock has been held without a gap since it was taken: if so, nothing that
+    /// needs the exclusive lock (prune, garbage collection) ran meanwhile.
+    pub fn unbroken(&self) -> bool {
+        self.guard.unbroken()
     }
 }
 
@@ -101,12 +118,28 @@ pub trait ChunkStore: Send + Sync {
     fn get(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     /// Whether `name` exists.
     fn contains(&self, name: &str) -> Result<bool, StoreError>;
+    /// The first of `names` that does not exist, if any: [`ChunkStore::contains`] for many
+    /// objects at once (a store with round trips asks several at a time).
+    fn first_missing(&self, names: &[String]) -> Result<Option<String>, StoreError> {
+        for name in names {
+            if !self.contains(name)? {
+                return Ok(Some(name.clone()));
+            }
+        }
+        Ok(None)
+    }
     /// Whether a writer should ask [`ChunkStore::contains`] before encoding and putting a
     /// chunk. True where that answer is cheap (a local `stat`); false where it costs a request
     /// of its own and [`ChunkStore::put_if_absent`] answers "exists" just as well (a
     /// create-only PUT on S3 fails with 412 on an existing object).
     fn probe_before_put(&self) -> bool {
         true
+    }
+    /// How many chunk writes a backup should keep in flight at once, whatever the number of
+    /// cores: 1 where a write is bound by this host (a local disk; the writers are then one per
+    /// core), more where each write mostly waits for a round trip (an object store).
+    fn writes_in_flight(&self) -> usize {
+        1
     }
     /// Every object name that starts with `prefix` (a `/`-terminated folder, or empty), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
@@ -318,9 +351,7 @@ impl ChunkStore for LocalDirStore {
             // touches no memory.
             let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
             if rc == 0 {
-                return Ok(StoreLock {
-                    _guard: Box::new(file),
-                });
+                return Ok(StoreLock::new(Box::new(file)));
             }
             let err = io::Error::last_os_error();
             match err.kind() {

@@ -700,3 +700,105 @@ fn a_damaged_all_zero_chunk_is_restored_from_its_id() {
         assert!(reader.read_chunk(0, &mut buf).is_err());
     }
 }
+
+/// A local store whose lock says it was not held throughout (as an S3 lease renewed late).
+struct GappyLockStore(LocalDirStore);
+
+struct GappyLock;
+
+impl LockGuard for GappyLock {
+    fn unbroken(&self) -> bool {
+        false
+    }
+}
+
+impl ChunkStore for GappyLockStore {
+    fn put_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.0.put_if_absent(name, bytes)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        self.0.sync()
+    }
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.0.get(name)
+    }
+    fn contains(&self, name: &str) -> Result<bool, StoreError> {
+        self.0.contains(name)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.0.delete(name)
+    }
+    fn lock(&self, _mode: LockMode, _wait: bool) -> Result<StoreLock, StoreError> {
+        Ok(StoreLock::new(Box::new(GappyLock)))
+    }
+    fn clean_incomplete(&self) -> Result<usize, StoreError> {
+        self.0.clean_incomplete()
+    }
+    fn location(&self) -> String {
+        self.0.location()
+    }
+}
+
+#[test]
+fn a_backup_whose_parent_is_gone_when_it_starts_is_refused() {
+    let tmp = TestDir::new("repo-parent-gone");
+    let root = tmp.path().join("repo");
+    let repo = Repository::init(&root, None).unwrap();
+    let mem = memory(4, &[1, 0, 3, 4]);
+    let first = backup(&repo, "vm", None, &mem, None, 1);
+    repo.store()
+        .delete(&super::point::point_object_name(&first.id))
+        .unwrap();
+    let err = repo
+        .start_backup("vm", Some(&first.id))
+        .err()
+        .expect("a backup on a removed parent started");
+    assert!(matches!(err, RepoError::NoSuchPoint { .. }), "{err:?}");
+}
+
+#[test]
+fn after_a_gap_in_the_lock_every_reused_chunk_is_checked_at_commit() {
+    let tmp = TestDir::new("repo-gappy-lock");
+    let root = tmp.path().join("repo");
+    Repository::init(&root, None).unwrap();
+    let gappy = || {
+        Repository::open_store(
+            Box::new(GappyLockStore(LocalDirStore::open(&root).unwrap())),
+            None,
+        )
+        .unwrap()
+    };
+    let repo = gappy();
+    let mem = memory(4, &[1, 0, 3, 4]);
+    let first = backup(&repo, "vm", None, &mem, None, 1);
+    // A clean incremental commits: every reused chunk is there.
+    let second = backup(&repo, "vm", Some(&first.id), &mem, Some(&[]), 2);
+    assert_eq!(restore_memory(&repo, &second.id), mem);
+    // Chunk 3 of the parent disappears while the next backup runs (what a prune in the gap
+    // could do): the commit finds it and refuses.
+    let mut writer = repo.start_backup("vm", Some(&second.id)).unwrap();
+    let object = writer
+        .add_object("memory", PartKind::Memory, mem.len() as u64)
+        .unwrap();
+    let mut gone = None;
+    for i in 0..4u64 {
+        let id = object.reuse_parent_chunk(i).unwrap();
+        if i == 3 {
+            gone = Some(id);
+        }
+    }
+    writer.finish_object(object).unwrap();
+    let gone = gone.unwrap();
+    repo.store()
+        .delete(&super::codec::chunk_object_name(&gone))
+        .unwrap();
+    let err = writer.commit().err().expect("committed a missing chunk");
+    assert!(
+        matches!(&err, RepoError::ChunkMissing { id } if *id == gone.to_hex()),
+        "{err:?}"
+    );
+    assert_eq!(repo.point_ids().unwrap().len(), 2, "no third point");
+}

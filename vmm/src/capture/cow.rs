@@ -42,7 +42,7 @@ use super::cow_shared::{ActiveCopy, Shared, CHUNKS_PER_UNIT};
 use super::error::CaptureError;
 pub use super::error::CowError;
 use super::progress::Progress;
-use super::staging::StagingPool;
+use super::staging::{StagingPool, StagingSize};
 use devices::GuestMemoryMmap;
 
 /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): write-protect page table entries that are not
@@ -56,12 +56,12 @@ pub struct CowTracker {
 }
 
 impl CowTracker {
-    /// Write-protects all of guest memory and starts the fault thread, with a staging pool of
-    /// `staging_bytes` (0: off). Nothing is copied until [`CowTracker::begin`].
+    /// Write-protects all of guest memory and starts the fault thread, with a staging pool
+    /// bounded by `staging`. Nothing is copied until [`CowTracker::begin`].
     pub fn arm(
         mem: &GuestMemoryMmap,
         layout: MappedLayout,
-        staging_bytes: u64,
+        staging: StagingSize,
     ) -> Result<Self, CowError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
@@ -87,6 +87,7 @@ impl CowTracker {
         }
         let chunk_count = layout.layout().chunk_count();
         let layout_chunk_size = layout.layout().chunk_size();
+        let guest_bytes: u64 = layout.host_regions().map(|(_, len)| len).sum();
         let units = chunk_count.div_ceil(CHUNKS_PER_UNIT) as usize;
         let shared = Arc::new(Shared {
             uffd,
@@ -99,7 +100,11 @@ impl CowTracker {
             stop: AtomicBool::new(false),
             pages_early: AtomicU64::new(0),
             error: Mutex::new(None),
-            staging: StagingPool::new(staging_bytes, CHUNKS_PER_UNIT * layout_chunk_size),
+            staging: StagingPool::new(
+                staging,
+                CHUNKS_PER_UNIT * layout_chunk_size,
+                guest_bytes,
+            ),
             counters: FaultCounters::default(),
         });
         let s = shared.clone();
@@ -172,8 +177,11 @@ impl CowTracker {
                     }
                 }
             }
-            // Off the fault path: the pool's buffers are ready before the guest needs them.
-            self.shared.staging.prefill();
+            // Off the fault path: this snapshot's bound, and the kept buffers ready before the
+            // guest needs them.
+            self.shared
+                .staging
+                .plan(crate::config::host_available_bytes());
             let mut buf = Vec::new();
             for index in 0..self.shared.copied.len() as u64 {
                 if cancel.load(Ordering::Relaxed) {

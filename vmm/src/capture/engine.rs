@@ -15,6 +15,7 @@ use super::precopy::PrecopyCapture;
 use super::progress::Progress;
 use super::request::{SnapshotMode, SnapshotRequest, SnapshotStrategy};
 use super::sink::SnapshotOut;
+use super::staging::StagingSize;
 use super::status::SnapshotStatus;
 use super::strategy::{CaptureContext, CaptureStrategy};
 use super::tracking::ChangeTracking;
@@ -64,9 +65,9 @@ impl CaptureEngine {
         })
     }
 
-    /// Sizes the copy-on-write staging pool (bytes, 0 = off) before the first live snapshot.
-    pub fn set_cow_staging(&mut self, bytes: u64) {
-        self.tracking.set_cow_staging(bytes);
+    /// Bounds the copy-on-write staging pool before the first live snapshot.
+    pub fn set_cow_staging(&mut self, size: StagingSize) {
+        self.tracking.set_cow_staging(size);
     }
 
     /// The event fd written when a snapshot's worker ends or needs the event loop; the event

@@ -110,9 +110,12 @@ impl SnapshotOut {
             }
             Destination::Repo { writer, .. } => {
                 let object = Arc::new(writer.add_object(MEMORY_PART, PartKind::Memory, size)?);
+                // One worker per core for a local store; an object store's workers mostly
+                // wait on round trips, so it asks for more of them.
                 let workers = std::thread::available_parallelism()
                     .map_or(1, |n| n.get())
-                    .min(MAX_PIPELINE_WORKERS);
+                    .min(MAX_PIPELINE_WORKERS)
+                    .max(writer.writes_in_flight());
                 let pipeline = Arc::new(PipelineSink::new(
                     object.clone(),
                     workers,

@@ -15,7 +15,7 @@ use super::cow::CowTracker;
 use super::dirty_log::take_dirty_chunks;
 use super::error::CaptureError;
 use super::sink::{Committed, SnapshotOut};
-use super::staging::DEFAULT_STAGING_BYTES;
+use super::staging::StagingSize;
 use super::vm::CaptureVm;
 use crate::vstate::memory::mapped_layout;
 
@@ -29,15 +29,15 @@ pub struct ChangeTracking {
     /// Whether the running snapshot is a backup into a repository (its point becomes the
     /// parent when it commits).
     pending_backup: bool,
-    /// The write tracker's staging pool size in bytes (None: the default).
-    cow_staging: Option<u64>,
+    /// The bound of the write tracker's staging pool (None: the default, automatic).
+    cow_staging: Option<StagingSize>,
 }
 
 impl ChangeTracking {
-    /// Sizes the write tracker's staging pool (0 turns staging off); takes effect when the
-    /// tracker is armed by the first live snapshot.
-    pub fn set_cow_staging(&mut self, bytes: u64) {
-        self.cow_staging = Some(bytes);
+    /// Bounds the write tracker's staging pool; takes effect when the tracker is armed by the
+    /// first live snapshot.
+    pub fn set_cow_staging(&mut self, size: StagingSize) {
+        self.cow_staging = Some(size);
     }
 
     /// The write tracker, armed on first use (vCPUs paused).
@@ -45,7 +45,7 @@ impl ChangeTracking {
         if let Some(t) = &self.cow {
             return Ok(t.clone());
         }
-        let staging = self.cow_staging.unwrap_or(DEFAULT_STAGING_BYTES);
+        let staging = self.cow_staging.unwrap_or(StagingSize::Auto);
         let tracker = Arc::new(CowTracker::arm(
             vm.memory(),
             mapped_layout(vm.memory()),

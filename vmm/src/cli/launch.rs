@@ -10,6 +10,7 @@ use crate::builder::{build, BuiltVm};
 use crate::config::{check_memory, check_vcpus, VmConfig};
 use crate::dr_checkpoints::DrConfig;
 use crate::restore::source::RestoreSource;
+use crate::capture::staging::StagingSize;
 use crate::runtime::Vmm;
 use crate::vstate::vcpu::GuestExit;
 use devices::virtio::block::DiskConfig;
@@ -29,7 +30,7 @@ fn run_vm(
     api: Option<ApiServer>,
     restored_from: Option<String>,
     dr: Option<(DrConfig, Option<std::path::PathBuf>)>,
-    cow_staging: Option<u64>,
+    cow_staging: Option<StagingSize>,
 ) -> ExitCode {
     let t = built.timings;
     tracing::info!(
@@ -43,8 +44,8 @@ fn run_vm(
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
-    if let Some(bytes) = cow_staging {
-        vmm.set_cow_staging(bytes);
+    if let Some(size) = cow_staging {
+        vmm.set_cow_staging(size);
     }
     crate::signals::set_wake_fd(std::os::fd::AsRawFd::as_raw_fd(
         vmm.machine().built.exit.eventfd(),
@@ -85,7 +86,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&e),
     };
-    let cow_staging = match args.capture.cow_staging_bytes() {
+    let cow_staging = match args.capture.cow_staging() {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -184,7 +185,7 @@ pub fn restore(args: RestoreArgs) -> ExitCode {
     };
     // What killed restores left behind (their process is gone).
     crate::restore::disk_hydration::cleanup_stale();
-    let cow_staging = match args.capture.cow_staging_bytes() {
+    let cow_staging = match args.capture.cow_staging() {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };

@@ -29,6 +29,8 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+use crate::capture::staging::StagingSize;
+
 use crate::config::{
     check_memory, check_memory_fits_host, check_vm_name, host_memory_bytes, ConfigError,
 };
@@ -131,11 +133,13 @@ pub struct RunArgs {
 /// How live snapshots of this VM are taken.
 #[derive(clap::Args)]
 pub struct CaptureArgs {
-    /// Memory for the copy-on-write staging pool (e.g. 64M; 0 turns it off): a guest write to
-    /// memory a live snapshot has not copied yet waits for a copy into this pool instead of
-    /// the target's I/O. The ARKVM_COW_STAGING environment variable sets it when the option
-    /// is not given. Default 64M.
-    #[arg(long, value_name = "SIZE")]
+    /// Most memory for the copy-on-write staging pool of one live snapshot (e.g. 512M; 0
+    /// turns it off): a guest write to memory the snapshot has not copied yet waits for a copy
+    /// into this pool instead of the target's I/O. `auto` (the default) is the guest's memory
+    /// size, at most half of the host's available memory when the snapshot starts. Beyond
+    /// 64M the pool is freed when the snapshot ends. The ARKVM_COW_STAGING environment
+    /// variable sets it when the option is not given.
+    #[arg(long, value_name = "SIZE|auto")]
     pub cow_staging: Option<String>,
 }
 
@@ -143,9 +147,9 @@ pub struct CaptureArgs {
 pub const COW_STAGING_ENV: &str = "ARKVM_COW_STAGING";
 
 impl CaptureArgs {
-    /// The staging pool size in bytes: the option, else the environment variable, else None
-    /// (the default).
-    pub fn cow_staging_bytes(&self) -> Result<Option<u64>, ConfigError> {
+    /// The staging pool's bound: the option, else the environment variable, else None (the
+    /// default, automatic).
+    pub fn cow_staging(&self) -> Result<Option<StagingSize>, ConfigError> {
         let text = match &self.cow_staging {
             Some(t) => t.clone(),
             None => match std::env::var(COW_STAGING_ENV) {
@@ -153,7 +157,7 @@ impl CaptureArgs {
                 Err(_) => return Ok(None),
             },
         };
-        crate::config::parse_size(&text).map(Some)
+        StagingSize::parse(&text).map(Some)
     }
 }
 
@@ -163,7 +167,7 @@ impl RunArgs {
     /// `--memory-overcommit`.
     pub fn check(&self) -> Result<(), ConfigError> {
         check_vm_name(&self.name)?;
-        self.capture.cow_staging_bytes()?;
+        self.capture.cow_staging()?;
         let bytes = check_memory(&self.memory)?;
         if let Some(host) = host_memory_bytes() {
             check_memory_fits_host(&self.memory, bytes, host, self.memory_overcommit)?;

@@ -226,6 +226,33 @@ impl S3Client {
         }
     }
 
+    /// The first of `names` that does not exist (HEADs, `in_flight` at a time), if any.
+    pub fn first_missing(
+        &self,
+        names: &[String],
+        in_flight: usize,
+    ) -> Result<Option<String>, (String, object_store::Error)> {
+        use futures_util::StreamExt;
+        self.runtime.block_on(async {
+            let mut heads = futures_util::stream::iter(names)
+                .map(|name| async move {
+                    let path = self.path(name).map_err(|e| (name.clone(), e))?;
+                    match self.store.head(&path).await {
+                        Ok(_) => Ok(None),
+                        Err(object_store::Error::NotFound { .. }) => Ok(Some(name.clone())),
+                        Err(e) => Err((name.clone(), e)),
+                    }
+                })
+                .buffer_unordered(in_flight.max(1));
+            while let Some(answer) = heads.next().await {
+                if let Some(missing) = answer? {
+                    return Ok(Some(missing));
+                }
+            }
+            Ok(None)
+        })
+    }
+
     /// Every object below `folder` (a `/`-terminated folder below the prefix, or empty).
     pub fn list(&self, folder: &str) -> Result<Vec<Listed>, object_store::Error> {
         let full = format!("{}{folder}", self.url.prefix);

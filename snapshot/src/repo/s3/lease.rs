@@ -13,15 +13,16 @@
 //! the keeper and deletes the lease. A holder that dies leaves a lease that expires after
 //! [`LEASE_TTL`]. See docs/object-store.md.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::client::{Listed, S3Client};
 use super::ops::{self, random_u64};
-use crate::repo::store::{LockMode, StoreError};
+use crate::error::lock;
+use crate::repo::store::{LockGuard, LockMode, StoreError};
 
 /// A lease not renewed for this long is dead.
 pub const LEASE_TTL: Duration = Duration::from_secs(60);
@@ -36,6 +37,7 @@ const MAX_WAIT: Duration = Duration::from_secs(2);
 pub struct Lease {
     stop: Option<mpsc::Sender<()>>,
     keeper: Option<JoinHandle<()>>,
+    renewals: Arc<Renewals>,
 }
 
 impl Drop for Lease {
@@ -72,6 +74,7 @@ pub fn acquire(
     let name_of = |seq: u64| format!("{LOCK_PREFIX}{}-{holder}-{seq:08}", kind(mode));
     let mut backoff = Duration::from_millis(100);
     let mut own = name_of(seq.fetch_add(1, Ordering::Relaxed));
+    // When the current lease's PUT was sent: its server time stamp is no earlier.
     let mut own_created = Instant::now();
     ops::put_new(client, &own, b"arkvm repository lease")?;
     loop {
@@ -95,6 +98,7 @@ pub fn acquire(
             return Ok(start_keeper(
                 client.clone(),
                 own,
+                own_created,
                 seq,
                 name_of_fn(holder, mode),
             ));
@@ -118,10 +122,11 @@ pub fn acquire(
             ops::put_new(client, &own, b"arkvm repository lease")?;
         } else if own_created.elapsed() >= RENEW_EVERY {
             let next = name_of(seq.fetch_add(1, Ordering::Relaxed));
+            let sent = Instant::now();
             ops::put_new(client, &next, b"arkvm repository lease")?;
             ops::remove(client, &own)?;
             own = next;
-            own_created = Instant::now();
+            own_created = sent;
         }
     }
 }
@@ -133,9 +138,53 @@ fn name_of_fn(holder: &str, mode: LockMode) -> NameFn {
     Box::new(move |seq| format!("{LOCK_PREFIX}{}-{holder}-{seq:08}", kind(mode)))
 }
 
-/// Starts the thread that renews `own` until the lease is dropped, then deletes it.
-fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of: NameFn) -> Lease {
+/// How long after the PUT of a lease was sent it still counts as held for sure: its time to
+/// live less a renewal period, which leaves that much for clocks that disagree and slow
+/// requests.
+const SURE_FOR: Duration = LEASE_TTL.saturating_sub(RENEW_EVERY);
+
+/// When the lease held now was sent, and whether any renewal came later than [`SURE_FOR`]
+/// after the one before it (then others may have seen the lease dead in between).
+struct Renewals {
+    last_sent: Mutex<Instant>,
+    late: AtomicBool,
+}
+
+impl Renewals {
+    fn renewed(&self, sent: Instant) {
+        let mut last = lock(&self.last_sent);
+        if last.elapsed() > SURE_FOR {
+            self.late.store(true, Ordering::Release);
+        }
+        *last = sent;
+    }
+
+    fn unbroken(&self) -> bool {
+        !self.late.load(Ordering::Acquire) && lock(&self.last_sent).elapsed() <= SURE_FOR
+    }
+}
+
+impl LockGuard for Lease {
+    fn unbroken(&self) -> bool {
+        self.renewals.unbroken()
+    }
+}
+
+/// Starts the thread that renews `own` (sent at `sent`) until the lease is dropped, then
+/// deletes it.
+fn start_keeper(
+    client: Arc<S3Client>,
+    own: String,
+    sent: Instant,
+    seq: Arc<AtomicU64>,
+    name_of: NameFn,
+) -> Lease {
     let (stop, stopped) = mpsc::channel::<()>();
+    let renewals = Arc::new(Renewals {
+        last_sent: Mutex::new(sent),
+        late: AtomicBool::new(false),
+    });
+    let kept = renewals.clone();
     let keeper = std::thread::Builder::new()
         .name("arkvm-s3-lease".into())
         .spawn(move || {
@@ -143,8 +192,10 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
             let mut current = own;
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RENEW_EVERY) {
                 let next = name_of(seq.fetch_add(1, Ordering::Relaxed));
+                let sent = Instant::now();
                 match ops::put_new(&client, &next, b"arkvm repository lease") {
                     Ok(()) => {
+                        kept.renewed(sent);
                         let _ = ops::remove(&client, &current);
                         current = next;
                     }
@@ -165,6 +216,7 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
         Ok(keeper) => Lease {
             stop: Some(stop),
             keeper: Some(keeper),
+            renewals,
         },
         // Without a keeper the lease is not renewed and expires after LEASE_TTL, which is
         // longer than any test but not than a large backup: say so.
@@ -173,7 +225,36 @@ fn start_keeper(client: Arc<S3Client>, own: String, seq: Arc<AtomicU64>, name_of
             Lease {
                 stop: None,
                 keeper: None,
+                renewals,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renewals(sent_ago: Duration) -> Renewals {
+        Renewals {
+            last_sent: Mutex::new(Instant::now() - sent_ago),
+            late: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_lease_renewed_in_time_is_unbroken() {
+        let r = renewals(RENEW_EVERY);
+        assert!(r.unbroken());
+        r.renewed(Instant::now());
+        assert!(r.unbroken());
+    }
+
+    #[test]
+    fn a_renewal_that_came_late_breaks_the_lease_for_good() {
+        let r = renewals(SURE_FOR + Duration::from_secs(1));
+        assert!(!r.unbroken(), "not renewed for too long");
+        r.renewed(Instant::now());
+        assert!(!r.unbroken(), "renewed again, but others may have seen it dead");
     }
 }
