@@ -12,6 +12,7 @@ disks). "Busy" runs two `python3 -c 'while True: pass'` processes for the whole 
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import benchlib as B  # noqa: E402
 
 SNAPSHOTS = 20
 CONDITIONS = [("idle", 0, True), ("2 busy threads", 2, True), ("2 busy threads", 2, False)]
+PHASES = re.compile(r"cow pause phases: (.*)")
 
 
 def p95(values):
@@ -36,8 +38,8 @@ def one(s, size, busy, boost):
     env = dict(os.environ)
     if not boost:
         env["ARKVM_PAUSE_BOOST"] = "0"
-    argv = [s.arkvm, "run", "--kernel", B.guest("memory"), "--memory", size,
-            "--api-socket", sock, "--cmdline", "arkvm.hot_pct=0"]
+    argv = [s.arkvm, "--log-level", "info", "run", "--kernel", B.guest("memory"),
+            "--memory", size, "--api-socket", sock, "--cmdline", "arkvm.hot_pct=0"]
     vm = B.Proc(argv, env=env)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     pauses, loads = [], []
@@ -53,7 +55,10 @@ def one(s, size, busy, boost):
             if i > 0:
                 pauses.append(json.loads(r.stdout.strip().splitlines()[-1])["pause_us"])
                 loads.append(os.getloadavg()[0])
-        return {"argv": argv, "snap": snap, "pauses": pauses,
+        # Each snapshot's phases (`name_us=N ...`), the first (full) one left out.
+        phases = [dict((k[:-3], int(v)) for k, v in (w.split("=") for w in m.group(1).split()))
+                  for _, _, line in vm.lines("err") for m in [PHASES.search(line)] if m][1:]
+        return {"argv": argv, "snap": snap, "pauses": pauses, "phases": phases,
                 "load": statistics.mean(loads), "torn": B.torn(vm)}
     finally:
         for h in hogs:
@@ -70,10 +75,14 @@ def main():
     with B.Scratch("pause_load") as s:
         B.heading(f"cow pause over {SNAPSHOTS} snapshots, idle and with two busy host threads")
         B.print_facts(B.machine_facts(s.dir), s)
-        rows = []
+        rows, phase_rows = [], []
         for size in sizes:
             for name, busy, boost in CONDITIONS:
                 r = B.retry(one, s, size, busy, boost)
+                names = list(r["phases"][0]) if r["phases"] else []
+                phase_rows.append([size, name, "on" if boost else "off"] + [
+                    f"{statistics.median(p[n] for p in r['phases']) / 1000:.2f} / "
+                    f"{p95([p[n] for p in r['phases']]) / 1000:.2f}" for n in names])
                 ms = [p / 1000 for p in r["pauses"]]
                 rows.append([size, name, "on" if boost else "off (ARKVM_PAUSE_BOOST=0)",
                              f"{statistics.median(ms):.2f}", f"{p95(ms):.2f}",
@@ -84,6 +93,9 @@ def main():
         print()
         B.table(["size", "host", "boost", "median ms", "p95 ms", "min ms", "max ms",
                  "load (mean)", "TORN"], rows)
+        print()
+        B.note("where the pause went, per phase: median / p95 ms (`cow pause phases:` log line)")
+        B.table(["size", "host", "boost"] + names, phase_rows)
         B.note(f"load average at the end: {'%.2f %.2f %.2f' % os.getloadavg()}")
 
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::disks::{copy_frozen_disks, frozen_bytes};
 use super::error::CaptureError;
 use super::job::SnapshotJob;
+use super::pause_phases::PausePhases;
 use super::pause_boost::PauseBoost;
 use super::sink::BACKGROUND_NICE;
 use super::strategy::{wait_memory_loaded, CaptureContext, CaptureStrategy};
@@ -35,25 +36,34 @@ impl CaptureStrategy for CowCapture {
         let mut boost = PauseBoost::prepare();
         // The snapshot instant: the vCPUs are stopped only for this block.
         let paused_at = Instant::now();
+        let mut phases = PausePhases::new(paused_at);
         boost.raise();
+        phases.mark("boost");
         vm.pause()?;
+        phases.mark("stop_vcpus");
         let armed = (|| {
             let state = vm.save_state()?;
+            phases.mark("save_state");
             let tracker = tracking.arm_cow(&*vm)?;
             let clean = tracking.plan_incremental(&*vm, &out)?;
+            phases.mark("protect");
             let disks = vm.freeze_disks()?;
+            phases.mark("freeze_disks");
             tracker.begin(sink, progress.clone(), clean.as_deref());
+            phases.mark("start_copy");
             Ok::<_, CaptureError>((state, tracker, disks, clean))
         })();
         if was_running {
             vm.resume()?;
         }
+        phases.mark("resume");
         let pause_us = paused_at.elapsed().as_micros() as u64;
         drop(boost);
         progress.update(|s| s.pause_us = Some(pause_us));
         let (state, tracker, disks, clean) = armed?;
         progress.update(|s| s.bytes_total += frozen_bytes(&disks));
         tracing::info!("cow snapshot armed; vCPUs paused {pause_us} us");
+        tracing::info!("cow pause phases: {phases}");
 
         let cancel = Arc::new(AtomicBool::new(false));
         let c = cancel.clone();

@@ -13,6 +13,7 @@
 //! - `vm`: the [`CaptureVm`] seam, implemented by the owner of the VM (the machine).
 //! - `staging`: the bounded pool where write faults stage units for the copier.
 //! - `pause_boost`: raises the pausing and vCPU threads' priority for the pause.
+//! - `pause_phases`: times the pause's phases for the log.
 //! - `cow_counters`, `cow_shared`, `cow_fault`, `cow`: the fault costs, the state the write
 //!   tracker shares with its fault thread, the fault thread, and the userfaultfd write tracker.
 //! - `tracking`: [`ChangeTracking`], the one owner of the state shared between snapshots (the
@@ -41,6 +42,7 @@ pub mod live_cow;
 pub mod memory_copy;
 pub mod metrics;
 pub mod pause_boost;
+pub mod pause_phases;
 pub mod paused;
 pub mod precopy;
 pub mod progress;
