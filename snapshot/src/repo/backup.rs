@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::codec::{chunk_id, chunk_object_name, encode_chunk_timed};
+use super::compression::Compression;
 use super::key::RepoKey;
 use super::point::{new_point_id, point_object_name, PointManifest, PointObject, PointStats};
 use super::stage_times::{Stage, StageTimes};
@@ -25,6 +26,7 @@ use crate::FORMAT_VERSION;
 pub struct BackupWriter {
     store: Arc<dyn ChunkStore>,
     key: Option<Arc<RepoKey>>,
+    compression: Compression,
     lock: StoreLock,
     token: u64,
     vm: String,
@@ -48,6 +50,7 @@ impl BackupWriter {
         Self {
             store,
             key,
+            compression: Compression::default(),
             lock,
             token: TOKENS.fetch_add(1, Ordering::Relaxed),
             vm: vm.to_string(),
@@ -57,6 +60,11 @@ impl BackupWriter {
             stats: PointStats::default(),
             reused: HashSet::new(),
         }
+    }
+
+    /// Sets how the objects added from now on compress their chunks.
+    pub fn set_compression(&mut self, compression: Compression) {
+        self.compression = compression;
     }
 
     /// How many chunk writes this backup should keep in flight (see
@@ -97,6 +105,7 @@ impl BackupWriter {
         Ok(ObjectWriter {
             store: self.store.clone(),
             key: self.key.clone(),
+            compression: self.compression,
             token: self.token,
             name: name.to_string(),
             kind,
@@ -256,6 +265,7 @@ impl BackupWriter {
 pub struct ObjectWriter {
     store: Arc<dyn ChunkStore>,
     key: Option<Arc<RepoKey>>,
+    compression: Compression,
     token: u64,
     name: String,
     kind: PartKind,
@@ -333,7 +343,8 @@ impl ObjectWriter {
         let name = chunk_object_name(&id);
         let probe = self.store.probe_before_put();
         if !probe || !t.time(Stage::Store, 0, || self.store.contains(&name))? {
-            let stored = encode_chunk_timed(&id, data, self.key.as_deref(), t);
+            let stored =
+                encode_chunk_timed(&id, data, self.key.as_deref(), self.compression, t);
             if t.time(Stage::Store, stored.len(), || {
                 self.store.put_if_absent(&name, &stored)
             })? {

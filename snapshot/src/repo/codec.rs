@@ -4,6 +4,7 @@
 
 use std::io::Read;
 
+use super::compression::{zstd_compress, Compression};
 use super::key::{KeyError, RepoKey};
 use super::stage_times::{Stage, StageTimes};
 use crate::chunk::{chunk_hash, ContentHash, MAX_CHUNK_SIZE};
@@ -11,8 +12,8 @@ use crate::chunk::{chunk_hash, ContentHash, MAX_CHUNK_SIZE};
 /// The folder of chunk objects in a repository.
 pub const CHUNK_PREFIX: &str = "chunks/";
 
-/// The zstd level chunks are compressed with: fast, since backups are throughput-bound.
-pub const ZSTD_LEVEL: i32 = 1;
+/// The zstd level of the probe that decides whether a chunk is worth compressing.
+const PROBE_LEVEL: i32 = 1;
 
 /// Tag of a zstd-compressed chunk object.
 const TAG_ZSTD: u8 = b'Z';
@@ -74,24 +75,29 @@ pub fn chunk_id_from_name(name: &str) -> Option<ContentHash> {
     (hex.len() == 64 && hex == id.to_hex() && folder == &hex[..4]).then_some(id)
 }
 
-/// Encodes chunk `id` (whose bytes are `data`) for storage, sealed if a key is given.
+/// Encodes chunk `id` (whose bytes are `data`) for storage with the default compression,
+/// sealed if a key is given.
 pub fn encode_chunk(id: &ContentHash, data: &[u8], key: Option<&RepoKey>) -> Vec<u8> {
-    encode_chunk_timed(id, data, key, &StageTimes::default())
+    encode_chunk_timed(id, data, key, Compression::Default, &StageTimes::default())
 }
 
-/// [`encode_chunk`], adding the compression and sealing times to `times`.
+/// [`encode_chunk`] with `compression`, adding the compression and sealing times to `times`.
 pub fn encode_chunk_timed(
     id: &ContentHash,
     data: &[u8],
     key: Option<&RepoKey>,
+    compression: Compression,
     times: &StageTimes,
 ) -> Vec<u8> {
-    let compressed = times.time(Stage::Compress, data.len(), || {
-        if looks_incompressible(data) {
-            return Err(std::io::Error::other("incompressible sample"));
-        }
-        zstd::bulk::compress(data, ZSTD_LEVEL)
-    });
+    let compressed = match compression.zstd_level() {
+        None => Err(std::io::Error::other("compression off")),
+        Some(level) => times.time(Stage::Compress, data.len(), || {
+            if looks_incompressible(data) {
+                return Err(std::io::Error::other("incompressible sample"));
+            }
+            zstd_compress(data, level)
+        }),
+    };
     let encoded = match compressed {
         Ok(compressed) if compressed.len() + 4 < data.len() => {
             // A CRC of the compressed bytes follows them: zstd can decode a damaged frame to the
@@ -140,7 +146,7 @@ fn looks_incompressible(data: &[u8]) -> bool {
     sample.extend_from_slice(&data[..PROBE_SAMPLE]);
     sample.extend_from_slice(&data[mid..mid + PROBE_SAMPLE]);
     sample.extend_from_slice(&data[data.len() - PROBE_SAMPLE..]);
-    match zstd::bulk::compress(&sample, ZSTD_LEVEL) {
+    match zstd_compress(&sample, PROBE_LEVEL) {
         Ok(c) => c.len() * 100 > sample.len() * 97,
         Err(_) => false,
     }

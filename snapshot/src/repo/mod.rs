@@ -20,6 +20,7 @@
 
 mod backup;
 mod codec;
+mod compression;
 mod key;
 mod location;
 mod point;
@@ -37,8 +38,9 @@ use std::path::PathBuf;
 pub use backup::{BackupWriter, ObjectWriter};
 pub use codec::{
     chunk_id, chunk_id_from_name, chunk_object_name, decode_chunk, encode_chunk, ChunkCodecError,
-    CHUNK_PREFIX, ZSTD_LEVEL,
+    CHUNK_PREFIX,
 };
+pub use compression::Compression;
 pub use key::{KeyError, RepoKey};
 pub use location::is_remote;
 pub use point::{
