@@ -4,7 +4,7 @@
 For each size and fill (`arkvm.fill=random`: xorshift64* bytes; `arkvm.fill=mixed`: zero pages,
 text, the guest's own code, a repeated page and random pages), the memory guest fills its
 memory, then only reads it (`arkvm.hot_pct=0`), and one full live backup goes into a fresh
-repository. Its throughput (guest memory bytes / total time) is compared with `dd` writing the
+repository (realistic memory also with `--compression fast` and `off`). Its throughput (guest memory bytes / total time) is compared with `dd` writing the
 same number of bytes (from /dev/urandom data staged in memory first, so that dd measures the
 disk) to the same filesystem, run just before it. Each stage's throughput comes from arkvm's
 `backup object stages:` log line (busy time per stage, summed over the worker threads).
@@ -22,7 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as B  # noqa: E402
 
-FILLS = ["random", "mixed"]
+# (fill, --compression): realistic memory also with the faster zstd level and with none.
+ROWS = [("random", "default"), ("mixed", "default"), ("mixed", "fast"), ("mixed", "off")]
 STAGES = re.compile(r'backup object stages: (.*)')
 
 
@@ -44,9 +45,9 @@ def dd_random(s, mib):
     return mib * 1048576 / secs, argv
 
 
-def one(s, size, mib, fill):
-    repo = s.path(f"repo-{size}-{fill}")
-    sock = s.path(f"bk-{size}-{fill}.sock")
+def one(s, size, mib, fill, compression):
+    repo = s.path(f"repo-{size}-{fill}-{compression}")
+    sock = s.path(f"bk-{size}-{fill}-{compression}.sock")
     subprocess.run([s.arkvm, "backup", "init", "--repo", repo], check=True,
                    stdout=subprocess.DEVNULL)
     argv = [s.arkvm, "--log-level", "info", "run", "--kernel", B.guest("memory"),
@@ -60,6 +61,8 @@ def one(s, size, mib, fill):
         dd_rate, dd_argv = dd_random(s, mib)
         load = "%.1f" % os.getloadavg()[0]
         snap = [s.arkvm, "snapshot", "--api-socket", sock, "--repo", repo, "--json"]
+        if compression != "default":
+            snap += ["--compression", compression]
         r = subprocess.run(snap, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=1800)
         if r.returncode != 0:
@@ -86,20 +89,20 @@ def main():
         rows, stages = [], []
         for size in sizes:
             mib = int(size[:-1]) * (1024 if size.endswith("G") else 1)
-            for fill in FILLS:
-                r = B.retry(one, s, size, mib, fill)
+            for fill, compression in ROWS:
+                r = B.retry(one, s, size, mib, fill, compression)
                 B.show_command(r["argv"])
                 rep = r["report"]
                 secs = rep["total_ms"] / 1000.0
                 rate = mib * 1048576 / secs
-                rows.append([size, fill, f"{rep['total_ms']}", f"{rate / 1e6:.0f}",
-                             f"{r['dd'] / 1e6:.0f}", f"{rate / r['dd']:.2f}x",
+                rows.append([size, fill, compression, f"{rep['total_ms']}",
+                             f"{rate / 1e6:.0f}", f"{r['dd'] / 1e6:.0f}", f"{rate / r['dd']:.2f}x",
                              f"{rep['pause_us']}", r["load"], "YES" if r["torn"] else "no"])
-                stages.append(f"{size} {fill}: {r['stages']}")
+                stages.append(f"{size} {fill} {compression}: {r['stages']}")
         B.show_command(r["snap"])
         B.show_command(r["dd_argv"])
         print()
-        B.table(["size", "fill", "backup ms", "backup MB/s", "dd MB/s", "backup / dd",
+        B.table(["size", "fill", "compression", "backup ms", "backup MB/s", "dd MB/s", "backup / dd",
                  "pause us", "load", "TORN"], rows)
         print()
         for line in stages:

@@ -486,6 +486,7 @@ impl DrControl {
             mode: SnapshotMode::Live,
             strategy: SnapshotStrategy::Cow,
             key: Some(d.key_path.clone()),
+            compression: Default::default(),
         };
         match engine.start(vm, &request) {
             Ok(_) => d.checkpoint_running = true,

@@ -802,3 +802,31 @@ fn after_a_gap_in_the_lock_every_reused_chunk_is_checked_at_commit() {
     );
     assert_eq!(repo.point_ids().unwrap().len(), 2, "no third point");
 }
+
+#[test]
+fn compression_off_stores_plain_chunks_that_read_back() {
+    let tmp = TestDir::new("repo-compression");
+    let repo = Repository::init(&tmp.path().join("repo"), None).unwrap();
+    let mem = memory(3, &[5, 0, 9]);
+    let mut stored = Vec::new();
+    for compression in [Compression::Off, Compression::Default, Compression::Fast] {
+        let mut writer = repo.start_backup(&format!("vm-{compression}"), None).unwrap();
+        writer.set_compression(compression);
+        let object = writer
+            .add_object("memory", PartKind::Memory, mem.len() as u64)
+            .unwrap();
+        // Distinct bytes per VM, so no chunk is shared between the three backups.
+        let mine: Vec<u8> = mem.iter().map(|b| b ^ compression.name().len() as u8).collect();
+        for (i, chunk) in mine.chunks(MIB).enumerate() {
+            object.put_chunk(i as u64, chunk).unwrap();
+        }
+        writer.finish_object(object).unwrap();
+        let point = writer.commit().unwrap();
+        assert_eq!(restore_memory(&repo, &point.id), mine, "{compression}");
+        stored.push(point.stats.bytes_stored);
+    }
+    // Two non-zero chunks of a repeating pattern: plain they take 2 MiB, compressed far less.
+    assert!(stored[0] >= 2 * MIB as u64, "off: {}", stored[0]);
+    assert!(stored[1] < MIB as u64 / 4, "default: {}", stored[1]);
+    assert!(stored[2] < MIB as u64 / 4, "fast: {}", stored[2]);
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use snapshot::repo::Compression;
 
 use crate::capture::SnapshotRequest;
 pub use crate::capture::{SnapshotMode, SnapshotStrategy, SnapshotTarget};
@@ -47,7 +48,7 @@ pub enum ApiRequest {
 
 /// The body of `PUT /snapshot`, validated: exactly one of `out` and `repo`; absolute paths
 /// (they are resolved by the VMM process, not by the client); `strategy` only for live
-/// snapshots; `key` only with `repo`.
+/// snapshots; `key` and `compression` only with `repo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "SnapshotBody", into = "SnapshotBody")]
 pub struct SnapshotParams {
@@ -57,6 +58,8 @@ pub struct SnapshotParams {
     pub strategy: SnapshotStrategy,
     /// Key file for encryption at rest in the repository.
     pub key: Option<PathBuf>,
+    /// How a backup compresses its chunks.
+    pub compression: Compression,
 }
 
 impl From<SnapshotParams> for SnapshotRequest {
@@ -66,6 +69,7 @@ impl From<SnapshotParams> for SnapshotRequest {
             mode: p.mode,
             strategy: p.strategy,
             key: p.key,
+            compression: p.compression,
         }
     }
 }
@@ -84,6 +88,8 @@ struct SnapshotBody {
     strategy: Option<SnapshotStrategy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    compression: Option<String>,
 }
 
 impl TryFrom<SnapshotBody> for SnapshotParams {
@@ -103,11 +109,20 @@ impl TryFrom<SnapshotBody> for SnapshotParams {
         if key.is_some() && !matches!(target, SnapshotTarget::Repo(_)) {
             return Err("\"key\" applies only to a repository (\"repo\")".to_string());
         }
+        if b.compression.is_some() && !matches!(target, SnapshotTarget::Repo(_)) {
+            return Err("\"compression\" applies only to a repository (\"repo\")".to_string());
+        }
+        let compression = b
+            .compression
+            .map(|c| c.parse::<Compression>())
+            .transpose()?
+            .unwrap_or_default();
         Ok(SnapshotParams {
             target,
             mode: b.mode,
             strategy: b.strategy.unwrap_or_default(),
             key,
+            compression,
         })
     }
 }
@@ -124,6 +139,8 @@ impl From<SnapshotParams> for SnapshotBody {
             mode: p.mode,
             strategy: (p.mode == SnapshotMode::Live).then_some(p.strategy),
             key: p.key,
+            compression: (p.compression != Compression::default())
+                .then(|| p.compression.name().to_string()),
         }
     }
 }
@@ -349,6 +366,7 @@ mod tests {
                 mode: SnapshotMode::Live,
                 strategy: SnapshotStrategy::Cow,
                 key: None,
+                compression: Default::default(),
             })
         );
         let req = route(
@@ -363,6 +381,20 @@ mod tests {
         assert_eq!(p.target, SnapshotTarget::Repo("/r".into()));
         assert_eq!(p.strategy, SnapshotStrategy::Precopy);
         assert_eq!(p.key.as_deref(), Some(Path::new("/k")));
+        let req = route(
+            "PUT",
+            "/snapshot",
+            br#"{"repo": "/r", "compression": "off"}"#,
+        )
+        .unwrap();
+        let ApiRequest::CreateSnapshot(p) = req else {
+            panic!("not a snapshot: {req:?}");
+        };
+        assert_eq!(p.compression, Compression::Off);
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["compression"],
+            serde_json::json!("off")
+        );
 
         for bad in [
             r#"{}"#,
@@ -370,6 +402,8 @@ mod tests {
             r#"{"out": "rel/dir"}"#,
             r#"{"out": "/a", "mode": "paused", "strategy": "cow"}"#,
             r#"{"out": "/a", "key": "/k"}"#,
+            r#"{"out": "/a", "compression": "off"}"#,
+            r#"{"repo": "/r", "compression": "zip"}"#,
             r#"{"out": "/a", "mode": "frozen"}"#,
             r#"{"out": "/a", "bogus": 1}"#,
             r#"{"out": "/a""#,
@@ -386,6 +420,7 @@ mod tests {
             mode: SnapshotMode::Paused,
             strategy: SnapshotStrategy::Cow,
             key: None,
+            compression: Default::default(),
         };
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json, serde_json::json!({"out": "/x", "mode": "paused"}));

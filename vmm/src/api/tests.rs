@@ -246,6 +246,7 @@ fn every_endpoint_round_trips_through_a_fake_vmm() {
         mode: SnapshotMode::Live,
         strategy: SnapshotStrategy::Precopy,
         key: None,
+        compression: Default::default(),
     };
     let body = serde_json::to_value(&params).unwrap();
     let r = c.put("/snapshot", Some(&body)).unwrap();
@@ -694,6 +695,7 @@ fn openapi_document_matches_the_endpoints_and_fields() {
             mode: SnapshotMode::Live,
             strategy: SnapshotStrategy::Precopy,
             key: Some("/k".into()),
+            compression: Default::default(),
         }),
         ApiRequest::GetSnapshot,
         ApiRequest::GetDr,

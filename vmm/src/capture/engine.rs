@@ -95,7 +95,12 @@ impl CaptureEngine {
         if self.job.is_some() {
             return Err(CaptureError::Busy);
         }
-        let out = SnapshotOut::open(&request.target, request.key.as_deref(), vm.name())?;
+        let out = SnapshotOut::open(
+            &request.target,
+            request.key.as_deref(),
+            request.compression,
+            vm.name(),
+        )?;
         self.count += 1;
         let id = format!("snap-{}", self.count);
         let progress = Progress::new(&id, request.mode, request.strategy);

@@ -48,4 +48,6 @@ pub struct SnapshotRequest {
     pub strategy: SnapshotStrategy,
     /// Key file for encryption at rest in the repository.
     pub key: Option<PathBuf>,
+    /// How a backup compresses its chunks (a snapshot directory is not compressed).
+    pub compression: snapshot::repo::Compression,
 }

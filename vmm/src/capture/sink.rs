@@ -66,6 +66,7 @@ impl SnapshotOut {
     pub fn open(
         target: &SnapshotTarget,
         key: Option<&Path>,
+        compression: snapshot::repo::Compression,
         vm_name: &str,
     ) -> Result<Self, CaptureError> {
         let dest = match target {
@@ -74,7 +75,8 @@ impl SnapshotOut {
                 let key = key.map(RepoKey::load).transpose()?;
                 let repo = Repository::open(path, key)?;
                 let parent = repo.latest_point(vm_name)?.map(|p| p.id);
-                let writer = repo.start_backup(vm_name, parent.as_deref())?;
+                let mut writer = repo.start_backup(vm_name, parent.as_deref())?;
+                writer.set_compression(compression);
                 Destination::Repo {
                     writer: Box::new(writer),
                     repo: path.clone(),

@@ -175,6 +175,7 @@ pub fn snapshot(args: SnapshotArgs) -> ExitCode {
             StrategyArg::Precopy => SnapshotStrategy::Precopy,
         },
         key,
+        compression: args.compression.unwrap_or_default(),
     };
     let mut client = match connect(&args.api_socket) {
         Ok(c) => c,

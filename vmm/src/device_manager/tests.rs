@@ -366,6 +366,7 @@ fn take_paused_snapshot(vmm: &mut Machine, dir: &Path) {
         mode: SnapshotMode::Paused,
         strategy: SnapshotStrategy::Cow,
         key: None,
+        compression: Default::default(),
     };
     engine.start(vmm, &request).unwrap();
     let ended = loop {
