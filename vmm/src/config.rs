@@ -124,7 +124,10 @@ pub fn host_memory_bytes() -> Option<u64> {
 /// The host's memory available to new work without swapping (`MemAvailable` of
 /// `/proc/meminfo`), or `None` if it cannot be read.
 pub fn host_available_bytes() -> Option<u64> {
-    meminfo_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable:")
+    meminfo_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
 }
 
 /// `MemTotal` in bytes, from the text of `/proc/meminfo` (`MemTotal:   24567890 kB`).

@@ -343,8 +343,7 @@ impl ObjectWriter {
         let name = chunk_object_name(&id);
         let probe = self.store.probe_before_put();
         if !probe || !t.time(Stage::Store, 0, || self.store.contains(&name))? {
-            let stored =
-                encode_chunk_timed(&id, data, self.key.as_deref(), self.compression, t);
+            let stored = encode_chunk_timed(&id, data, self.key.as_deref(), self.compression, t);
             if t.time(Stage::Store, stored.len(), || {
                 self.store.put_if_absent(&name, &stored)
             })? {

@@ -116,7 +116,9 @@ mod tests {
 
     #[test]
     fn a_kept_context_compresses_like_a_fresh_one_at_every_level() {
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 ^ (i / 7) as u8).collect();
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 7) as u8)
+            .collect();
         for c in Compression::ALL {
             let Some(level) = c.zstd_level() else {
                 continue;

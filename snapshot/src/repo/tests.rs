@@ -795,7 +795,7 @@ fn after_a_gap_in_the_lock_every_reused_chunk_is_checked_at_commit() {
     repo.store()
         .delete(&super::codec::chunk_object_name(&gone))
         .unwrap();
-    let err = writer.commit().err().expect("committed a missing chunk");
+    let err = writer.commit().expect_err("committed a missing chunk");
     assert!(
         matches!(&err, RepoError::ChunkMissing { id } if *id == gone.to_hex()),
         "{err:?}"
@@ -810,13 +810,18 @@ fn compression_off_stores_plain_chunks_that_read_back() {
     let mem = memory(3, &[5, 0, 9]);
     let mut stored = Vec::new();
     for compression in [Compression::Off, Compression::Default, Compression::Fast] {
-        let mut writer = repo.start_backup(&format!("vm-{compression}"), None).unwrap();
+        let mut writer = repo
+            .start_backup(&format!("vm-{compression}"), None)
+            .unwrap();
         writer.set_compression(compression);
         let object = writer
             .add_object("memory", PartKind::Memory, mem.len() as u64)
             .unwrap();
         // Distinct bytes per VM, so no chunk is shared between the three backups.
-        let mine: Vec<u8> = mem.iter().map(|b| b ^ compression.name().len() as u8).collect();
+        let mine: Vec<u8> = mem
+            .iter()
+            .map(|b| b ^ compression.name().len() as u8)
+            .collect();
         for (i, chunk) in mine.chunks(MIB).enumerate() {
             object.put_chunk(i as u64, chunk).unwrap();
         }

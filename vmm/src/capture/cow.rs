@@ -100,11 +100,7 @@ impl CowTracker {
             stop: AtomicBool::new(false),
             pages_early: AtomicU64::new(0),
             error: Mutex::new(None),
-            staging: StagingPool::new(
-                staging,
-                CHUNKS_PER_UNIT * layout_chunk_size,
-                guest_bytes,
-            ),
+            staging: StagingPool::new(staging, CHUNKS_PER_UNIT * layout_chunk_size, guest_bytes),
             counters: FaultCounters::default(),
         });
         let s = shared.clone();

@@ -243,7 +243,11 @@ mod tests {
         pool.plan(Some(1000 * MIB));
         assert_eq!(pool.capacity(), 500 * MIB, "half of what is available");
         pool.plan(None);
-        assert_eq!(pool.capacity(), KEPT_STAGING_BYTES, "unknown: the kept buffers");
+        assert_eq!(
+            pool.capacity(),
+            KEPT_STAGING_BYTES,
+            "unknown: the kept buffers"
+        );
         assert_eq!(StagingSize::parse("auto").unwrap(), StagingSize::Auto);
         assert_eq!(StagingSize::parse("0").unwrap(), StagingSize::Bytes(0));
         assert!(StagingSize::parse("lots").is_err());
@@ -253,7 +257,11 @@ mod tests {
     fn buffers_beyond_the_kept_ones_are_freed_when_a_snapshot_ends() {
         let pool = StagingPool::new(StagingSize::Auto, 2 * MIB, 1024 * MIB);
         pool.plan(Some(1 << 40));
-        assert_eq!(pool.allocated_bytes(), KEPT_STAGING_BYTES, "kept ones prefilled");
+        assert_eq!(
+            pool.allocated_bytes(),
+            KEPT_STAGING_BYTES,
+            "kept ones prefilled"
+        );
         let mut taken = Vec::new();
         while let Some(b) = pool.take_buffer() {
             taken.push(b);

@@ -255,6 +255,9 @@ mod tests {
         let r = renewals(SURE_FOR + Duration::from_secs(1));
         assert!(!r.unbroken(), "not renewed for too long");
         r.renewed(Instant::now());
-        assert!(!r.unbroken(), "renewed again, but others may have seen it dead");
+        assert!(
+            !r.unbroken(),
+            "renewed again, but others may have seen it dead"
+        );
     }
 }
