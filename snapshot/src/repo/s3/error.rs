@@ -14,7 +14,7 @@ pub enum S3Error {
         problem: String,
     },
     /// A required environment variable is not set.
-    #[error("{name} is not set: an s3:// repository needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS)")]
+    #[error("{name} is not set: an s3:// repository needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS) in the environment of the process that writes it (for a backup or DR of a running VM, the arkvm that runs it)")]
     MissingEnv {
         /// The variable.
         name: &'static str,
