@@ -323,7 +323,7 @@ pub struct SnapshotArgs {
     /// The repository's key file.
     #[arg(long, requires = "repo")]
     pub key: Option<PathBuf>,
-    /// How the backup compresses its chunks: default (zstd 1), fast (zstd -5), max (zstd 9)
+    /// How the backup compresses its chunks: default (zstd 1), fast (zstd -20), max (zstd 9)
     /// or off (stored plain, for a disk faster than the cores can compress).
     #[arg(long, requires = "repo", value_name = "default|fast|max|off")]
     pub compression: Option<snapshot::repo::Compression>,
