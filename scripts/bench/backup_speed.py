@@ -25,7 +25,8 @@ import benchlib as B  # noqa: E402
 # ext4 skips inodes freed in the last 5-10 s when it allocates new ones, scanning past each of
 # them (fs/ext4/ialloc.c, recently_deleted): right after the previous row's repository (thousands
 # of chunk files) is removed, creating chunk files costs several times more CPU. Each backup
-# waits this long after the last removal, so that no row pays for the one before.
+# waits this long after the last removal, so that no row pays for the one before. Removals are
+# followed by a sync (see dd_random).
 INODE_SETTLE_S = 12.0
 LAST_REMOVAL = [0.0]
 
@@ -49,6 +50,10 @@ def dd_random(s, mib):
         os.unlink(src)
         if os.path.exists(dst):
             os.unlink(dst)
+        # The file system is mounted with `discard` here: freed blocks are discarded at the
+        # next journal commit, which holds up every file creation until it is done. Commit
+        # now, so that the backup measured next does not pay for the baseline's cleanup.
+        os.sync()
     return mib * 1048576 / secs, argv
 
 
@@ -85,6 +90,7 @@ def one(s, size, mib, fill, compression):
     finally:
         vm.stop(s.arkvm, sock)
         B.drop_dir(repo)
+        os.sync()
         LAST_REMOVAL[0] = time.monotonic()
 
 
