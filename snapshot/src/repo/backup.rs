@@ -16,6 +16,7 @@ use super::stage_times::{Stage, StageTimes};
 use super::store::{ChunkStore, StoreLock};
 use super::RepoError;
 use crate::chunk::{chunk_count, chunk_range, chunk_table_hash, ContentHash, CHUNK_SIZE};
+use crate::error::lock;
 use crate::manifest::{validate_part_name, PartKind};
 use crate::state_file::write_state;
 use crate::FORMAT_VERSION;
@@ -119,6 +120,7 @@ impl BackupWriter {
             bytes_hashed: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             zero_id: OnceLock::new(),
+            known: Mutex::new(HashSet::new()),
             times: StageTimes::default(),
         })
     }
@@ -281,6 +283,9 @@ pub struct ObjectWriter {
     /// The id of a whole chunk of zeros, once one was stored by this object: later zero chunks
     /// take it without being hashed, compressed or stored.
     zero_id: OnceLock<ContentHash>,
+    /// Ids this object stored, or found stored: a later chunk with the same bytes costs its
+    /// hash only (no compression, no request to the store).
+    known: Mutex<HashSet<ContentHash>>,
     /// Where this object's time went.
     times: StageTimes,
 }
@@ -341,8 +346,9 @@ impl ObjectWriter {
             chunk_id(data, self.key.as_deref())
         });
         let name = chunk_object_name(&id);
+        let known = lock(&self.known).contains(&id);
         let probe = self.store.probe_before_put();
-        if !probe || !t.time(Stage::Store, 0, || self.store.contains(&name))? {
+        if !known && (!probe || !t.time(Stage::Store, 0, || self.store.contains(&name))?) {
             let stored = encode_chunk_timed(&id, data, self.key.as_deref(), self.compression, t);
             if t.time(Stage::Store, stored.len(), || {
                 self.store.put_if_absent(&name, &stored)
@@ -354,6 +360,9 @@ impl ObjectWriter {
         }
         if zero {
             let _ = self.zero_id.set(id);
+        }
+        if !known {
+            lock(&self.known).insert(id);
         }
         self.hashed.fetch_add(1, Ordering::Relaxed);
         self.bytes_hashed

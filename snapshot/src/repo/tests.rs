@@ -835,3 +835,27 @@ fn compression_off_stores_plain_chunks_that_read_back() {
     assert!(stored[1] < MIB as u64 / 4, "default: {}", stored[1]);
     assert!(stored[2] < MIB as u64 / 4, "fast: {}", stored[2]);
 }
+
+#[test]
+fn a_chunk_repeated_in_one_object_is_encoded_and_stored_once() {
+    let tmp = TestDir::new("repo-repeated-chunk");
+    let repo = Repository::init(&tmp.path().join("repo"), None).unwrap();
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    let mut writer = repo.start_backup("vm", None).unwrap();
+    let object = writer
+        .add_object("memory", PartKind::Memory, 3 * MIB as u64)
+        .unwrap();
+    for i in 0..3 {
+        object.put_chunk(i, &chunk).unwrap();
+    }
+    let stages = object.stage_times().summary();
+    writer.finish_object(object).unwrap();
+    let point = writer.commit().unwrap();
+    assert_eq!(point.stats.chunks_new, 1);
+    assert_eq!(point.stats.chunks_hashed, 3, "every chunk is hashed");
+    assert!(
+        stages.contains(&format!("compress={MIB}B/")),
+        "compressed once: {stages}"
+    );
+    assert_eq!(restore_memory(&repo, &point.id), chunk.repeat(3));
+}
