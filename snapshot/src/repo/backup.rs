@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::codec::{chunk_id, chunk_object_name, encode_chunk_timed};
+use super::codec::{chunk_id, chunk_id_from_name, chunk_object_name, encode_chunk_timed};
 use super::compression::Compression;
 use super::key::RepoKey;
 use super::point::{new_point_id, point_object_name, PointManifest, PointObject, PointStats};
@@ -224,11 +224,7 @@ impl BackupWriter {
             self.reused.iter().map(chunk_object_name).collect()
         };
         if let Some(name) = self.store.first_missing(&reused)? {
-            let id = self
-                .reused
-                .iter()
-                .find(|id| chunk_object_name(id) == name)
-                .map_or(name, |id| id.to_hex());
+            let id = chunk_id_from_name(&name).map_or(name, |id| id.to_hex());
             return Err(RepoError::ChunkMissing { id });
         }
         let nonce = std::hash::BuildHasher::hash_one(
